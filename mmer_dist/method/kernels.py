@@ -1,0 +1,120 @@
+"""Per-chunk work of each streaming pass, as compositions of the step functions.
+
+A chunk is a row block of one tensor, read for all N models at once: ``models`` (N, rows, cols)
+in the checkpoint dtype and ``base`` (rows, cols). Every function here is elementwise across the
+parameter axes (the only reductions are integer counts), so results do not depend on how a
+tensor is cut into chunks.
+
+``ChunkKernels`` optionally wraps the hot functions in ``torch.compile``: on CPU the eager form
+makes one N x chunk temporary per op, the fused form streams once. Compiled and eager results
+are identical (tests check it); compilation costs seconds once per process and shape family.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mmer_dist.method import baselines, select
+from mmer_dist.method.elect import disjoint_mean, elect_sign
+from mmer_dist.method.masks import compute_masks, pack_bits
+from mmer_dist.method.settings import MergeSettings
+from mmer_dist.method.task_vectors import model_sum, task_vectors
+from mmer_dist.method.trim import trim
+
+
+@dataclass(frozen=True)
+class ChunkInfo:
+    """Where a chunk sits: its tensor, selection group and the flat index of its first entry."""
+
+    tensor: str
+    group: str
+    flat_offset: int
+
+
+def prepared_task_vectors(models: torch.Tensor, base: torch.Tensor, settings: MergeSettings,
+                          model_keys: tuple[int, ...], tensor_key: int, flat_offset: torch.Tensor) -> torch.Tensor:
+    """tau_i in float32, with DARE applied when the settings ask for it."""
+    tau = task_vectors(models, base)
+    if settings.dare_rate > 0.0:
+        tau = baselines.dare(tau, settings.dare_rate, settings.dare_seed, model_keys, tensor_key, flat_offset)
+    return tau
+
+
+def merge_step(settings: MergeSettings, tau: torch.Tensor, thresholds: torch.Tensor, majority: torch.Tensor) -> torch.Tensor:
+    """tau* of one chunk for the settings' merge method."""
+    if settings.method == "ties":
+        trimmed = trim(tau, thresholds)
+        return disjoint_mean(trimmed, elect_sign(trimmed, majority))
+    if settings.method == "ta":
+        return baselines.task_arithmetic_sum(tau)
+    if settings.method == "naive":
+        return baselines.naive_mean(tau)
+    raise ValueError(f"no chunk kernel for merge method {settings.method!r}")
+
+
+def final_chunk(models, base, thresholds, majority, lams, flat_offset, *, settings, model_keys, tensor_key):
+    """tau* (rows, cols) float32, packed masks (N, rows, ceil(cols/8)) uint8, set bits per model (N,)."""
+    tau = prepared_task_vectors(models, base, settings, model_keys, tensor_key, flat_offset)
+    tau_star = merge_step(settings, tau, thresholds, majority)
+    masks = compute_masks(settings.mask_rule, tau, tau_star, lams)
+    counts = masks.reshape(masks.shape[0], -1).sum(-1)
+    return tau_star, pack_bits(masks), counts
+
+
+def sign_count_chunk(models, base, lower, upper, flat_offset, *, settings, model_keys, tensor_key):
+    """(positive, negative, undecided) elected-sign counts of one chunk, int64 (3,).
+
+    Trim status is read from bit bounds: kept if bits >= upper, undecided in [lower, upper).
+    A parameter with any undecided model is counted as undecided.
+    """
+    tau = prepared_task_vectors(models, base, settings, model_keys, tensor_key, flat_offset)
+    bits = tau.abs().view(torch.int32).to(torch.int64)
+    up = upper.reshape((-1,) + (1,) * (tau.dim() - 1))
+    lo = lower.reshape((-1,) + (1,) * (tau.dim() - 1))
+    kept = torch.where(bits >= up, tau, torch.zeros((), dtype=tau.dtype, device=tau.device))
+    total = model_sum(kept)
+    undecided = ((bits >= lo) & (bits < up)).any(0)
+    decided = ~undecided
+    return torch.stack([((total > 0) & decided).sum(), ((total < 0) & decided).sum(), undecided.sum()])
+
+
+class ChunkKernels:
+    """The kernels of one merge, bound to its settings and models, eager or compiled."""
+
+    def __init__(self, settings: MergeSettings, model_ids: list[str], compile: bool = False):
+        self.settings = settings
+        self.model_keys = tuple(baselines.stable_key(m) for m in model_ids)
+        self._final = final_chunk
+        self._signs = sign_count_chunk
+        self._prepare = prepared_task_vectors
+        if compile:
+            self._final = torch.compile(final_chunk, dynamic=None)
+            self._signs = torch.compile(sign_count_chunk, dynamic=None)
+            self._prepare = torch.compile(prepared_task_vectors, dynamic=None)
+
+    def _offset(self, info: ChunkInfo, device) -> torch.Tensor:
+        return torch.tensor(info.flat_offset, dtype=torch.int64, device=device)
+
+    def task_vectors(self, models, base, info: ChunkInfo) -> torch.Tensor:
+        return self._prepare(models, base, self.settings, self.model_keys,
+                             baselines.stable_key(info.tensor), self._offset(info, models.device))
+
+    def high_counts(self, models, base, info: ChunkInfo) -> select.SparseCounts:
+        return select.high_digit_counts(self.task_vectors(models, base, info))
+
+    def low_counts(self, models, base, info: ChunkInfo, lower, upper) -> select.SparseCounts:
+        return select.low_digit_counts(self.task_vectors(models, base, info), lower, upper)
+
+    def sign_counts(self, models, base, info: ChunkInfo, lower, upper) -> torch.Tensor:
+        dev = models.device
+        return self._signs(models, base, lower.to(dev), upper.to(dev), self._offset(info, dev),
+                           settings=self.settings, model_keys=self.model_keys,
+                           tensor_key=baselines.stable_key(info.tensor)).cpu()
+
+    def final(self, models, base, info: ChunkInfo, thresholds, majority, lams):
+        dev = models.device
+        return self._final(models, base, thresholds.to(dev), torch.tensor(majority, dtype=torch.float32, device=dev),
+                           lams.to(dev), self._offset(info, dev), settings=self.settings,
+                           model_keys=self.model_keys, tensor_key=baselines.stable_key(info.tensor))

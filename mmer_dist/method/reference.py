@@ -1,0 +1,129 @@
+"""The oracle: MMER over whole models in memory, written as plainly as the papers state it.
+
+Nothing here is streamed or fused, and it does not reuse the step functions it checks, so tests
+can hold every other path (streaming, compiled, Ray) against it. It follows Yadav et al.'s TIES
+reference (``topk_values_mask``, ``resolve_sign``, ``disjoint_merge``) on one flattened vector
+per selection group, with DESIGN.md's rules for ties: keep |tau| >= the k-th smallest,
+k = d - int(d*K); zero sign sums take the group's majority sign (a tied majority counts +1);
+sums over models run in model order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from mmer_dist.method import baselines
+from mmer_dist.method.settings import MergeSettings
+
+
+@dataclass
+class ReferenceResult:
+    tau_star: dict[str, torch.Tensor]
+    masks: list[dict[str, torch.Tensor]]  # one dict per model, bool tensors shaped like the base
+    thresholds: dict[str, list[float]]  # per selection group, per model
+    majority: dict[str, float]
+
+
+def _groups(names: Sequence[str], scope: str) -> dict[str, list[str]]:
+    if scope == "global":
+        return {"*": list(names)}
+    return {n: [n] for n in names}
+
+
+def reference_task_vectors(base, models, settings: MergeSettings, model_ids):
+    taus = []
+    for mid, model in zip(model_ids, models):
+        tau = {}
+        for name, b in base.items():
+            t = model[name].to(torch.float32) - b.to(torch.float32)
+            if settings.dare_rate > 0:
+                t = baselines.dare(t.unsqueeze(0), settings.dare_rate, settings.dare_seed,
+                                   (baselines.stable_key(mid),), baselines.stable_key(name), 0)[0]
+            tau[name] = t
+        taus.append(tau)
+    return taus
+
+
+def reference_merge(base: Mapping[str, torch.Tensor], models: Sequence[Mapping[str, torch.Tensor]],
+                    settings: MergeSettings, model_ids: Sequence[str]) -> ReferenceResult:
+    names = sorted(base)
+    taus = reference_task_vectors(base, models, settings, model_ids)
+    n = len(models)
+    tau_star: dict[str, torch.Tensor] = {}
+    thresholds: dict[str, list[float]] = {}
+    majority: dict[str, float] = {}
+    for group, members in _groups(names, settings.scope).items():
+        # one row per model: the whole group flattened
+        M = torch.stack([torch.cat([tau[m].reshape(-1) for m in members]) for tau in taus])
+        d = M.shape[1]
+        if settings.method == "ties":
+            k = d - int(d * settings.topk)
+            if k > 0:
+                kth = torch.kthvalue(M.abs(), k, dim=1, keepdim=True).values
+            else:
+                kth = torch.zeros(n, 1)
+            thresholds[group] = kth.reshape(-1).tolist()
+            trimmed = M * (M.abs() >= kth)
+            total = trimmed[0].clone()
+            for i in range(1, n):
+                total += trimmed[i]
+            sign = torch.sign(total)
+            maj = 1.0 if int((sign > 0).sum()) >= int((sign < 0).sum()) else -1.0
+            majority[group] = maj
+            sign[sign == 0] = maj
+            agree = torch.where(sign > 0, trimmed > 0, trimmed < 0)
+            num = torch.zeros(d)
+            cnt = torch.zeros(d)
+            for i in range(n):
+                num += trimmed[i] * agree[i]
+                cnt += agree[i].float()
+            merged = num / torch.clamp(cnt, min=1.0)
+        else:
+            total = M[0].clone()
+            for i in range(1, n):
+                total += M[i]
+            merged = total if settings.method == "ta" else total / float(n)
+        offset = 0
+        for m in members:
+            numel = base[m].numel()
+            tau_star[m] = merged[offset:offset + numel].reshape(base[m].shape)
+            offset += numel
+    masks = [{} for _ in range(n)]
+    for i in range(n):
+        lam = torch.tensor(settings.lams[i], dtype=torch.float32)
+        for name in names:
+            t, ts = taus[i][name], tau_star[name]
+            if settings.mask_rule == "tall":
+                m = t.abs() >= lam * (ts - t).abs()
+            else:
+                half = torch.tensor(0.5 * settings.lams[i], dtype=torch.float32)
+                m = ts != 0
+                if settings.mask_rule != "mmer-no-sign":
+                    m = m & (torch.sign(t) == torch.sign(ts))
+                if settings.mask_rule != "mmer-no-magnitude":
+                    m = m & (t.abs() >= half * ts.abs())
+            masks[i][name] = m
+    return ReferenceResult(tau_star, masks, thresholds, majority)
+
+
+def reference_reconstruct(base, tau_star, mask) -> dict[str, torch.Tensor]:
+    """theta_hat_i = theta_pre + m_i * tau* (float32)."""
+    return {k: base[k].float() + mask[k].float() * tau_star[k] for k in base}
+
+
+def reference_text_weights(base, tau_star, masks) -> dict[str, torch.Tensor]:
+    """theta_bar = theta_pre + mean_i(m_i) * tau* (float32)."""
+    n = len(masks)
+    return {k: base[k].float() + tau_star[k] * (sum(m[k].float() for m in masks) / n) for k in base}
+
+
+def reference_merged(base, tau_star, alpha: float) -> dict[str, torch.Tensor]:
+    return {k: base[k].float() + alpha * tau_star[k] for k in base}
+
+
+def reference_naive_mc(models) -> dict[str, torch.Tensor]:
+    """NaiveMC as its paper states it: the plain average of the theta_i."""
+    return {k: sum(m[k].float() for m in models) / len(models) for k in models[0]}

@@ -1,0 +1,252 @@
+"""The streaming MMER merge: passes over aligned chunks, partial results, and the driver.
+
+Memory is bounded by one chunk of N models: no pass ever holds a whole tensor or model. The
+work splits into passes whose partial results merge associatively, so a backend may run a pass
+over any split of the chunks (one process, or one Ray actor per shard) and combine partials:
+
+1. ``HighPass``  high-digit |tau| histograms, only when not cached (the store caches them at
+   ingest; DARE changes tau, so it forces this pass).
+2. ``LowPass``   low-digit histograms of the still-open threshold bins, and the elected-sign
+   counts of every parameter whose trim is already settled.
+3. ``SignPass``  elected-sign counts with exact thresholds, only when (2) left a majority sign
+   undecided.
+4. ``FinalPass`` tau*, masks (bit-packed) and mask counts, written through a ``ChunkWriter``.
+
+``MergeDriver`` decides which pass comes next from the combined partials; it never touches
+data. ``run_pass`` does one pass over a list of chunks; local and Ray backends both call it.
+Oracle for the whole: ``reference.reference_merge``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from mmer_dist.method import select
+from mmer_dist.method.elect import SignCounts
+from mmer_dist.method.kernels import ChunkInfo, ChunkKernels
+from mmer_dist.method.settings import MergeSettings
+from mmer_dist.method.trim import selection_group
+
+
+@dataclass(frozen=True)
+class ChunkSpec:
+    """A row block [row_start, row_stop) of a tensor viewed as (rows, cols)."""
+
+    tensor: str
+    index: int
+    row_start: int
+    row_stop: int
+    cols: int
+
+    @property
+    def rows(self) -> int:
+        return self.row_stop - self.row_start
+
+    @property
+    def numel(self) -> int:
+        return self.rows * self.cols
+
+    def info(self, scope: str) -> ChunkInfo:
+        return ChunkInfo(self.tensor, selection_group(self.tensor, scope), self.row_start * self.cols)
+
+
+class ChunkReader(Protocol):
+    def read(self, chunk: ChunkSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        """(models (N, rows, cols), base (rows, cols)), any floating dtypes."""
+
+
+class ChunkWriter(Protocol):
+    def write(self, chunk: ChunkSpec, tau_star: torch.Tensor, packed_masks: torch.Tensor) -> None:
+        """tau_star (rows, cols) float32, packed_masks (N, rows, ceil(cols/8)) uint8."""
+
+
+# -- pass requests (small, picklable: they travel to Ray actors) --------------------------------
+
+
+@dataclass(frozen=True)
+class HighPass:
+    pass
+
+
+@dataclass(frozen=True)
+class LowPass:
+    bounds: select.TrimBounds
+
+
+@dataclass(frozen=True)
+class SignPass:
+    bounds: select.TrimBounds
+
+
+@dataclass(frozen=True)
+class FinalPass:
+    thresholds: Mapping[str, torch.Tensor]
+    majority: Mapping[str, float]
+
+
+PassRequest = HighPass | LowPass | SignPass | FinalPass
+
+
+@dataclass(frozen=True)
+class FinalStats:
+    """Totals of the final pass: set mask bits per model, nonzero tau* entries, entries."""
+
+    mask_counts: torch.Tensor
+    nonzero: int = 0
+    entries: int = 0
+
+    def merge(self, other: FinalStats) -> FinalStats:
+        return FinalStats(self.mask_counts + other.mask_counts, self.nonzero + other.nonzero,
+                          self.entries + other.entries)
+
+
+@dataclass(frozen=True)
+class LowPassResult:
+    histogram: select.GroupHistogram
+    signs: SignCounts
+
+    def merge(self, other: LowPassResult) -> LowPassResult:
+        return LowPassResult(self.histogram.merge(other.histogram), self.signs.merge(other.signs))
+
+
+PassResult = select.GroupHistogram | LowPassResult | SignCounts | FinalStats
+
+
+def merge_results(results: Iterable[PassResult]) -> PassResult:
+    results = list(results)
+    out = results[0]
+    for r in results[1:]:
+        out = out.merge(r)
+    return out
+
+
+# -- one pass over a list of chunks ------------------------------------------------------------
+
+
+def run_pass(request: PassRequest, chunks: Sequence[ChunkSpec], reader: ChunkReader, kernels: ChunkKernels,
+             *, writer: ChunkWriter | None = None, device: str | torch.device = "cpu",
+             progress: Callable[[int], None] | None = None) -> PassResult:
+    """Do one pass over ``chunks``, returning this split's partial result."""
+    settings = kernels.settings
+    n_models = len(kernels.model_keys)
+    hist = select.GroupHistogram()
+    signs = SignCounts()
+    stats = FinalStats(torch.zeros(n_models, dtype=torch.int64))
+    lams = torch.tensor(settings.lams, dtype=torch.float32)
+    for chunk in chunks:
+        models, base = reader.read(chunk)
+        models, base = models.to(device), base.to(device)
+        info = chunk.info(settings.scope)
+        g = info.group
+        if isinstance(request, HighPass):
+            hist = hist.add(g, kernels.high_counts(models, base, info))
+        elif isinstance(request, (LowPass, SignPass)):
+            lower, upper = request.bounds.lower[g], request.bounds.upper[g]
+            if isinstance(request, LowPass) and bool((lower != upper).any()):
+                hist = hist.add(g, kernels.low_counts(models, base, info, lower, upper))
+            signs = signs.merge(SignCounts({g: kernels.sign_counts(models, base, info, lower, upper)}))
+        else:
+            tau_star, packed, counts = kernels.final(models, base, info, request.thresholds[g],
+                                                     request.majority[g], lams)
+            if writer is not None:
+                writer.write(chunk, tau_star.cpu(), packed.cpu())
+            stats = stats.merge(FinalStats(counts.cpu().to(torch.int64), int((tau_star != 0).sum()), chunk.numel))
+        if progress is not None:
+            progress(chunk.numel)
+    if isinstance(request, HighPass):
+        return hist
+    if isinstance(request, LowPass):
+        return LowPassResult(hist, signs)
+    if isinstance(request, SignPass):
+        return signs
+    return stats
+
+
+# -- the driver: which pass next, from combined partials ----------------------------------------
+
+
+def group_sizes(tensor_sizes: Mapping[str, int], scope: str) -> dict[str, int]:
+    sizes: dict[str, int] = {}
+    for name, numel in tensor_sizes.items():
+        g = selection_group(name, scope)
+        sizes[g] = sizes.get(g, 0) + numel
+    return sizes
+
+
+@dataclass
+class MergeDriver:
+    """Sequences the passes of one merge. Feed each pass's combined result to ``accept``.
+
+    ``cached_high`` is a complete high-digit histogram per group when the store has one.
+    """
+
+    settings: MergeSettings
+    tensor_sizes: Mapping[str, int]
+    n_models: int
+    cached_high: select.GroupHistogram | None = None
+    bounds: select.TrimBounds | None = None
+    majority: dict[str, float] | None = None
+    stats: FinalStats | None = None
+    passes_run: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.sizes = group_sizes(self.tensor_sizes, self.settings.scope)
+        if not self.settings.trims:
+            self.bounds = select.TrimBounds.keep_all(list(self.sizes), self.n_models)
+        elif self.cached_high is not None:
+            self.bounds = select.locate_high(self.cached_high, self.sizes, self.settings.topk)
+        if not self.settings.elects:
+            self.majority = {g: 1.0 for g in self.sizes}
+        self._pending_signs: SignCounts | None = None
+
+    def next_pass(self) -> PassRequest | None:
+        if self.bounds is None:
+            return HighPass()
+        if self.majority is None or not self.bounds.is_exact():
+            if self._pending_signs is None:
+                return LowPass(self.bounds)
+            return SignPass(self.bounds)
+        if self.stats is None:
+            thresholds = {g: self.bounds.thresholds(g) for g in self.sizes}
+            return FinalPass(thresholds, dict(self.majority))
+        return None
+
+    def accept(self, result: PassResult) -> None:
+        request = self.next_pass()
+        self.passes_run.append(type(request).__name__)
+        if isinstance(request, HighPass):
+            self.bounds = select.locate_high(result, self.sizes, self.settings.topk)
+        elif isinstance(request, LowPass):
+            if not self.bounds.is_exact():
+                self.bounds = select.refine_low(self.bounds, result.histogram)
+            self._take_signs(result.signs)
+        elif isinstance(request, SignPass):
+            self._take_signs(result)
+        else:
+            self.stats = result
+
+    def _take_signs(self, signs: SignCounts) -> None:
+        if self.majority is not None:
+            return
+        if signs.is_certain():
+            self.majority = signs.majority()
+        else:
+            self._pending_signs = signs
+
+    def thresholds(self) -> dict[str, torch.Tensor]:
+        return {g: self.bounds.thresholds(g) for g in self.sizes}
+
+
+def run_local(driver: MergeDriver, chunks: Sequence[ChunkSpec], reader: ChunkReader, kernels: ChunkKernels,
+              writer: ChunkWriter | None = None, device: str | torch.device = "cpu",
+              progress_factory: Callable[[str, int], Callable[[int], None]] | None = None) -> FinalStats:
+    """Run every pass in this process over all chunks (the single-process backend)."""
+    total = sum(c.numel for c in chunks)
+    while (request := driver.next_pass()) is not None:
+        progress = progress_factory(type(request).__name__, total) if progress_factory else None
+        driver.accept(run_pass(request, chunks, reader, kernels, writer=writer, device=device, progress=progress))
+    return driver.stats

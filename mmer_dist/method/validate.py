@@ -1,0 +1,71 @@
+"""Input checks for the method layer. Every message names the model and the tensor at fault."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from mmer_dist.errors import InvalidInputError
+
+
+def check_topk(topk: float) -> None:
+    if not (isinstance(topk, (int, float)) and 0.0 < topk <= 1.0):
+        raise InvalidInputError(f"top-K fraction must lie in (0, 1], got {topk!r}")
+
+
+def check_alpha(alpha: float) -> None:
+    if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0.0):
+        raise InvalidInputError(f"alpha (the tau* scale) must be a finite number > 0, got {alpha!r}")
+
+
+def check_lam(lam: float, model: str) -> None:
+    if not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam >= 0.0):
+        raise InvalidInputError(f"lambda of model {model!r} must be a finite number >= 0, got {lam!r}")
+
+
+def check_drop_rate(p: float) -> None:
+    if not (isinstance(p, (int, float)) and 0.0 <= p < 1.0):
+        raise InvalidInputError(f"DARE drop rate must lie in [0, 1), got {p!r}")
+
+
+def check_model_count(n: int) -> None:
+    if n < 1:
+        raise InvalidInputError("a merge needs at least one fine-tuned model, got none")
+
+
+def check_finite(t: torch.Tensor, model: str, tensor: str) -> None:
+    """Raise if ``t`` holds NaN or Inf; the message locates the first bad entry."""
+    finite = torch.isfinite(t)
+    if not bool(finite.all()):
+        bad = int((~finite).reshape(-1).nonzero()[0])
+        value = t.reshape(-1)[bad].item()
+        raise InvalidInputError(
+            f"model {model!r}, tensor {tensor!r}: non-finite value {value} at flat index {bad}"
+        )
+
+
+def check_aligned(
+    models: Sequence[torch.Tensor], base: torch.Tensor, names: Sequence[str], tensor: str
+) -> None:
+    """All models must share the base's shape, and one floating dtype among themselves."""
+    check_model_count(len(models))
+    if len(names) != len(models):
+        raise InvalidInputError(f"tensor {tensor!r}: {len(models)} models but {len(names)} names")
+    if not base.is_floating_point():
+        raise InvalidInputError(f"base, tensor {tensor!r}: dtype {base.dtype} is not floating point")
+    first_dtype = models[0].dtype
+    for name, m in zip(names, models):
+        if tuple(m.shape) != tuple(base.shape):
+            raise InvalidInputError(
+                f"model {name!r}, tensor {tensor!r}: shape {tuple(m.shape)} differs from the "
+                f"base's {tuple(base.shape)}"
+            )
+        if not m.is_floating_point():
+            raise InvalidInputError(f"model {name!r}, tensor {tensor!r}: dtype {m.dtype} is not floating point")
+        if m.dtype != first_dtype:
+            raise InvalidInputError(
+                f"model {name!r}, tensor {tensor!r}: dtype {m.dtype} differs from model "
+                f"{names[0]!r}'s {first_dtype}"
+            )
