@@ -25,7 +25,8 @@ from typing import Protocol
 
 import torch
 
-from mmer_dist.method import select
+from mmer_dist.errors import InvalidInputError
+from mmer_dist.method import select, validate
 from mmer_dist.method.elect import SignCounts
 from mmer_dist.method.kernels import ChunkInfo, ChunkKernels
 from mmer_dist.method.settings import MergeSettings
@@ -136,14 +137,18 @@ def run_pass(request: PassRequest, chunks: Sequence[ChunkSpec], reader: ChunkRea
     hist = select.GroupHistogram()
     signs = SignCounts()
     stats = FinalStats(torch.zeros(n_models, dtype=torch.int64))
-    lams = torch.tensor(settings.lams, dtype=torch.float32)
+    # float64 so that 0.5 * lam_i is rounded to float32 once, as on the reference path
+    lams = torch.tensor(settings.lams, dtype=torch.float64)
     for chunk in chunks:
         models, base = reader.read(chunk)
         models, base = models.to(device), base.to(device)
         info = chunk.info(settings.scope)
         g = info.group
         if isinstance(request, HighPass):
-            hist = hist.add(g, kernels.high_counts(models, base, info))
+            counts = kernels.high_counts(models, base, info)
+            if counts.keys.numel() and int(counts.keys[-1]) >= select.NONFINITE_HIGH:
+                _raise_nonfinite(models, base, chunk, kernels)
+            hist = hist.add(g, counts)
         elif isinstance(request, (LowPass, SignPass)):
             lower, upper = request.bounds.lower[g], request.bounds.upper[g]
             if isinstance(request, LowPass) and bool((lower != upper).any()):
@@ -152,6 +157,8 @@ def run_pass(request: PassRequest, chunks: Sequence[ChunkSpec], reader: ChunkRea
         else:
             tau_star, packed, counts = kernels.final(models, base, info, request.thresholds[g],
                                                      request.majority[g], lams)
+            if not bool(torch.isfinite(tau_star).all()):
+                _raise_nonfinite(models, base, chunk, kernels)
             if writer is not None:
                 writer.write(chunk, tau_star.cpu(), packed.cpu())
             stats = stats.merge(FinalStats(counts.cpu().to(torch.int64), int((tau_star != 0).sum()), chunk.numel))
@@ -164,6 +171,23 @@ def run_pass(request: PassRequest, chunks: Sequence[ChunkSpec], reader: ChunkRea
     if isinstance(request, SignPass):
         return signs
     return stats
+
+
+def _raise_nonfinite(models: torch.Tensor, base: torch.Tensor, chunk: ChunkSpec, kernels: ChunkKernels) -> None:
+    """Name the model and tensor behind a non-finite value seen in a chunk (an error path only).
+
+    Cheap detection happens in the passes (high-digit keys of Inf/NaN, a non-finite tau*); this
+    rescans the chunk to say where. Ingest rejects non-finite checkpoints before any merge.
+    """
+    offset = chunk.row_start * chunk.cols
+    validate.check_finite(base, "base", chunk.tensor, offset=offset)
+    for model_id, m in zip(kernels.model_ids, models):
+        validate.check_finite(m, model_id, chunk.tensor, offset=offset)
+    tau = kernels.task_vectors(models, base, chunk.info(kernels.settings.scope))
+    for model_id, t in zip(kernels.model_ids, tau):
+        validate.check_finite(t, model_id, f"{chunk.tensor} (task vector)", offset=offset)
+    raise InvalidInputError(f"tensor {chunk.tensor!r}: the merged task vector overflows float32 "
+                            f"in rows [{chunk.row_start}, {chunk.row_stop})")
 
 
 # -- the driver: which pass next, from combined partials ----------------------------------------
@@ -194,10 +218,13 @@ class MergeDriver:
     passes_run: list[str] = field(default_factory=list)
 
     def __post_init__(self):
+        # the driver has no model ids; callers with ids validate first and get their names in messages
+        self.settings.validated([f"#{i}" for i in range(self.n_models)])
         self.sizes = group_sizes(self.tensor_sizes, self.settings.scope)
         if not self.settings.trims:
             self.bounds = select.TrimBounds.keep_all(list(self.sizes), self.n_models)
-        elif self.cached_high is not None:
+        elif self.cached_high is not None and self.settings.dare_rate == 0.0:
+            # the cache holds histograms of the raw tau_i; DARE changes tau, so it needs a HighPass
             self.bounds = select.locate_high(self.cached_high, self.sizes, self.settings.topk)
         if not self.settings.elects:
             self.majority = {g: 1.0 for g in self.sizes}
@@ -239,6 +266,19 @@ class MergeDriver:
 
     def thresholds(self) -> dict[str, torch.Tensor]:
         return {g: self.bounds.thresholds(g) for g in self.sizes}
+
+    def decided_state(self) -> dict | None:
+        """Thresholds (as float32 bit patterns) and majority signs once both are final, else None;
+        JSON-able, so a resumed merge can skip straight to the final pass."""
+        if self.majority is None or self.bounds is None or not self.bounds.is_exact():
+            return None
+        return {"threshold_bits": {g: self.bounds.upper[g].tolist() for g in self.sizes},
+                "majority": dict(self.majority)}
+
+    def restore(self, state: dict) -> None:
+        bits = {g: torch.tensor(v, dtype=torch.int64) for g, v in state["threshold_bits"].items()}
+        self.bounds = select.TrimBounds(bits, bits, {g: torch.zeros_like(v) for g, v in bits.items()})
+        self.majority = {g: float(v) for g, v in state["majority"].items()}
 
 
 def run_local(driver: MergeDriver, chunks: Sequence[ChunkSpec], reader: ChunkReader, kernels: ChunkKernels,

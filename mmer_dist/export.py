@@ -1,0 +1,262 @@
+"""Export: write standard HF checkpoints from the store, streaming row block by row block.
+
+- ``export_model``: model i reconstructed, theta_hat_i = theta_pre + m_i * tau* (or, with
+  ``original=True``, its stored theta_i bit for bit), with its own modality component, configs
+  and key names, in the format it came in.
+- ``export_merged``: theta* = theta_pre + alpha * tau* as a Llama checkpoint, from a version, or
+  computed on the fly for a baseline method (ties, ta, naive, dare) without touching the store.
+- ``export_text``: theta_bar = theta_pre + mean(m) * tau*, the weights text tokens run through.
+
+Output goes to a sibling temporary directory renamed into place at the end, so a failed export
+never leaves a directory that looks like a complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+from mmer_dist.errors import InvalidInputError
+from mmer_dist.formats.writer import SafetensorsWriter
+from mmer_dist.method import reconstruct, streaming
+from mmer_dist.method.kernels import ChunkKernels
+from mmer_dist.method.masks import unpack_bits
+from mmer_dist.merge.engine import MergeRequest, cached_high_histogram, resolve_settings
+from mmer_dist.merge.passes import StoreChunkReader
+from mmer_dist.merge.plan import tensor_chunks
+from mmer_dist.store import layout
+from mmer_dist.store.catalog import Catalog, TensorRecord
+from mmer_dist.store.ingest import COMPONENT_WEIGHTS, read_keymap
+from mmer_dist.store.store import Store
+
+DEFAULT_SHARD_BYTES = 2 * 1024**3
+BASELINES = ("ties", "ta", "naive", "dare")
+
+
+@contextmanager
+def _staged_output(out: str | Path, overwrite: bool) -> Iterator[Path]:
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise InvalidInputError(f"output directory {out} exists and is not empty (use --overwrite)")
+    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+
+
+def _copy_store_files(store: Store, prefix: str, dest: Path) -> None:
+    for rel in store.list_files(prefix):
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with store.open_file(f"{prefix}/{rel}") as src, open(target, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+
+
+def _stream_llm(store: Store, catalog: Catalog, writer: SafetensorsWriter, names: dict[str, str], dtype: torch.dtype,
+                block_fn: Callable[[TensorRecord, int, int], torch.Tensor], desc: str, progress: bool) -> None:
+    """Write every base tensor, block by block, under its output key ``names[tensor]``."""
+    total = sum(t.numel for t in catalog.tensors)
+    with tqdm(total=total, desc=desc, unit="param", unit_scale=True, disable=not progress, leave=False) as bar:
+        for t in catalog.tensors:
+            for chunk in tensor_chunks(t):
+                block = block_fn(t, chunk.row_start, chunk.row_stop).to(dtype)
+                writer.write(names[t.name], chunk.row_start, _as_rows(block, t, chunk.rows))
+                bar.update(chunk.numel)
+
+
+def _as_rows(block: torch.Tensor, t: TensorRecord, rows: int) -> torch.Tensor:
+    """A (rows, cols) block in the tensor's own shape (1-D tensors are a single row)."""
+    if len(t.shape) <= 1:
+        return block.reshape(t.shape)
+    return block.reshape([rows] + list(t.shape[1:]))
+
+
+# -- one model ------------------------------------------------------------------------------------
+
+
+def export_model(url: str, model_id: str, out: str | Path, *, version: int | None = None, original: bool = False,
+                 max_shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False, progress: bool = True) -> Path:
+    store = Store.open(url)
+    catalog = store.catalog()
+    model = catalog.model(model_id)
+    dtype = layout.torch_dtype(model.dtype)
+    keymap = read_keymap(store, model_id)
+    tensors = catalog.tensor_map()
+
+    if original:
+        def block_fn(t, a, b):
+            return store.read_rows(f"{layout.model_llm(model_id)}/{t.name}", a, b)
+    else:
+        ver = catalog.version(version)
+        if model_id not in ver.models:
+            raise InvalidInputError(f"model {model_id!r} is not part of version {ver.version} "
+                                    f"(models: {', '.join(ver.models)}); merge again to include it")
+
+        def block_fn(t, a, b):
+            base = store.read_rows(f"{layout.BASE_LLM}/{t.name}", a, b)
+            tau_star = store.read_rows(f"{layout.version_tau_star(ver.version)}/{t.name}", a, b)
+            packed = store.read_rows(f"{layout.version_masks(ver.version, model_id)}/{t.name}", a, b)
+            return reconstruct.reconstruct(base, unpack_bits(packed, t.cols), tau_star)
+
+    component_path = store.abspath(f"{layout.model_component(model_id)}/{COMPONENT_WEIGHTS}")
+    component_keys: list[tuple[str, tuple[int, ...], torch.dtype]] = []
+    if store.exists_path(f"{layout.model_component(model_id)}/{COMPONENT_WEIGHTS}"):
+        with store.open_file(f"{layout.model_component(model_id)}/{COMPONENT_WEIGHTS}") as f:
+            component_keys = _safetensors_entries(f)
+
+    entries = []
+    for name, source in keymap.items():
+        t = tensors[name]
+        shape = list(t.shape)
+        if t.vocab_rows and model.extra_rows:
+            shape[0] += model.extra_rows
+        entries.append((source, tuple(shape), dtype))
+    entries += component_keys
+    with _staged_output(out, overwrite) as tmp:
+        with SafetensorsWriter(tmp, entries, max_shard_bytes=max_shard_bytes) as writer:
+            _stream_llm(store, catalog, writer, keymap, dtype, block_fn, f"export {model_id}", progress)
+            if model.extra_rows:
+                for t in catalog.tensors:
+                    if t.vocab_rows:
+                        extra = store.read_rows(f"{layout.model_extra(model_id)}/{t.name}", 0, model.extra_rows)
+                        writer.write(keymap[t.name], t.rows, extra)
+            if component_keys:
+                with store.open_file(f"{layout.model_component(model_id)}/{COMPONENT_WEIGHTS}") as f:
+                    local = _local_copy(f, tmp)
+                with safe_open(local, "pt") as src:
+                    for key, _, _ in component_keys:
+                        writer.write(key, 0, src.get_tensor(key))
+                Path(local).unlink()
+        _copy_store_files(store, f"{layout.model_component(model_id)}/files", tmp)
+    del component_path
+    return Path(out)
+
+
+def _local_copy(f, tmp: Path) -> str:
+    path = tmp / f".component-{uuid.uuid4().hex[:8]}.safetensors"
+    with open(path, "wb") as dst:
+        shutil.copyfileobj(f, dst, 1 << 20)
+    return str(path)
+
+
+def _safetensors_entries(f) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    """(key, shape, dtype) of a safetensors file, in file order, from its header only."""
+    size = int.from_bytes(f.read(8), "little")
+    header = json.loads(f.read(size))
+    header.pop("__metadata__", None)
+    names = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+             "BOOL": torch.bool}
+    ordered = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
+    return [(k, tuple(v["shape"]), names[v["dtype"]]) for k, v in ordered]
+
+
+# -- merged and text weights -------------------------------------------------------------------
+
+
+def _export_llama(store: Store, catalog: Catalog, out, block_fn, desc, max_shard_bytes, overwrite, progress) -> Path:
+    dtype = layout.torch_dtype(catalog.store.base_dtype)
+    names = {t.name: t.name for t in catalog.tensors}
+    entries = [(t.name, tuple(t.shape), dtype) for t in catalog.tensors]
+    with _staged_output(out, overwrite) as tmp:
+        with SafetensorsWriter(tmp, entries, max_shard_bytes=max_shard_bytes) as writer:
+            _stream_llm(store, catalog, writer, names, dtype, block_fn, desc, progress)
+        _copy_store_files(store, layout.BASE_FILES, tmp)
+    return Path(out)
+
+
+def export_text(url: str, out: str | Path, *, version: int | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                overwrite: bool = False, progress: bool = True) -> Path:
+    store = Store.open(url)
+    catalog = store.catalog()
+    ver = catalog.version(version)
+
+    def block_fn(t, a, b):
+        base = store.read_rows(f"{layout.BASE_LLM}/{t.name}", a, b)
+        tau_star = store.read_rows(f"{layout.version_tau_star(ver.version)}/{t.name}", a, b)
+        count = torch.zeros(tau_star.shape, dtype=torch.int32)
+        for m in ver.models:
+            count += unpack_bits(store.read_rows(f"{layout.version_masks(ver.version, m)}/{t.name}", a, b), t.cols)
+        return reconstruct.text_weights(base, count, len(ver.models), tau_star)
+
+    return _export_llama(store, catalog, out, block_fn, "export text weights", max_shard_bytes, overwrite, progress)
+
+
+def export_merged(url: str, out: str | Path, *, version: int | None = None, method: str | None = None,
+                  request: MergeRequest | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                  overwrite: bool = False, compile: bool = False, progress: bool = True) -> Path:
+    """theta* of a version (``method`` None), or a baseline computed now from the stored models."""
+    store = Store.open(url)
+    catalog = store.catalog()
+    if method is None:
+        ver = catalog.version(version)
+
+        def block_fn(t, a, b):
+            base = store.read_rows(f"{layout.BASE_LLM}/{t.name}", a, b)
+            tau_star = store.read_rows(f"{layout.version_tau_star(ver.version)}/{t.name}", a, b)
+            return reconstruct.merged_weights(base, tau_star, ver.alpha)
+
+        return _export_llama(store, catalog, out, block_fn, f"export merged v{ver.version}", max_shard_bytes,
+                             overwrite, progress)
+    if method not in BASELINES:
+        raise InvalidInputError(f"unknown merge method {method!r}; expected one of {', '.join(BASELINES)}")
+    return _export_baseline(store, catalog, out, method, request or MergeRequest(), max_shard_bytes, overwrite,
+                            compile, progress)
+
+
+def _export_baseline(store, catalog, out, method, request: MergeRequest, max_shard_bytes, overwrite, compile, progress):
+    """Run the streaming merge in-process and write theta_pre + alpha * tau* as it is produced."""
+    if method == "dare":
+        request = MergeRequest(**{**request.__dict__, "method": "ta", "dare_rate": request.dare_rate or 0.5})
+    else:
+        request = MergeRequest(**{**request.__dict__, "method": method})
+    settings, model_ids = resolve_settings(catalog, request)
+    use_cache = settings.trims and settings.dare_rate == 0.0
+    driver = streaming.MergeDriver(settings, {t.name: t.numel for t in catalog.tensors}, len(model_ids),
+                                   cached_high=cached_high_histogram(store, model_ids, settings.scope) if use_cache else None)
+    chunks = [c for t in catalog.tensors for c in tensor_chunks(t)]
+    dtype = layout.torch_dtype(catalog.store.base_dtype)
+    tensors = catalog.tensor_map()
+    entries = [(t.name, tuple(t.shape), dtype) for t in catalog.tensors]
+    with _staged_output(out, overwrite) as tmp:
+        with SafetensorsWriter(tmp, entries, max_shard_bytes=max_shard_bytes) as writer:
+            sink = _MergedWeightsSink(store, writer, tensors, settings.alpha, dtype)
+            streaming.run_local(driver, chunks, StoreChunkReader(store, model_ids),
+                                ChunkKernels(settings, list(model_ids), compile=compile), sink,
+                                progress_factory=_tqdm_factory(progress))
+        _copy_store_files(store, layout.BASE_FILES, tmp)
+    return Path(out)
+
+
+class _MergedWeightsSink:
+    """A ChunkWriter that turns each tau* chunk into theta* rows of the exported checkpoint."""
+
+    def __init__(self, store, writer, tensors, alpha, dtype):
+        self.store, self.writer, self.tensors, self.alpha, self.dtype = store, writer, tensors, alpha, dtype
+
+    def write(self, chunk, tau_star, packed_masks):
+        t = self.tensors[chunk.tensor]
+        base = self.store.read_rows(f"{layout.BASE_LLM}/{t.name}", chunk.row_start, chunk.row_stop)
+        block = reconstruct.merged_weights(base, tau_star, self.alpha).to(self.dtype)
+        self.writer.write(t.name, chunk.row_start, _as_rows(block, t, chunk.rows))
+
+
+def _tqdm_factory(enabled: bool):
+    def factory(name: str, total: int):
+        bar = tqdm(total=total, desc=name, unit="param", unit_scale=True, disable=not enabled, leave=False)
+        return bar.update
+    return factory

@@ -1,0 +1,168 @@
+"""A merge of the store's models into a new version, on any backend.
+
+The engine resolves settings from the catalog (models, lambda), plans shards, stages the version
+(resuming a matching interrupted run), drives the passes through a backend, and publishes. The
+backend only decides where ``passes.run_shard_pass`` executes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Protocol
+
+from tqdm.auto import tqdm
+
+from mmer_dist.errors import InvalidInputError
+from mmer_dist.method import select, streaming
+from mmer_dist.method.settings import MergeSettings
+from mmer_dist.method.trim import selection_group
+from mmer_dist.merge.passes import MergeJob, final_stats_from_record
+from mmer_dist.merge.plan import ShardSpec, plan_shards
+from mmer_dist.store import layout
+from mmer_dist.store.catalog import Catalog, VersionRecord, details_json
+from mmer_dist.store.ingest import read_histograms
+from mmer_dist.store.store import Store, utc_now
+from mmer_dist.store.versions import Staging, fingerprint, publish_version
+
+
+@dataclass(frozen=True)
+class MergeRequest:
+    """What the user asks for; unset fields come from the catalog (models, their lambda)."""
+
+    method: str = "ties"
+    topk: float = 0.8
+    scope: str = "global"
+    alpha: float = 1.0
+    mask_rule: str = "mmer"
+    lam: dict[str, float] = field(default_factory=dict)
+    dare_rate: float = 0.0
+    dare_seed: int = 0
+    models: tuple[str, ...] | None = None
+
+
+class Backend(Protocol):
+    name: str
+
+    def start(self, job: MergeJob, shards: list[ShardSpec]) -> None: ...
+
+    def run_pass(self, request: streaming.PassRequest, shards: list[ShardSpec],
+                 progress: Callable[[int], None]) -> list[tuple[object, float]]: ...
+
+    def stop(self) -> None: ...
+
+
+def resolve_settings(catalog: Catalog, request: MergeRequest) -> tuple[MergeSettings, tuple[str, ...]]:
+    known = [m.id for m in catalog.models]
+    model_ids = tuple(request.models) if request.models else tuple(known)
+    for m in model_ids:
+        catalog.model(m)  # raises naming the unknown id
+    if not model_ids:
+        raise InvalidInputError("the store has no models to merge; ingest some with `mmer ingest --model`")
+    for m in request.lam:
+        if m not in model_ids:
+            raise InvalidInputError(f"--lam names model {m!r}, which is not in this merge ({', '.join(model_ids)})")
+    lams = tuple(float(request.lam.get(m, catalog.model(m).lam)) for m in model_ids)
+    settings = MergeSettings(request.method, request.topk, request.scope, request.alpha, request.mask_rule,
+                             lams, request.dare_rate, request.dare_seed)
+    return settings.validated(list(model_ids)), model_ids
+
+
+def cached_high_histogram(store: Store, model_ids, scope: str) -> select.GroupHistogram:
+    """The ingest-time high-digit histograms, grouped by selection group, models stacked."""
+    per_model = []
+    for m in model_ids:
+        groups: dict[str, select.SparseCounts] = {}
+        for tensor, counts in read_histograms(store, m).items():
+            g = selection_group(tensor, scope)
+            groups[g] = groups[g].merge(counts) if g in groups else counts
+        per_model.append(groups)
+    return select.GroupHistogram({g: select.SparseCounts.stack([pm[g] for pm in per_model], dim=1)
+                                  for g in per_model[0]})
+
+
+def create_version_arrays(store: Store, catalog: Catalog, model_ids, version: int) -> None:
+    """All of the version's arrays, empty; workers then only write chunks (one writer each)."""
+    for t in catalog.tensors:
+        store.create_array(f"{layout.version_tau_star(version)}/{t.name}", t.rows, t.cols, t.rows_per_chunk, "float32")
+        for m in model_ids:
+            store.create_array(f"{layout.version_masks(version, m)}/{t.name}", t.rows, layout.packed_cols(t.cols),
+                               t.rows_per_chunk, "uint8", compress=True)
+
+
+def merge(url: str, request: MergeRequest, backend: Backend, *, workers: int = 1, compile: bool = False,
+          device: str = "cpu", progress: bool = True) -> VersionRecord:
+    """Merge the store's models into a new published version; returns its catalog record."""
+    started = time.time()
+    store = Store.open(url)
+    catalog = store.catalog()
+    if catalog.store is None:
+        raise InvalidInputError(f"store {url!r} has no base model yet")
+    settings, model_ids = resolve_settings(catalog, request)
+    n_layers = json.loads(catalog.store.base_config)["num_hidden_layers"]
+    shards = plan_shards(catalog.tensors, n_layers, workers)
+    latest = catalog.latest_version()
+    version = (latest.version + 1) if latest else 1
+    fp = fingerprint(settings=asdict(settings), models=[(m, catalog.model(m).sha256) for m in model_ids],
+                     base=catalog.store.base_sha256, grid=[(t.name, t.rows_per_chunk) for t in catalog.tensors],
+                     shards=[s.tensors for s in shards], version=version)
+    with store.writer_lock():
+        staging = Staging.open(store, version, fp)
+        if not staging.resumed:
+            create_version_arrays(store, catalog, model_ids, version)
+        use_cache = settings.trims and settings.dare_rate == 0.0
+        driver = streaming.MergeDriver(settings, {t.name: t.numel for t in catalog.tensors}, len(model_ids),
+                                       cached_high=cached_high_histogram(store, model_ids, settings.scope) if use_cache else None)
+        state = staging.load_state()
+        if state is not None:
+            driver.restore(state)
+        job = MergeJob(url, model_ids, settings, version, fp, compile=compile, device=device)
+        pass_seconds, shard_seconds = {}, {}
+        backend.start(job, shards)
+        try:
+            while (req := driver.next_pass()) is not None:
+                name = type(req).__name__
+                todo = shards
+                done = {}
+                if isinstance(req, streaming.FinalPass):
+                    done = staging.done_shards()
+                    todo = [s for s in shards if s.index not in done]
+                t0 = time.perf_counter()
+                with tqdm(total=sum(s.numel for s in todo), desc=f"{name} ({len(todo)} shards)", unit="param",
+                          unit_scale=True, disable=not progress, leave=False) as bar:
+                    results = backend.run_pass(req, todo, bar.update)
+                pass_seconds[name] = round(time.perf_counter() - t0, 3)
+                shard_seconds[name] = {s.index: round(sec, 3) for s, (_, sec) in zip(todo, results)}
+                partials = [r for r, _ in results] + [final_stats_from_record(d) for d in done.values()]
+                driver.accept(streaming.merge_results(partials))
+                decided = driver.decided_state()
+                if decided is not None and state is None:
+                    staging.save_state(decided)
+                    state = decided
+        finally:
+            backend.stop()
+        stats = driver.stats
+        params = sum(t.numel for t in catalog.tensors)
+        record = VersionRecord(
+            version=version, created_at=utc_now(), method=settings.method, mask_rule=settings.mask_rule,
+            topk=settings.topk, scope=settings.scope, alpha=settings.alpha, dare_rate=settings.dare_rate,
+            dare_seed=settings.dare_seed, models=list(model_ids), lams=list(settings.lams),
+            mask_density=[int(c) / params for c in stats.mask_counts],
+            tau_star_density=stats.nonzero / max(1, stats.entries), backend=backend.name,
+            passes=list(driver.passes_run), seconds=round(time.time() - started, 3),
+            details=details_json(thresholds={g: v.tolist() for g, v in driver.thresholds().items()} if settings.scope == "global" else "per-tensor",
+                                 majority=driver.majority if settings.scope == "global" else _majority_summary(driver.majority),
+                                 pass_seconds=pass_seconds, shard_seconds=shard_seconds, resumed=staging.resumed,
+                                 shards=[s.describe() for s in shards]),
+        )
+        publish_version(store, record, store.catalog())
+        staging.discard()
+    return record
+
+
+def _majority_summary(majority: dict[str, float]) -> dict[str, int]:
+    values = list(majority.values())
+    return {"positive_groups": sum(1 for v in values if v > 0), "negative_groups": sum(1 for v in values if v < 0)}
+

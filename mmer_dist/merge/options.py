@@ -1,0 +1,42 @@
+"""Execution choices for a merge (backend, kernel compilation, device), resolved from CLI flags."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from mmer_dist.store.catalog import Catalog
+
+# Below this many parameter x model entries, torch.compile's start-up (seconds per kernel) costs
+# more than the eager kernels take.
+COMPILE_THRESHOLD = 50_000_000
+
+
+def resolve_compile(flag: bool | None, catalog: Catalog) -> bool:
+    if flag is not None:
+        return flag
+    params = sum(t.numel for t in catalog.tensors)
+    return params * max(1, len(catalog.models)) >= COMPILE_THRESHOLD
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        from mmer_dist.errors import InvalidInputError
+
+        raise InvalidInputError(f"--device {name}: no CUDA device is visible to this process")
+    return name
+
+
+def choose_backend(name: str, address: str | None, workers: int | None):
+    """(backend, number of shards)."""
+    if name == "local":
+        from mmer_dist.merge.local import LocalBackend
+
+        return LocalBackend(), workers or 1
+    from mmer_dist.merge.ray_backend import RayBackend
+
+    backend = RayBackend(address or os.environ.get("RAY_ADDRESS") or "local")
+    return backend, workers or backend.default_workers()

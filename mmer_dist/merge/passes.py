@@ -1,0 +1,111 @@
+"""One shard's work for one pass, reading and writing the store directly.
+
+``run_shard_pass`` is what every backend executes: the local backend calls it in-process for
+each shard, a Ray actor calls it for its own shard. It binds the store to the method's
+streaming ``run_pass`` and, after a final pass, marks the shard complete in the staging area.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from mmer_dist.method import streaming
+from mmer_dist.method.kernels import ChunkKernels
+from mmer_dist.method.settings import MergeSettings
+from mmer_dist.merge.plan import ShardSpec
+from mmer_dist.store import layout
+from mmer_dist.store.store import Store
+from mmer_dist.store.versions import Staging
+
+
+@dataclass(frozen=True)
+class MergeJob:
+    """Everything a worker needs besides the shard; small and picklable."""
+
+    store_url: str
+    model_ids: tuple[str, ...]
+    settings: MergeSettings
+    version: int
+    fingerprint: str
+    compile: bool = False
+    device: str = "cpu"
+
+
+class StoreChunkReader:
+    """Reads one chunk of the base and of every model of the merge, stacked (N, rows, cols)."""
+
+    def __init__(self, store: Store, model_ids: tuple[str, ...]):
+        self.store = store
+        self.model_ids = model_ids
+
+    def read(self, chunk: streaming.ChunkSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        a, b = chunk.row_start, chunk.row_stop
+        base = self.store.read_rows(f"{layout.BASE_LLM}/{chunk.tensor}", a, b)
+        models = torch.stack([self.store.read_rows(f"{layout.model_llm(m)}/{chunk.tensor}", a, b)
+                              for m in self.model_ids])
+        return models, base
+
+
+class VersionWriter:
+    """Writes tau* and each model's packed mask of a chunk into the staged version."""
+
+    def __init__(self, store: Store, model_ids: tuple[str, ...], version: int):
+        self.store = store
+        self.model_ids = model_ids
+        self.version = version
+
+    def write(self, chunk: streaming.ChunkSpec, tau_star: torch.Tensor, packed: torch.Tensor) -> None:
+        a = chunk.row_start
+        self.store.write_rows(f"{layout.version_tau_star(self.version)}/{chunk.tensor}", a, tau_star)
+        for i, m in enumerate(self.model_ids):
+            self.store.write_rows(f"{layout.version_masks(self.version, m)}/{chunk.tensor}", a, packed[i])
+
+
+class ShardWorker:
+    """Holds one shard's open store and compiled kernels across passes (a Ray actor wraps it)."""
+
+    def __init__(self, job: MergeJob, shard: ShardSpec):
+        self.job = job
+        self.shard = shard
+        self.store = Store.open(job.store_url)
+        self.kernels = ChunkKernels(job.settings, list(job.model_ids), compile=job.compile)
+
+    def run(self, request: streaming.PassRequest, progress: Callable[[int], None] | None = None):
+        """Returns (partial result, seconds). A final pass marks the shard done when finished."""
+        started = time.perf_counter()
+        writer = VersionWriter(self.store, self.job.model_ids, self.job.version)
+        result = streaming.run_pass(request, self.shard.chunks, StoreChunkReader(self.store, self.job.model_ids),
+                                    self.kernels, writer=writer, device=self.job.device, progress=progress)
+        seconds = time.perf_counter() - started
+        if isinstance(request, streaming.FinalPass):
+            staging = Staging(self.store, self.job.version, self.job.fingerprint, resumed=True)
+            staging.mark_shard_done(self.shard.index, final_stats_record(result, seconds))
+        return result, seconds
+
+
+def final_stats_record(stats: streaming.FinalStats, seconds: float) -> dict:
+    return {"mask_counts": stats.mask_counts.tolist(), "nonzero": stats.nonzero, "entries": stats.entries,
+            "seconds": seconds}
+
+
+def final_stats_from_record(record: dict) -> streaming.FinalStats:
+    return streaming.FinalStats(torch.tensor(record["mask_counts"], dtype=torch.int64), record["nonzero"],
+                                record["entries"])
+
+
+def worker_memory_bytes(job: MergeJob, shard: ShardSpec) -> int:
+    """What one shard worker needs: its largest chunk for N models plus float32 temporaries
+    (the working set is bounded by a chunk, not by the shard), and the interpreter and torch."""
+    largest = max((c.numel for c in shard.chunks), default=0)
+    per_entry = (len(job.model_ids) + 1) * (2 + 4 * 4) + 4 * 3
+    return int(largest * per_entry + (1 << 30))
+
+
+def run_shard_pass(job: MergeJob, shard: ShardSpec, request: streaming.PassRequest,
+                   progress: Callable[[int], None] | None = None):
+    """One pass over one shard in this process (the unit of work of every backend)."""
+    return ShardWorker(job, shard).run(request, progress)

@@ -1,0 +1,57 @@
+"""``mmer status``: the catalog as readable tables, or JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+from rich.console import Console
+from rich.table import Table
+
+from mmer_dist.store.store import Store
+
+
+def store_status(url: str) -> dict:
+    catalog = Store.open(url).catalog()
+    return {
+        "store": url,
+        "catalog_snapshot": catalog.seq,
+        "base": dataclasses.asdict(catalog.store) if catalog.store else None,
+        "tensors": len(catalog.tensors),
+        "parameters": sum(t.numel for t in catalog.tensors),
+        "models": [dataclasses.asdict(m) for m in catalog.models],
+        "versions": [{**dataclasses.asdict(v), "details": json.loads(v.details)} for v in catalog.versions],
+    }
+
+
+def print_status(url: str, as_json: bool = False) -> None:
+    status = store_status(url)
+    if as_json:
+        print(json.dumps(status, indent=2))
+        return
+    console = Console()
+    base = status["base"]
+    if base is None:
+        console.print(f"[bold]{url}[/]: store without a base model yet")
+        return
+    console.print(f"[bold]{url}[/]  base: {base['base_source']} ({base['base_dtype']}), "
+                  f"{status['tensors']} tensors, {status['parameters']:,} LLM parameters")
+    models = Table(title="models")
+    for col in ("id", "modality", "format", "dtype", "LLM params", "extra rows", "component params", "lambda",
+                "sha256", "source"):
+        models.add_column(col)
+    for m in status["models"]:
+        models.add_row(m["id"], m["modality"], m["format"], m["dtype"], f"{m['params']:,}", str(m["extra_rows"]),
+                       f"{m['component_params']:,}", f"{m['lam']:g}", m["sha256"][:12], m["source"])
+    console.print(models)
+    versions = Table(title="versions")
+    for col in ("version", "created", "method", "mask rule", "K", "scope", "alpha", "models", "mask density",
+                "tau* density", "backend", "seconds"):
+        versions.add_column(col)
+    for v in status["versions"]:
+        density = " ".join(f"{m}:{d:.3f}" for m, d in zip(v["models"], v["mask_density"]))
+        dare = f"+dare{v['dare_rate']:g}" if v["dare_rate"] else ""
+        versions.add_row(str(v["version"]), v["created_at"], v["method"] + dare, v["mask_rule"], f"{v['topk']:g}",
+                         v["scope"], f"{v['alpha']:g}", ", ".join(v["models"]), density,
+                         f"{v['tau_star_density']:.3f}", v["backend"], f"{v['seconds']:.1f}")
+    console.print(versions)

@@ -1,0 +1,324 @@
+"""Ingest: stream checkpoints into the store, tensor by tensor, validating as they go.
+
+A base (HF Llama-family causal LM) creates the store; each fine-tuned MLLM is split by its
+format's key mapping into its LLM part (stored under the base's key names, on the base's chunk
+grid) and its modality component (encoder + connector weights and every config / tokenizer /
+processor file, kept together). Memory stays bounded by one row block: no step loads a model.
+
+Everything is checked before the first byte is written (keys, architecture, shapes, dtypes);
+NaN/Inf are found while streaming, before the catalog commit. A model becomes visible only at
+that commit, so an interrupted ingest leaves the store as it was, and a re-run starts clean.
+Alongside the weights, ingest records each tensor's high-digit histogram of |theta_i - theta_pre|
+so that merges (and later additions) can pick exact top-K thresholds without that pass.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from tqdm.auto import tqdm
+
+from mmer_dist.errors import FormatError, InvalidInputError, StoreError
+from mmer_dist.formats.checkpoint import CheckpointReader
+from mmer_dist.formats.detect import detect_format
+from mmer_dist.formats.mapping import FormatMapping
+from mmer_dist.formats.writer import SafetensorsWriter
+from mmer_dist.method import select
+from mmer_dist.method.validate import check_finite, check_lam
+from mmer_dist.store import layout
+from mmer_dist.store.catalog import ModelRecord, StoreRecord, TensorRecord
+from mmer_dist.store.store import Store, check_model_id, utc_now
+
+ARCH_FIELDS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size")
+VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+COMPONENT_WEIGHTS = "component.safetensors"
+KEYMAP = "keymap.json"
+HISTOGRAM = "magnitude_histogram.parquet"
+
+
+def _arch(config: dict) -> dict:
+    arch = {k: config.get(k) for k in ARCH_FIELDS}
+    if arch["num_key_value_heads"] is None:
+        arch["num_key_value_heads"] = arch["num_attention_heads"]
+    return arch
+
+
+def _layer_of(name: str, n_layers: int) -> int:
+    m = _LAYER.match(name)
+    if m:
+        return int(m.group(1))
+    return -1 if "embed" in name else n_layers
+
+
+def _matrix_rows(reader: CheckpointReader, key: str, start: int, stop: int) -> torch.Tensor:
+    """Rows [start, stop) of a tensor's 2-D (rows, cols) view (a 1-D tensor is one row)."""
+    if len(reader.info(key).shape) <= 1:
+        return reader.read(key).reshape(1, -1)
+    block = reader.read_rows(key, start, stop)
+    return block.reshape(block.shape[0], -1)
+
+
+def _nbytes(info) -> int:
+    return int(torch.Size(info.shape).numel()) * info.dtype.itemsize
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, disable=not enabled, leave=False)
+
+
+# -- base ---------------------------------------------------------------------------------------
+
+
+def ingest_base(url: str, path: str | Path, *, chunk_elems: int = layout.DEFAULT_CHUNK_ELEMS,
+                progress: bool = True) -> StoreRecord:
+    """Create the store at ``url`` from a base HF Llama-family checkpoint."""
+    reader = CheckpointReader(path)
+    fmt = detect_format(reader)
+    if fmt != "llama":
+        raise FormatError(f"{path}: the base must be a Llama-family causal LM checkpoint, detected {fmt!r}")
+    mapping = FormatMapping.load("llama")
+    split = mapping.split(reader.keys())
+    if split.unknown or split.component:
+        raise FormatError(f"{path}: unexpected keys in the base checkpoint: {(split.unknown + split.component)[:8]}")
+    config = mapping.llm_config(reader.config)
+    n_layers = int(config["num_hidden_layers"])
+
+    if Store.exists(url):
+        store = Store.open(url)
+        if store.catalog().store is not None:
+            raise StoreError(f"store {url!r} already has a base model; one store holds one base")
+        store.remove("base")  # left over from an interrupted base ingest
+    else:
+        store = Store.create(url)
+    started = time.time()
+    records = []
+    with store.writer_lock():
+        names = sorted(split.llm, key=lambda n: (_layer_of(n, n_layers), n))
+        total = sum(_nbytes(reader.info(split.llm[n])) for n in names)
+        with _progress(total, "ingest base", progress) as bar:
+            for name in names:
+                info = reader.info(split.llm[name])
+                dtype = layout.dtype_name(info.dtype) if info.dtype.is_floating_point else None
+                if dtype is None:
+                    raise FormatError(f"base, tensor {name!r}: dtype {info.dtype} is not floating point")
+                rows, cols = layout.matrix_shape(tuple(info.shape))
+                record = TensorRecord(name, list(info.shape), dtype, rows, cols,
+                                      layout.rows_per_chunk(tuple(info.shape), chunk_elems),
+                                      _layer_of(name, n_layers), name in VOCAB_TENSORS)
+                store.create_array(f"{layout.BASE_LLM}/{name}", rows, cols, record.rows_per_chunk, dtype)
+                for start in range(0, rows, record.rows_per_chunk):
+                    stop = min(rows, start + record.rows_per_chunk)
+                    block = _matrix_rows(reader, split.llm[name], start, stop)
+                    check_finite(block, "base", name)
+                    store.write_rows(f"{layout.BASE_LLM}/{name}", start, block)
+                    bar.update(block.numel() * block.element_size())
+                records.append(record)
+        _copy_aux_files(store, reader, layout.BASE_FILES)
+        catalog = store.catalog()
+        store_record = StoreRecord(layout.STORE_LAYOUT_VERSION, utc_now(), str(path), reader.sha256(),
+                                   records[0].dtype, json.dumps(config, sort_keys=True), chunk_elems)
+        store.commit(catalog.replace(store=store_record, tensors=tuple(records)), catalog.seq)
+    if progress:
+        print(f"ingested base: {len(records)} tensors, {sum(r.numel for r in records):,} parameters "
+              f"in {time.time() - started:.1f}s")
+    return store_record
+
+
+def _copy_aux_files(store: Store, reader: CheckpointReader, dest: str) -> None:
+    for f in reader.aux_files():
+        rel = f.relative_to(reader.path).as_posix()
+        with open(f, "rb") as src, store.open_file(f"{dest}/{rel}", "wb") as dst:
+            while chunk := src.read(1 << 20):
+                dst.write(chunk)
+
+
+# -- fine-tuned models --------------------------------------------------------------------------
+
+
+def ingest_model(url: str, model_id: str, path: str | Path, modality: str, *, fmt: str | None = None,
+                 mapping_file: str | Path | None = None, lam: float = 1.0, progress: bool = True) -> ModelRecord:
+    """Add one fine-tuned MLLM to the store (not merged until the next ``merge``)."""
+    check_model_id(model_id)
+    check_lam(lam, model_id)
+    if not modality:
+        raise InvalidInputError(f"model {model_id!r}: a modality name is required (e.g. image, audio)")
+    store = Store.open(url)
+    catalog = store.catalog()
+    if catalog.store is None:
+        raise StoreError(f"store {url!r} has no base model yet; ingest one with --base first")
+    if catalog.has_model(model_id):
+        raise InvalidInputError(f"model id {model_id!r} is already in the store; pick another id")
+
+    reader = CheckpointReader(path)
+    mapping = _resolve_mapping(reader, fmt, mapping_file)
+    plan = _plan_model(catalog, reader, mapping, model_id)
+    started = time.time()
+    with store.writer_lock():
+        store.remove(layout.model_root(model_id))  # an interrupted earlier attempt, never visible
+        histograms = _write_llm(store, catalog, reader, plan, model_id, progress)
+        component_params = _write_component(store, reader, plan["component"], model_id, progress)
+        _copy_aux_files(store, reader, f"{layout.model_component(model_id)}/files")
+        store.put_bytes(f"{layout.model_meta(model_id)}/{KEYMAP}", json.dumps(plan["llm"], indent=1).encode())
+        _write_histograms(store, model_id, histograms)
+        record = ModelRecord(
+            id=model_id, modality=modality, format=mapping.name, source=str(path), dtype=plan["dtype"],
+            params=sum(t.numel for t in catalog.tensors), extra_rows=plan["extra_rows"],
+            component_params=component_params, sha256=reader.sha256(), lam=float(lam),
+            ingested_at=utc_now(), ingest_seconds=round(time.time() - started, 3))
+        latest = store.catalog()
+        if latest.has_model(model_id):
+            raise InvalidInputError(f"model id {model_id!r} was added by another writer meanwhile")
+        store.commit(latest.replace(models=latest.models + (record,)), latest.seq)
+    if progress:
+        print(f"ingested {model_id!r} ({mapping.name}, {modality}): {record.params:,} LLM parameters, "
+              f"{component_params:,} component parameters in {record.ingest_seconds:.1f}s")
+    return record
+
+
+def _resolve_mapping(reader: CheckpointReader, fmt: str | None, mapping_file) -> FormatMapping:
+    if mapping_file is not None:
+        if fmt not in (None, "generic"):
+            raise InvalidInputError(f"--mapping is for --format generic, not {fmt!r}")
+        return FormatMapping.load(str(mapping_file))
+    if fmt == "generic":
+        raise InvalidInputError("--format generic needs --mapping FILE describing the key prefixes")
+    return FormatMapping.load(fmt or detect_format(reader))
+
+
+def _plan_model(catalog, reader: CheckpointReader, mapping: FormatMapping, model_id: str) -> dict:
+    """Validate a model against the base before anything is written; returns the write plan."""
+    where = f"model {model_id!r} ({reader.path})"
+    split = mapping.split(reader.keys())
+    if split.unknown:
+        raise FormatError(f"{where}: {len(split.unknown)} keys belong to neither the LLM nor the "
+                          f"modality component of format {mapping.name!r}: {split.unknown[:8]}")
+    base_config = json.loads(catalog.store.base_config)
+    model_config = mapping.llm_config(reader.config)
+    for key, want in _arch(base_config).items():
+        got = _arch(model_config)[key]
+        if got != want:
+            raise FormatError(f"{where}: architecture differs from the base: {key} is {got}, the base has {want}")
+    tensors = catalog.tensor_map()
+    missing = sorted(set(tensors) - set(split.llm))
+    if missing:
+        raise FormatError(f"{where}: {len(missing)} base tensors are missing, e.g. {missing[:5]}")
+    extra = sorted(set(split.llm) - set(tensors))
+    if extra:
+        raise FormatError(f"{where}: LLM tensors the base does not have: {extra[:5]}")
+    dtypes, extra_rows = set(), 0
+    for name, record in tensors.items():
+        info = reader.info(split.llm[name])
+        if not info.dtype.is_floating_point or info.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise FormatError(f"{where}, tensor {name!r}: dtype {info.dtype} is not float32/float16/bfloat16")
+        dtypes.add(info.dtype)
+        shape = list(info.shape)
+        if record.vocab_rows and len(shape) == 2 and shape[1:] == record.shape[1:] and shape[0] > record.shape[0]:
+            rows = shape[0] - record.shape[0]
+            if extra_rows and rows != extra_rows:
+                raise FormatError(f"{where}, tensor {name!r}: {rows} extra vocabulary rows, other tensors have {extra_rows}")
+            extra_rows = rows
+        elif shape != record.shape:
+            raise FormatError(f"{where}, tensor {name!r}: shape {tuple(shape)} differs from the base's {tuple(record.shape)}")
+    if len(dtypes) > 1:
+        raise FormatError(f"{where}: LLM tensors mix dtypes {sorted(map(str, dtypes))}")
+    dtype = layout.dtype_name(dtypes.pop())
+    if catalog.models and catalog.models[0].dtype != dtype:
+        raise FormatError(f"{where}: dtype {dtype} differs from the store's models' {catalog.models[0].dtype} "
+                          f"(e.g. {catalog.models[0].id!r}); convert the checkpoint first")
+    return {"llm": split.llm, "component": split.component, "dtype": dtype, "extra_rows": extra_rows}
+
+
+def _write_llm(store: Store, catalog, reader, plan, model_id, progress) -> dict[str, select.SparseCounts]:
+    histograms = {}
+    total = sum(t.numel for t in catalog.tensors) * layout.torch_dtype(plan["dtype"]).itemsize
+    with _progress(total, f"ingest {model_id}", progress) as bar:
+        for record in catalog.tensors:
+            source = plan["llm"][record.name]
+            path = f"{layout.model_llm(model_id)}/{record.name}"
+            store.create_array(path, record.rows, record.cols, record.rows_per_chunk, plan["dtype"])
+            hist = None
+            for start in range(0, record.rows, record.rows_per_chunk):
+                stop = min(record.rows, start + record.rows_per_chunk)
+                block = _matrix_rows(reader, source, start, stop)
+                check_finite(block, model_id, record.name)
+                base = store.read_rows(f"{layout.BASE_LLM}/{record.name}", start, stop)
+                counts = select.high_digit_counts((block.float() - base.float()).unsqueeze(0))
+                hist = counts if hist is None else hist.merge(counts)
+                store.write_rows(path, start, block)
+                bar.update(block.numel() * block.element_size())
+            histograms[record.name] = hist
+            if record.vocab_rows and plan["extra_rows"]:
+                _write_extra_rows(store, reader, source, record, plan["extra_rows"], model_id)
+    return histograms
+
+
+def _write_extra_rows(store, reader, source, record, n_extra, model_id) -> None:
+    path = f"{layout.model_extra(model_id)}/{record.name}"
+    store.create_array(path, n_extra, record.cols, max(1, min(n_extra, record.rows_per_chunk)), layout.dtype_name(reader.info(source).dtype))
+    for start in range(0, n_extra, record.rows_per_chunk):
+        stop = min(n_extra, start + record.rows_per_chunk)
+        block = reader.read_rows(source, record.rows + start, record.rows + stop)
+        check_finite(block, model_id, record.name)
+        store.write_rows(path, start, block)
+
+
+def _write_component(store: Store, reader: CheckpointReader, keys: list[str], model_id: str, progress) -> int:
+    """Copy the modality component's tensors into one safetensors file, tensor by tensor."""
+    if not keys:
+        return 0
+    entries = [(k, tuple(reader.info(k).shape), reader.info(k).dtype) for k in keys]
+    with tempfile.TemporaryDirectory() as tmp:
+        with SafetensorsWriter(tmp, entries, max_shard_bytes=1 << 62) as writer:
+            for key in tqdm(keys, desc=f"component {model_id}", disable=not progress, leave=False):
+                tensor = reader.read(key)
+                check_finite(tensor, model_id, key)
+                writer.write(key, 0, tensor)
+        produced = sorted(Path(tmp).glob("*.safetensors"))
+        dest = f"{layout.model_component(model_id)}/{COMPONENT_WEIGHTS}"
+        store.fs.makedirs(store.abspath(layout.model_component(model_id)), exist_ok=True)
+        store.fs.put_file(str(produced[0]), store.abspath(dest))
+    return sum(int(torch.Size(shape).numel()) for _, shape, _ in entries)
+
+
+def _write_histograms(store: Store, model_id: str, histograms: dict[str, select.SparseCounts]) -> None:
+    names, keys, total, floor = [], [], [], []
+    for name, h in histograms.items():
+        names += [name] * h.keys.numel()
+        keys += h.keys.tolist()
+        total += h.counts[0, 0].tolist()
+        floor += h.counts[1, 0].tolist()
+    table = pa.table({"tensor": names, "key": keys, "count": total, "floor": floor},
+                     schema=pa.schema([("tensor", pa.string()), ("key", pa.int64()), ("count", pa.int64()),
+                                       ("floor", pa.int64())]))
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    store.put_bytes(f"{layout.model_meta(model_id)}/{HISTOGRAM}", buf.getvalue())
+
+
+def read_histograms(store: Store, model_id: str) -> dict[str, select.SparseCounts]:
+    """Per tensor: high-digit counts (2, M) of |theta_i - theta_pre| recorded at ingest."""
+    table = pq.read_table(io.BytesIO(store.get_bytes(f"{layout.model_meta(model_id)}/{HISTOGRAM}")))
+    out: dict[str, select.SparseCounts] = {}
+    cols = table.to_pydict()
+    by_tensor: dict[str, list[int]] = {}
+    for i, name in enumerate(cols["tensor"]):
+        by_tensor.setdefault(name, []).append(i)
+    for name, idx in by_tensor.items():
+        keys = torch.tensor([cols["key"][i] for i in idx], dtype=torch.int64)
+        counts = torch.tensor([[cols["count"][i] for i in idx], [cols["floor"][i] for i in idx]], dtype=torch.int64)
+        out[name] = select.SparseCounts(keys, counts)
+    return out
+
+
+def read_keymap(store: Store, model_id: str) -> dict[str, str]:
+    return json.loads(store.get_bytes(f"{layout.model_meta(model_id)}/{KEYMAP}"))
+

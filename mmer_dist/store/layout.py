@@ -1,0 +1,129 @@
+"""The store's on-disk layout: every path, the chunk grid, and dtype codes live here.
+
+    <root>/zarr.json                          root group; attributes mark an mmer store
+    <root>/catalog/CURRENT                    name of the live catalog snapshot (atomic pointer)
+    <root>/catalog/snapshots/<seq>/*.parquet  immutable catalog snapshots
+    <root>/base/llm/<tensor>                  the base LLM (theta_pre)
+    <root>/base/files/                        the base's config, tokenizer, ... (verbatim)
+    <root>/models/<id>/llm/<tensor>           model id's LLM tensors (theta_i), base key names
+    <root>/models/<id>/extra/<tensor>         rows beyond the base vocabulary (model-specific)
+    <root>/models/<id>/component/             encoder + connector weights and every aux file
+    <root>/models/<id>/meta/                  key map and magnitude histograms (for later merges)
+    <root>/versions/<v>/tau_star/<tensor>     merged task vector, float32
+    <root>/versions/<v>/masks/<id>/<tensor>   bit-packed masks, uint8 (rows, ceil(cols/8))
+    <root>/versions/<v>/_staging/             plan, pass state and per-shard completion marks
+
+Every tensor is viewed as 2-D (rows, cols): 1-D tensors as one row, >2-D as (dim0, rest). Its
+chunks are blocks of whole rows, the same grid for base, models, tau* and masks, so one chunk
+index selects aligned data everywhere, each chunk is its own object (no zarr sharding, so no
+read-modify-write between writers), and per-row methods (NeuroMerging) stay chunk-local.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+STORE_LAYOUT_VERSION = 1
+STORE_MARKER = "mmer_store"
+
+# zarr has no bfloat16: bf16 is stored as its raw uint16 bits, the logical dtype recorded.
+_STORAGE = {
+    "float32": (np.dtype("float32"), torch.float32),
+    "float16": (np.dtype("float16"), torch.float16),
+    "bfloat16": (np.dtype("uint16"), torch.bfloat16),
+    "uint8": (np.dtype("uint8"), torch.uint8),
+}
+_TORCH_NAMES = {v[1]: k for k, v in _STORAGE.items()}
+
+DEFAULT_CHUNK_ELEMS = 1 << 22  # 4M entries: 8 MB bf16, 16 MB float32 per chunk
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    if dtype not in _TORCH_NAMES:
+        raise ValueError(f"dtype {dtype} cannot be stored (supported: {', '.join(_STORAGE)})")
+    return _TORCH_NAMES[dtype]
+
+
+def storage_dtype(name: str) -> np.dtype:
+    return _STORAGE[name][0]
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return _STORAGE[name][1]
+
+
+def to_storage(t: torch.Tensor) -> np.ndarray:
+    """A tensor as the numpy array zarr stores (bf16 as uint16 bits)."""
+    t = t.detach().contiguous().cpu()
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.uint16)
+    return t.numpy()
+
+
+def from_storage(a: np.ndarray, name: str) -> torch.Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    return t.view(torch.bfloat16) if name == "bfloat16" else t
+
+
+def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
+    """The 2-D (rows, cols) view of a tensor shape."""
+    if len(shape) == 0:
+        return 1, 1
+    if len(shape) == 1:
+        return 1, shape[0]
+    return shape[0], math.prod(shape[1:])
+
+
+def rows_per_chunk(shape: tuple[int, ...], chunk_elems: int = DEFAULT_CHUNK_ELEMS) -> int:
+    rows, cols = matrix_shape(shape)
+    return max(1, min(rows, chunk_elems // max(1, cols)))
+
+
+def packed_cols(cols: int) -> int:
+    return (cols + 7) // 8
+
+
+# -- paths (relative to the store root) --------------------------------------------------------
+
+CATALOG = "catalog"
+BASE_LLM = "base/llm"
+BASE_FILES = "base/files"
+
+
+def model_root(model_id: str) -> str:
+    return f"models/{model_id}"
+
+
+def model_llm(model_id: str) -> str:
+    return f"models/{model_id}/llm"
+
+
+def model_extra(model_id: str) -> str:
+    return f"models/{model_id}/extra"
+
+
+def model_component(model_id: str) -> str:
+    return f"models/{model_id}/component"
+
+
+def model_meta(model_id: str) -> str:
+    return f"models/{model_id}/meta"
+
+
+def version_root(version: int) -> str:
+    return f"versions/{version:06d}"
+
+
+def version_tau_star(version: int) -> str:
+    return f"{version_root(version)}/tau_star"
+
+
+def version_masks(version: int, model_id: str) -> str:
+    return f"{version_root(version)}/masks/{model_id}"
+
+
+def version_staging(version: int) -> str:
+    return f"{version_root(version)}/_staging"

@@ -1,0 +1,199 @@
+"""``Store``: the public face of a store on a local path or any fsspec URL.
+
+It opens or creates the zarr hierarchy, reads and commits catalog snapshots, and reads and
+writes row blocks of tensor arrays and plain files by their layout paths. It does no merge
+math and knows nothing of checkpoint formats.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import re
+from collections.abc import Iterator
+
+import fsspec
+import torch
+import zarr
+import zarr.storage
+from zarr.codecs import ZstdCodec
+
+from mmer_dist.errors import InvalidInputError, StoreError
+from mmer_dist.store import layout
+from mmer_dist.store.catalog import Catalog, read_catalog, write_catalog
+
+_MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def check_model_id(model_id: str) -> None:
+    if not _MODEL_ID.match(model_id or ""):
+        raise InvalidInputError(
+            f"model id {model_id!r} is not valid: use letters, digits, '.', '_' or '-' "
+            "(starting with a letter or digit, at most 128 characters)"
+        )
+
+
+def utc_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class Store:
+    """A handle on one store. Cheap to create; pass the URL to other processes and reopen."""
+
+    def __init__(self, url: str, fs: fsspec.AbstractFileSystem, root: str, group: zarr.Group):
+        self.url = url
+        self.fs = fs
+        self.root = root
+        self.group = group
+        self._arrays: dict[str, zarr.Array] = {}
+
+    # -- opening -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _connect(url: str):
+        fs, root = fsspec.core.url_to_fs(url)
+        root = root.rstrip("/")
+        if "file" in fs.protocol or "local" in fs.protocol:
+            zstore = zarr.storage.LocalStore(root)
+        else:
+            zstore = zarr.storage.FsspecStore(fs=_async_fs(fs), path=root)
+        return fs, root, zstore
+
+    @classmethod
+    def open(cls, url: str) -> Store:
+        fs, root, zstore = cls._connect(url)
+        if not fs.exists(f"{root}/zarr.json"):
+            raise StoreError(f"{url!r} is not an mmer store (no zarr.json); create one with "
+                             "`mmer ingest --store URL --base PATH`")
+        group = zarr.open_group(zstore, mode="r+")
+        if group.attrs.get(layout.STORE_MARKER) != layout.STORE_LAYOUT_VERSION:
+            raise StoreError(f"{url!r} is a zarr group but not an mmer store (layout "
+                             f"{group.attrs.get(layout.STORE_MARKER)!r})")
+        return cls(url, fs, root, group)
+
+    @classmethod
+    def create(cls, url: str) -> Store:
+        fs, root, zstore = cls._connect(url)
+        if fs.exists(root) and fs.ls(root):
+            if fs.exists(f"{root}/zarr.json"):
+                raise StoreError(f"{url!r} already holds a store")
+            raise StoreError(f"{url!r} exists and is not empty; a new store needs an empty or new path")
+        group = zarr.open_group(zstore, mode="w", attributes={layout.STORE_MARKER: layout.STORE_LAYOUT_VERSION})
+        return cls(url, fs, root, group)
+
+    @classmethod
+    def exists(cls, url: str) -> bool:
+        fs, root = fsspec.core.url_to_fs(url)
+        return fs.exists(f"{root.rstrip('/')}/zarr.json")
+
+    def __reduce__(self):  # reopen from the URL in other processes (Ray workers)
+        return (Store.open, (self.url,))
+
+    # -- catalog ---------------------------------------------------------------------------------
+
+    def catalog(self) -> Catalog:
+        return read_catalog(self.fs, self.root)
+
+    def commit(self, catalog: Catalog, expected_seq: int) -> Catalog:
+        return write_catalog(self.fs, self.root, catalog, expected_seq)
+
+    @contextlib.contextmanager
+    def writer_lock(self) -> Iterator[None]:
+        """Serialise writers (ingest, merge) on a local store; object stores rely on the
+        catalog's snapshot-sequence check at commit instead."""
+        if "file" in self.fs.protocol or "local" in self.fs.protocol:
+            from filelock import FileLock, Timeout
+
+            lock = FileLock(f"{self.root}/.writer.lock")
+            try:
+                lock.acquire(timeout=1)
+            except Timeout:
+                raise StoreError(f"another writer (ingest or merge) holds {self.root}/.writer.lock") from None
+            try:
+                yield
+            finally:
+                lock.release()
+        else:
+            yield
+
+    # -- arrays ----------------------------------------------------------------------------------
+
+    def create_array(self, path: str, rows: int, cols: int, rows_per_chunk: int, dtype: str,
+                     compress: bool = False) -> zarr.Array:
+        arr = zarr.create_array(
+            self.group.store, name=path, shape=(rows, cols), chunks=(rows_per_chunk, cols),
+            dtype=layout.storage_dtype(dtype), fill_value=0, overwrite=True,
+            compressors=[ZstdCodec(level=3)] if compress else None,
+            attributes={"dtype": dtype},
+        )
+        self._arrays[path] = arr
+        return arr
+
+    def array(self, path: str) -> zarr.Array:
+        arr = self._arrays.get(path)
+        if arr is None:
+            try:
+                arr = zarr.open_array(self.group.store, path=path, mode="r+")
+            except FileNotFoundError:
+                raise StoreError(f"array {path!r} is missing from store {self.url!r}") from None
+            self._arrays[path] = arr
+        return arr
+
+    def read_rows(self, path: str, start: int, stop: int) -> torch.Tensor:
+        arr = self.array(path)
+        return layout.from_storage(arr[start:stop], arr.attrs["dtype"])
+
+    def write_rows(self, path: str, start: int, block: torch.Tensor) -> None:
+        arr = self.array(path)
+        arr[start:start + block.shape[0]] = layout.to_storage(block)
+
+    def array_dtype(self, path: str) -> str:
+        return self.array(path).attrs["dtype"]
+
+    # -- plain paths -------------------------------------------------------------------------------
+
+    def abspath(self, path: str) -> str:
+        return f"{self.root}/{path}"
+
+    def exists_path(self, path: str) -> bool:
+        return self.fs.exists(self.abspath(path))
+
+    def remove(self, path: str) -> None:
+        """Delete a subtree (arrays or files); used for staging and orphan clean-up only."""
+        for p in [k for k in self._arrays if k == path or k.startswith(path + "/")]:
+            del self._arrays[p]
+        if self.exists_path(path):
+            self.fs.rm(self.abspath(path), recursive=True)
+
+    def put_bytes(self, path: str, data: bytes) -> None:
+        self.fs.makedirs(self.abspath(path).rsplit("/", 1)[0], exist_ok=True)
+        self.fs.pipe_file(self.abspath(path), data)
+
+    def get_bytes(self, path: str) -> bytes:
+        return self.fs.cat_file(self.abspath(path))
+
+    def open_file(self, path: str, mode: str = "rb"):
+        if "w" in mode:
+            self.fs.makedirs(self.abspath(path).rsplit("/", 1)[0], exist_ok=True)
+        return self.fs.open(self.abspath(path), mode)
+
+    def list_files(self, path: str) -> list[str]:
+        if not self.exists_path(path):
+            return []
+        prefix = self.abspath(path) + "/"
+        return sorted(p[len(prefix):] for p in self.fs.find(self.abspath(path)))
+
+    def disk_usage(self, path: str) -> int:
+        if not self.exists_path(path):
+            return 0
+        return int(self.fs.du(self.abspath(path)))
+
+
+def _async_fs(fs: fsspec.AbstractFileSystem):
+    """zarr's FsspecStore needs an async filesystem; wrap sync ones (e.g. memory://)."""
+    if getattr(fs, "async_impl", False):
+        return fs
+    from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
+
+    return AsyncFileSystemWrapper(fs)
+

@@ -1,0 +1,69 @@
+"""Merge versions: staging while a merge runs, resuming after a crash, atomic publication.
+
+A merge writes version v under ``versions/v/`` (invisible: the catalog does not list it), with a
+``_staging/`` folder holding the run's fingerprint (inputs + settings + shard plan), the decided
+thresholds and majority signs, and one completion mark per finished shard. A re-run with the
+same fingerprint continues from those marks; a different fingerprint discards the leftovers.
+``publish_version`` is the single step that makes a version visible: one catalog commit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+from mmer_dist.store import layout
+from mmer_dist.store.catalog import Catalog, VersionRecord
+from mmer_dist.store.store import Store
+
+
+def fingerprint(**parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@dataclass
+class Staging:
+    store: Store
+    version: int
+    fingerprint: str
+    resumed: bool
+
+    @property
+    def _dir(self) -> str:
+        return layout.version_staging(self.version)
+
+    @classmethod
+    def open(cls, store: Store, version: int, fp: str) -> Staging:
+        """Continue the staging of ``version`` if it is the same run, else start it afresh."""
+        plan_path = f"{layout.version_staging(version)}/plan.json"
+        if store.exists_path(plan_path) and json.loads(store.get_bytes(plan_path))["fingerprint"] == fp:
+            return cls(store, version, fp, resumed=True)
+        store.remove(layout.version_root(version))
+        store.put_bytes(plan_path, json.dumps({"fingerprint": fp}).encode())
+        return cls(store, version, fp, resumed=False)
+
+    def save_state(self, state: dict) -> None:
+        self.store.put_bytes(f"{self._dir}/state.json", json.dumps(state).encode())
+
+    def load_state(self) -> dict | None:
+        path = f"{self._dir}/state.json"
+        return json.loads(self.store.get_bytes(path)) if self.store.exists_path(path) else None
+
+    def mark_shard_done(self, shard: int, record: dict) -> None:
+        self.store.put_bytes(f"{self._dir}/shards/{shard:05d}.json", json.dumps(record).encode())
+
+    def done_shards(self) -> dict[int, dict]:
+        out = {}
+        for name in self.store.list_files(f"{self._dir}/shards"):
+            out[int(name.split(".")[0])] = json.loads(self.store.get_bytes(f"{self._dir}/shards/{name}"))
+        return out
+
+    def discard(self) -> None:
+        self.store.remove(self._dir)
+
+
+def publish_version(store: Store, record: VersionRecord, expected: Catalog) -> Catalog:
+    """Make ``record`` the latest version: one catalog commit, after all its arrays are written."""
+    catalog = expected.replace(versions=expected.versions + (record,))
+    return store.commit(catalog, expected.seq)
