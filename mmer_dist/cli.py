@@ -91,6 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", type=_size, default="2GB", help="largest safetensors file (default 2GB)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
 
+    p = sub.add_parser("demo", help="build tiny multimodal models, merge them on an embedded Ray, show retention",
+                       description="The whole engine end to end on small built-in models: build, ingest, merge on "
+                       "an embedded Ray cluster, export, and compare reconstructed models with the originals.")
+    p.add_argument("--workdir", default="mmer-demo", help="where checkpoints, store and exports go (default ./mmer-demo; "
+                   "replaced on each run)")
+    p.add_argument("--workers", type=int, default=2, help="Ray shard actors (default 2)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
     p = sub.add_parser("status", help="show the store's base, models and versions",
                        description="Print the store's catalog as tables (or JSON).")
     p.add_argument("--store", required=True, help="store location")
@@ -177,7 +185,13 @@ def cmd_status(args) -> None:
     print_status(args.store, as_json=args.json)
 
 
-COMMANDS = {"ingest": cmd_ingest, "merge": cmd_merge, "export": cmd_export, "status": cmd_status}
+def cmd_demo(args) -> None:
+    from mmer_dist.demo import run_demo
+
+    run_demo(args.workdir, workers=args.workers, progress=not args.quiet)
+
+
+COMMANDS = {"demo": cmd_demo, "ingest": cmd_ingest, "merge": cmd_merge, "export": cmd_export, "status": cmd_status}
 
 
 def main(argv: list[str] | None = None) -> int:

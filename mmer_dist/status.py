@@ -29,7 +29,7 @@ def print_status(url: str, as_json: bool = False) -> None:
     if as_json:
         print(json.dumps(status, indent=2))
         return
-    console = Console()
+    console = Console(width=None if Console().is_terminal else 120)
     base = status["base"]
     if base is None:
         console.print(f"[bold]{url}[/]: store without a base model yet")
@@ -37,21 +37,20 @@ def print_status(url: str, as_json: bool = False) -> None:
     console.print(f"[bold]{url}[/]  base: {base['base_source']} ({base['base_dtype']}), "
                   f"{status['tensors']} tensors, {status['parameters']:,} LLM parameters")
     models = Table(title="models")
-    for col in ("id", "modality", "format", "dtype", "LLM params", "extra rows", "component params", "lambda",
-                "sha256", "source"):
+    for col in ("id", "modality", "format", "dtype", "LLM params", "extra rows", "component params", "lambda", "sha256"):
         models.add_column(col)
     for m in status["models"]:
         models.add_row(m["id"], m["modality"], m["format"], m["dtype"], f"{m['params']:,}", str(m["extra_rows"]),
-                       f"{m['component_params']:,}", f"{m['lam']:g}", m["sha256"][:12], m["source"])
+                       f"{m['component_params']:,}", f"{m['lam']:g}", m["sha256"][:12])
     console.print(models)
     versions = Table(title="versions")
-    for col in ("version", "created", "method", "mask rule", "K", "scope", "alpha", "models", "mask density",
-                "tau* density", "backend", "seconds"):
+    for col in ("version", "created", "merge", "mask", "K", "scope", "alpha", "mask density per model", "tau* density",
+                "backend", "seconds"):
         versions.add_column(col)
     for v in status["versions"]:
-        density = " ".join(f"{m}:{d:.3f}" for m, d in zip(v["models"], v["mask_density"]))
-        dare = f"+dare{v['dare_rate']:g}" if v["dare_rate"] else ""
-        versions.add_row(str(v["version"]), v["created_at"], v["method"] + dare, v["mask_rule"], f"{v['topk']:g}",
-                         v["scope"], f"{v['alpha']:g}", ", ".join(v["models"]), density,
-                         f"{v['tau_star_density']:.3f}", v["backend"], f"{v['seconds']:.1f}")
+        density = "\n".join(f"{m} {d:.3f} (lambda {lam:g})" for m, d, lam in zip(v["models"], v["mask_density"], v["lams"]))
+        dare = f"+dare {v['dare_rate']:g}" if v["dare_rate"] else ""
+        versions.add_row(str(v["version"]), v["created_at"].replace("T", " ")[:19], v["method"] + dare, v["mask_rule"],
+                         f"{v['topk']:g}", v["scope"], f"{v['alpha']:g}", density, f"{v['tau_star_density']:.3f}",
+                         v["backend"], f"{v['seconds']:.1f}")
     console.print(versions)

@@ -56,12 +56,35 @@ def streaming_merge(base, models, settings: MergeSettings, model_ids, rows_per_c
                     cached_high=None):
     chunks = chunk_specs(base, rows_per_chunk)
     sizes = {k: v.numel() for k, v in base.items()}
+    kernels = ChunkKernels(settings, list(model_ids), compile=compile)  # validates, naming model ids
     driver = MergeDriver(settings, sizes, len(models), cached_high=cached_high)
     writer = MemoryWriter(base, len(models))
-    kernels = ChunkKernels(settings, list(model_ids), compile=compile)
     stats = run_local(driver, chunks, MemoryReader(base, models), kernels, writer)
     ts, ms = writer.result()
     return ts, ms, driver, stats
+
+
+def split_merge(base, models, settings: MergeSettings, model_ids, rows_per_chunk, n_workers, rng):
+    """Like ``streaming_merge``, but each pass runs over ``n_workers`` random splits of the chunks
+    and the partials are combined in a random order (what a distributed backend does)."""
+    from mmer_dist.method import run_pass
+    from mmer_dist.method.streaming import merge_results
+
+    chunks = chunk_specs(base, rows_per_chunk)
+    order = torch.randperm(len(chunks), generator=rng).tolist()
+    owner = torch.randint(0, n_workers, (len(chunks),), generator=rng).tolist()
+    shards = [[chunks[i] for i in order if owner[i] == w] for w in range(n_workers)]
+    shards = [s for s in shards if s]
+    kernels = ChunkKernels(settings, list(model_ids))
+    driver = MergeDriver(settings, {k: v.numel() for k, v in base.items()}, len(models))
+    writer = MemoryWriter(base, len(models))
+    reader = MemoryReader(base, models)
+    while (request := driver.next_pass()) is not None:
+        partials = [run_pass(request, s, reader, kernels, writer=writer) for s in shards]
+        perm = torch.randperm(len(partials), generator=rng).tolist()
+        driver.accept(merge_results([partials[i] for i in perm]))
+    ts, ms = writer.result()
+    return ts, ms, driver, driver.stats
 
 
 def random_models(n_models=3, shapes=None, dtype=torch.float32, seed=0, scale=0.01, quantum=None):
@@ -79,3 +102,68 @@ def random_models(n_models=3, shapes=None, dtype=torch.float32, seed=0, scale=0.
             m[k] = (b.float() + d).to(dtype)
         models.append(m)
     return base, models
+
+
+# -- comparing the streaming path with the reference oracle ------------------------------------
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """float32 bit patterns, so equality is bit-for-bit (0.0 vs -0.0, NaN payloads)."""
+    return t.to(torch.float32).contiguous().view(torch.int32)
+
+
+def assert_bit_identical(stream_tau, stream_masks, ref, names=None):
+    """tau* bit-identical and every mask identical to the reference's.
+
+    Exact equality, not a tolerance: every path sums models in model order (DESIGN.md,
+    ``task_vectors.model_sum``), so tau* must match bit for bit, and masks (which compare against
+    tau*) must match even at exact ties.
+    """
+    names = names or sorted(ref.tau_star)
+    for k in names:
+        assert torch.equal(bits(stream_tau[k]), bits(ref.tau_star[k])), (
+            f"tau* of {k!r} differs at {int((bits(stream_tau[k]) != bits(ref.tau_star[k])).sum())} entries")
+        for i, (sm, rm) in enumerate(zip(stream_masks, ref.masks)):
+            assert sm[k].dtype == torch.bool and torch.equal(sm[k], rm[k]), (
+                f"mask of model {i} on {k!r} differs at {int((sm[k] != rm[k]).sum())} entries")
+
+
+def per_model_high_histograms(base, models, names=None):
+    """What ingest records: per model, per tensor, high-digit counts (2, M) of the raw tau_i."""
+    from mmer_dist.method import select
+
+    out = []
+    for m in models:
+        per_tensor = {}
+        for k in (names or sorted(base)):
+            tau = (m[k].float() - base[k].float()).unsqueeze(0)
+            c = select.high_digit_counts(tau)
+            per_tensor[k] = select.SparseCounts(c.keys, c.counts[:, 0])
+        out.append(per_tensor)
+    return out
+
+
+def cached_high_histogram(base, models, scope):
+    """Per-model ingest histograms grouped by selection group and stacked on a model axis, the
+    way the merge engine builds ``MergeDriver(cached_high=...)`` from the store."""
+    from mmer_dist.method import select
+    from mmer_dist.method.trim import selection_group
+
+    per_model = []
+    for per_tensor in per_model_high_histograms(base, models):
+        groups = {}
+        for k, c in per_tensor.items():
+            g = selection_group(k, scope)
+            groups[g] = groups[g].merge(c) if g in groups else c
+        per_model.append(groups)
+    return select.GroupHistogram({g: select.SparseCounts.stack([pm[g] for pm in per_model], dim=1)
+                                  for g in per_model[0]})
+
+
+def topk_for_rank(d: int, k: int) -> float:
+    """A K in (0, 1] whose trim rank d - int(d*K) is exactly k (1 <= k <= d; k = 0 gives 1.0)."""
+    from mmer_dist.method.trim import trim_rank
+
+    topk = 1.0 if k == 0 else (d - k + 0.5) / d
+    assert trim_rank(d, topk) == k
+    return topk

@@ -84,7 +84,8 @@ class ChunkKernels:
     """The kernels of one merge, bound to its settings and models, eager or compiled."""
 
     def __init__(self, settings: MergeSettings, model_ids: list[str], compile: bool = False):
-        self.settings = settings
+        self.settings = settings.validated(list(model_ids))
+        self.model_ids = list(model_ids)
         self.model_keys = tuple(baselines.stable_key(m) for m in model_ids)
         self._final = final_chunk
         self._signs = sign_count_chunk

@@ -53,7 +53,8 @@ def tall_mask(tau: torch.Tensor, tau_merged: torch.Tensor, lam: torch.Tensor) ->
 
 
 def compute_masks(rule: str, tau: torch.Tensor, tau_star: torch.Tensor, lams: torch.Tensor) -> torch.Tensor:
-    """Dispatch on the rule name; ``lams`` is (N,) float32 of the raw lam_i."""
+    """Dispatch on the rule name; ``lams`` is (N,) of the raw lam_i, float64 so that 0.5*lam_i is
+    rounded to float32 once (a float32 lam_i above ~3.4e38 would already be inf)."""
     if rule == "tall":
         return tall_mask(tau, tau_star, lams)
     half = (lams.double() * 0.5).float()

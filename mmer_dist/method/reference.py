@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mmer_dist.method import baselines
+from mmer_dist.method import baselines, validate
 from mmer_dist.method.settings import MergeSettings
 
 
@@ -49,6 +49,8 @@ def reference_task_vectors(base, models, settings: MergeSettings, model_ids):
 
 def reference_merge(base: Mapping[str, torch.Tensor], models: Sequence[Mapping[str, torch.Tensor]],
                     settings: MergeSettings, model_ids: Sequence[str]) -> ReferenceResult:
+    settings.validated(list(model_ids))
+    validate.check_models(base, models, list(model_ids))
     names = sorted(base)
     taus = reference_task_vectors(base, models, settings, model_ids)
     n = len(models)

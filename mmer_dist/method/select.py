@@ -30,6 +30,7 @@ HIGH_SHIFT = 16
 LOW_MASK = 0xFFFF
 HIGH_BINS = 1 << 15  # the sign bit of |tau| is always 0
 LOW_BINS = 1 << 16
+NONFINITE_HIGH = 0x7F80  # high digit of +Inf; NaNs lie above it
 
 
 def magnitude_bits(tau: torch.Tensor) -> torch.Tensor:

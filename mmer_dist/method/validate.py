@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -35,14 +35,17 @@ def check_model_count(n: int) -> None:
         raise InvalidInputError("a merge needs at least one fine-tuned model, got none")
 
 
-def check_finite(t: torch.Tensor, model: str, tensor: str) -> None:
-    """Raise if ``t`` holds NaN or Inf; the message locates the first bad entry."""
+def check_finite(t: torch.Tensor, model: str, tensor: str, offset: int = 0) -> None:
+    """Raise if ``t`` holds NaN or Inf; the message locates the first bad entry.
+
+    ``offset`` is the flat index of ``t``'s first entry in its tensor (for a chunk).
+    """
     finite = torch.isfinite(t)
     if not bool(finite.all()):
         bad = int((~finite).reshape(-1).nonzero()[0])
         value = t.reshape(-1)[bad].item()
         raise InvalidInputError(
-            f"model {model!r}, tensor {tensor!r}: non-finite value {value} at flat index {bad}"
+            f"model {model!r}, tensor {tensor!r}: non-finite value {value} at flat index {offset + bad}"
         )
 
 
@@ -69,3 +72,20 @@ def check_aligned(
                 f"model {name!r}, tensor {tensor!r}: dtype {m.dtype} differs from model "
                 f"{names[0]!r}'s {first_dtype}"
             )
+
+
+def check_models(base: Mapping[str, torch.Tensor], models: Sequence[Mapping[str, torch.Tensor]],
+                 names: Sequence[str]) -> None:
+    """Whole in-memory models: same tensor names as the base, aligned shapes/dtypes, all finite."""
+    check_model_count(len(models))
+    if len(names) != len(models):
+        raise InvalidInputError(f"{len(models)} models but {len(names)} names")
+    for name, model in zip(names, models):
+        missing, extra = sorted(set(base) - set(model)), sorted(set(model) - set(base))
+        if missing or extra:
+            raise InvalidInputError(f"model {name!r}: tensors missing {missing}, unexpected {extra}")
+    for tensor in sorted(base):
+        check_aligned([m[tensor] for m in models], base[tensor], names, tensor)
+        check_finite(base[tensor], "base", tensor)
+        for name, model in zip(names, models):
+            check_finite(model[tensor], name, tensor)
