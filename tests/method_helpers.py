@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from mmer_dist.method import ChunkSpec, MergeDriver, MergeSettings, run_local
 from mmer_dist.method.kernels import ChunkKernels
 from mmer_dist.method.masks import unpack_bits
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tests on tiny tensors. OpenMP's hand-off costs more than
+    the work there, and on a loaded 2-core machine (CI, or other jobs running) eager ops on small
+    tensors were measured 5-30x slower with 2 threads than with 1."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def as_2d(t: torch.Tensor) -> torch.Tensor:
