@@ -31,7 +31,7 @@ def chunk_specs(base: dict[str, torch.Tensor], rows_per_chunk: int | dict[str, i
         rows, cols = as_2d(base[name]).shape
         step = rows_per_chunk[name] if isinstance(rows_per_chunk, dict) else rows_per_chunk
         for i, start in enumerate(range(0, rows, step)):
-            specs.append(ChunkSpec(name, i, start, min(rows, start + step), cols))
+            specs.append(ChunkSpec(name, i, start, min(rows, start + step), cols, base[name].dim()))
     return specs
 
 

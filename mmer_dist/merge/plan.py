@@ -29,7 +29,8 @@ class ShardSpec:
 
 
 def tensor_chunks(record: TensorRecord) -> list[ChunkSpec]:
-    return [ChunkSpec(record.name, i, start, min(record.rows, start + record.rows_per_chunk), record.cols)
+    return [ChunkSpec(record.name, i, start, min(record.rows, start + record.rows_per_chunk), record.cols,
+                      len(record.shape))
             for i, start in enumerate(range(0, record.rows, record.rows_per_chunk))]
 
 

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 
 import torch
 
-from mmer_dist.method import baselines, select
+from mmer_dist.method import baselines, neuro, select
 from mmer_dist.method.elect import disjoint_mean, elect_sign
 from mmer_dist.method.masks import compute_masks, pack_bits
+from mmer_dist.method.neuro import check_neuron_rank
 from mmer_dist.method.settings import MergeSettings
 from mmer_dist.method.task_vectors import model_sum, task_vectors
 from mmer_dist.method.trim import trim
@@ -31,6 +32,7 @@ class ChunkInfo:
     tensor: str
     group: str
     flat_offset: int
+    ndim: int = 2
 
 
 def prepared_task_vectors(models: torch.Tensor, base: torch.Tensor, settings: MergeSettings,
@@ -42,11 +44,15 @@ def prepared_task_vectors(models: torch.Tensor, base: torch.Tensor, settings: Me
     return tau
 
 
-def merge_step(settings: MergeSettings, tau: torch.Tensor, thresholds: torch.Tensor, majority: torch.Tensor) -> torch.Tensor:
-    """tau* of one chunk for the settings' merge method."""
-    if settings.method == "ties":
+def merge_step(settings: MergeSettings, tau: torch.Tensor, thresholds: torch.Tensor, majority: torch.Tensor,
+               base: torch.Tensor, ndim: int = 2) -> torch.Tensor:
+    """tau* of one chunk for the settings' merge method (``base`` rows: NeuroMerging's w)."""
+    if settings.method == "ties" or (settings.method == "neuro" and ndim <= 1):
         trimmed = trim(tau, thresholds)
         return disjoint_mean(trimmed, elect_sign(trimmed, majority))
+    if settings.method == "neuro":
+        return neuro.neuro_merge_rows(trim(tau, thresholds), base, energy=settings.neuro_energy,
+                                      keep_parallel=settings.neuro_keep_parallel)
     if settings.method == "ta":
         return baselines.task_arithmetic_sum(tau)
     if settings.method == "naive":
@@ -54,10 +60,10 @@ def merge_step(settings: MergeSettings, tau: torch.Tensor, thresholds: torch.Ten
     raise ValueError(f"no chunk kernel for merge method {settings.method!r}")
 
 
-def final_chunk(models, base, thresholds, majority, lams, flat_offset, *, settings, model_keys, tensor_key):
+def final_chunk(models, base, thresholds, majority, lams, flat_offset, *, settings, model_keys, tensor_key, ndim=2):
     """tau* (rows, cols) float32, packed masks (N, rows, ceil(cols/8)) uint8, set bits per model (N,)."""
     tau = prepared_task_vectors(models, base, settings, model_keys, tensor_key, flat_offset)
-    tau_star = merge_step(settings, tau, thresholds, majority)
+    tau_star = merge_step(settings, tau, thresholds, majority, base, ndim)
     masks = compute_masks(settings.mask_rule, tau, tau_star, lams)
     counts = masks.reshape(masks.shape[0], -1).sum(-1)
     return tau_star, pack_bits(masks), counts
@@ -91,7 +97,9 @@ class ChunkKernels:
         self._signs = sign_count_chunk
         self._prepare = prepared_task_vectors
         if compile:
-            self._final = torch.compile(final_chunk, dynamic=None)
+            # NeuroMerging's per-row eigendecomposition does not fuse; its final pass stays eager
+            if settings.method != "neuro":
+                self._final = torch.compile(final_chunk, dynamic=None)
             self._signs = torch.compile(sign_count_chunk, dynamic=None)
             self._prepare = torch.compile(prepared_task_vectors, dynamic=None)
 
@@ -109,13 +117,19 @@ class ChunkKernels:
         return select.low_digit_counts(self.task_vectors(models, base, info), lower, upper)
 
     def sign_counts(self, models, base, info: ChunkInfo, lower, upper) -> torch.Tensor:
+        if self.settings.method == "neuro" and info.ndim > 1:
+            # NeuroMerging elects per singular direction, not per parameter: only its 1-D
+            # weights use (and so vote on) the majority sign
+            return torch.zeros(3, dtype=torch.int64)
         dev = models.device
         return self._signs(models, base, lower.to(dev), upper.to(dev), self._offset(info, dev),
                            settings=self.settings, model_keys=self.model_keys,
                            tensor_key=baselines.stable_key(info.tensor)).cpu()
 
     def final(self, models, base, info: ChunkInfo, thresholds, majority, lams):
+        if self.settings.method == "neuro":
+            check_neuron_rank(info.tensor, info.ndim)
         dev = models.device
         return self._final(models, base, thresholds.to(dev), torch.tensor(majority, dtype=torch.float32, device=dev),
                            lams.to(dev), self._offset(info, dev), settings=self.settings,
-                           model_keys=self.model_keys, tensor_key=baselines.stable_key(info.tensor))
+                           model_keys=self.model_keys, tensor_key=baselines.stable_key(info.tensor), ndim=info.ndim)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from mmer_dist.method import baselines, validate
+from mmer_dist.method.neuro import canonical_signs, check_neuron_rank
 from mmer_dist.method.settings import MergeSettings
 
 
@@ -61,7 +62,7 @@ def reference_merge(base: Mapping[str, torch.Tensor], models: Sequence[Mapping[s
         # one row per model: the whole group flattened
         M = torch.stack([torch.cat([tau[m].reshape(-1) for m in members]) for tau in taus])
         d = M.shape[1]
-        if settings.method == "ties":
+        if settings.method in ("ties", "neuro"):
             k = d - int(d * settings.topk)
             if k > 0:
                 kth = torch.kthvalue(M.abs(), k, dim=1, keepdim=True).values
@@ -73,7 +74,10 @@ def reference_merge(base: Mapping[str, torch.Tensor], models: Sequence[Mapping[s
             for i in range(1, n):
                 total += trimmed[i]
             sign = torch.sign(total)
-            maj = 1.0 if int((sign > 0).sum()) >= int((sign < 0).sum()) else -1.0
+            # NeuroMerging elects per parameter only on its 1-D weights, so only they vote
+            voters = torch.cat([torch.full((base[m].numel(),), settings.method == "ties" or base[m].dim() <= 1)
+                                for m in members])
+            maj = 1.0 if int((sign[voters] > 0).sum()) >= int((sign[voters] < 0).sum()) else -1.0
             majority[group] = maj
             sign[sign == 0] = maj
             agree = torch.where(sign > 0, trimmed > 0, trimmed < 0)
@@ -83,6 +87,17 @@ def reference_merge(base: Mapping[str, torch.Tensor], models: Sequence[Mapping[s
                 num += trimmed[i] * agree[i]
                 cnt += agree[i].float()
             merged = num / torch.clamp(cnt, min=1.0)
+            if settings.method == "neuro":
+                for m in members:
+                    check_neuron_rank(m, base[m].dim())
+                merged = merged.clone()
+                offset = 0
+                for m in members:
+                    numel = base[m].numel()
+                    if base[m].dim() == 2:
+                        rows = trimmed[:, offset:offset + numel].reshape((n,) + tuple(base[m].shape))
+                        merged[offset:offset + numel] = reference_neuro_rows(rows, base[m], settings).reshape(-1)
+                    offset += numel
         else:
             total = M[0].clone()
             for i in range(1, n):
@@ -109,6 +124,35 @@ def reference_merge(base: Mapping[str, torch.Tensor], models: Sequence[Mapping[s
                     m = m & (t.abs() >= half * ts.abs())
             masks[i][name] = m
     return ReferenceResult(tau_star, masks, thresholds, majority)
+
+
+def _elect_mean(c: torch.Tensor) -> torch.Tensor:
+    s = torch.sign(c.sum())
+    s = s if s != 0 else torch.tensor(1.0, dtype=c.dtype)
+    agree = torch.sign(c) == s
+    return c[agree].sum() / max(1, int(agree.sum()))
+
+
+def reference_neuro_rows(trimmed: torch.Tensor, weight: torch.Tensor, settings: MergeSettings) -> torch.Tensor:
+    """NeuroMerging of one 2-D weight, row by row, with a plain SVD per row (float64)."""
+    n_models, rows, cols = trimmed.shape
+    out = torch.zeros(rows, cols, dtype=torch.float64)
+    for r in range(rows):
+        w = weight[r].double()
+        tau = trimmed[:, r].double()
+        parallel = tau @ w / (w @ w) if float(w @ w) > 0 else torch.zeros(n_models, dtype=torch.float64)
+        ortho = tau - parallel[:, None] * w
+        u, s, vh = torch.linalg.svd(ortho, full_matrices=False)
+        vh = vh * canonical_signs(u, dim=0).unsqueeze(1)  # the largest |U_kj| of each direction positive
+        coeff = ortho @ vh.T  # c_kj = <o_k, v_j>
+        energy = s.pow(2)
+        ahead = energy.cumsum(0) - energy
+        for j in range(s.numel()):
+            if s[j] > 1e-12 * s[0] and ahead[j] < settings.neuro_energy * energy.sum():
+                out[r] += _elect_mean(coeff[:, j]) * vh[j]
+        if settings.neuro_keep_parallel:
+            out[r] += _elect_mean(parallel) * w
+    return out.float()
 
 
 def reference_reconstruct(base, tau_star, mask) -> dict[str, torch.Tensor]:

@@ -35,13 +35,15 @@ from mmer_dist.method.trim import selection_group
 
 @dataclass(frozen=True)
 class ChunkSpec:
-    """A row block [row_start, row_stop) of a tensor viewed as (rows, cols)."""
+    """A row block [row_start, row_stop) of a tensor viewed as (rows, cols); ``ndim`` is the
+    tensor's own rank (1-D tensors are one row; per-neuron methods need to tell them apart)."""
 
     tensor: str
     index: int
     row_start: int
     row_stop: int
     cols: int
+    ndim: int = 2
 
     @property
     def rows(self) -> int:
@@ -52,7 +54,7 @@ class ChunkSpec:
         return self.rows * self.cols
 
     def info(self, scope: str) -> ChunkInfo:
-        return ChunkInfo(self.tensor, selection_group(self.tensor, scope), self.row_start * self.cols)
+        return ChunkInfo(self.tensor, selection_group(self.tensor, scope), self.row_start * self.cols, self.ndim)
 
 
 class ChunkReader(Protocol):
