@@ -10,25 +10,37 @@ through one small counter actor that the driver polls for its single progress ba
 from __future__ import annotations
 
 import os
+import sys
 
 import ray
 
+from mmer_dist.errors import MmerError
 from mmer_dist.merge.passes import MergeJob, ShardWorker, worker_memory_bytes
 from mmer_dist.merge.plan import ShardSpec
 
 ACTOR_RESTARTS = 4
+# How long start() waits for every shard actor to be placed and constructed (an autoscaling
+# cluster may first have to add nodes) before failing with what it asked for.
+START_TIMEOUT_S = float(os.environ.get("MMER_RAY_START_TIMEOUT", "900"))
 
 
 @ray.remote(num_cpus=0)
 class ProgressCounter:
-    def __init__(self):
-        self.total = 0
+    """Entries done per shard in the current pass. Each report is cumulative for the reporting
+    attempt and the counter keeps the maximum, so a retried shard (an actor restarted after a
+    crash counts again from 0) neither double-counts nor moves the bar backwards."""
 
-    def add(self, n: int) -> None:
-        self.total += n
+    def __init__(self):
+        self.done: dict[int, int] = {}
+
+    def reset(self) -> None:
+        self.done = {}
+
+    def report(self, shard: int, done: int) -> None:
+        self.done[shard] = max(self.done.get(shard, 0), done)
 
     def read(self) -> int:
-        return self.total
+        return sum(self.done.values())
 
 
 @ray.remote
@@ -45,30 +57,42 @@ class ShardActor:
         return ray.get_runtime_context().get_node_id()
 
     def run(self, request, counter):
-        pending = [0]
+        shard = self.worker.shard.index
+        done, unreported = [0], [0]
 
         def progress(n: int) -> None:
-            pending[0] += n
-            if pending[0] >= 1 << 22:  # report in batches: one small RPC per ~4M entries
-                counter.add.remote(pending[0])
-                pending[0] = 0
+            done[0] += n
+            unreported[0] += n
+            if unreported[0] >= 1 << 22:  # report in batches: one small RPC per ~4M entries
+                counter.report.remote(shard, done[0])
+                unreported[0] = 0
 
         result = self.worker.run(request, progress)
-        counter.add.remote(pending[0])
+        try:  # acknowledged, so the driver sees all of this shard's progress once the pass returns
+            ray.get(counter.report.remote(shard, done[0]), timeout=30)
+        except Exception:  # progress is best-effort; never fail a finished pass over it
+            pass
         return result
 
     def pid(self) -> int:
         return os.getpid()
 
 
+def _fits(node_resources: dict, demand: dict) -> bool:
+    return all(node_resources.get(k, 0.0) >= v for k, v in demand.items() if v)
+
+
 class RayBackend:
     name = "ray"
 
-    def __init__(self, address: str = "local", worker_resources: dict[str, float] | None = None):
+    def __init__(self, address: str = "local", worker_resources: dict[str, float] | None = None,
+                 start_timeout: float = START_TIMEOUT_S):
         self.address = address
-        self.worker_resources = worker_resources or {}
+        self.worker_resources = dict(worker_resources or {})
+        self.start_timeout = start_timeout
         self.actors: dict[int, ray.actor.ActorHandle] = {}
         self.nodes: dict[int, str] = {}
+        self.counter = None
 
     def _connect(self) -> None:
         if ray.is_initialized():
@@ -78,44 +102,116 @@ class RayBackend:
         else:
             ray.init(address=self.address, log_to_driver=False)
 
+    def _worker_nodes(self) -> list[dict]:
+        """Alive nodes that can host a shard actor: some CPU and every custom worker resource
+        (a KubeRay head started with num-cpus 0 hosts none)."""
+        demand = {"CPU": 1e-4, **self.worker_resources}
+        return [n for n in ray.nodes() if n.get("Alive") and _fits(n.get("Resources", {}), demand)]
+
     def default_workers(self) -> int:
         self._connect()
-        return max(1, sum(1 for n in ray.nodes() if n.get("Alive")))
+        return max(1, len(self._worker_nodes()))
 
     def start(self, job: MergeJob, shards: list[ShardSpec]) -> None:
         self._connect()
-        resources = ray.cluster_resources()
+        nodes = self._worker_nodes() or [n for n in ray.nodes() if n.get("Alive")]
+        total = {k: sum(n["Resources"].get(k, 0.0) for n in nodes) for k in ("CPU", "GPU", "memory")}
         n = len(shards)
-        node_cpus = max((node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node.get("Alive")), default=1.0)
-        # share the cluster's CPUs, but never ask one actor for more than one node has
-        cpus = min(node_cpus, resources.get("CPU", 1.0) / n)
-        gpus = min(1.0, resources.get("GPU", 0.0) / n)
-        memory_cap = resources.get("memory", 0.0) / n
-        if gpus > 0:
-            job = MergeJob(**{**job.__dict__, "device": "cuda"})
-        self.counter = ProgressCounter.remote()
+        node_cpus = max((node["Resources"].get("CPU", 0.0) for node in nodes), default=1.0)
+        # share the worker nodes' CPUs, but never ask one actor for more than one node has
+        cpus = min(node_cpus, (total["CPU"] or 1.0) / n)
+        gpus = min(1.0, total["GPU"] / n)
+        memory_cap = total["memory"] / n
+        # actors compute where Ray gives them a device: CUDA with a GPU share, else CPU (a
+        # driver-side "cuda" with no GPU in the cluster would fail in every actor)
+        job = MergeJob(**{**job.__dict__, "device": "cuda" if gpus > 0 else "cpu"})
+        self.counter = ProgressCounter.options(**_near_driver()).remote()
+        demands = {}
         for s in shards:
             memory = min(memory_cap, worker_memory_bytes(job, s)) if memory_cap else None
             options = dict(num_cpus=cpus, num_gpus=gpus, memory=memory, max_restarts=ACTOR_RESTARTS,
                            max_task_retries=ACTOR_RESTARTS, scheduling_strategy="SPREAD")
             if self.worker_resources:
                 options["resources"] = dict(self.worker_resources)
+            demands[s.index] = {"CPU": cpus, "GPU": gpus, "memory": memory or 0.0, **self.worker_resources}
             self.actors[s.index] = ShardActor.options(**options).remote(job, s, threads=max(1, int(cpus)))
-        self.nodes = dict(zip(self.actors, ray.get([a.node.remote() for a in self.actors.values()])))
+        infeasible = [i for i, d in demands.items()
+                      if not any(_fits(node.get("Resources", {}), d) for node in ray.nodes() if node.get("Alive"))]
+        if infeasible:
+            print(f"mmer: no alive Ray node can host shard actor(s) {infeasible} (each asks for "
+                  f"{_describe(demands[infeasible[0]])}); waiting up to {self.start_timeout:.0f}s for the "
+                  "cluster to add one", file=sys.stderr)
+        try:
+            refs = [a.node.remote() for a in self.actors.values()]
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.start_timeout)
+            if len(ready) < len(refs):
+                missing = [i for i, r in zip(self.actors, refs) if r not in ready]
+                raise MmerError(f"Ray could not start shard actor(s) {missing} within {self.start_timeout:.0f}s: "
+                                f"each asks for {_describe(demands[missing[0]])}; the cluster has "
+                                f"{_describe(ray.cluster_resources())}. Use fewer --workers or a bigger cluster.")
+            self.nodes = dict(zip(self.actors, ray.get(refs)))
+        except ray.exceptions.RayActorError as e:
+            self.stop()  # the engine stops a backend only once start() has returned
+            if not e.actor_init_failed:
+                raise
+            # e.g. a store URL the driver can open but the workers cannot (a path local to the driver)
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+            raise MmerError(f"a shard worker could not start on its Ray node: {lines[-1] if lines else e}") from e
+        except BaseException:
+            self.stop()
+            raise
 
     def run_pass(self, request, shards, progress):
-        before = ray.get(self.counter.read.remote())
+        total = sum(s.numel for s in shards)
+        reported = 0
+        counter_ok = True
+        try:
+            ray.get(self.counter.reset.remote())
+        except ray.exceptions.RayError:
+            counter_ok = False
         refs = [self.actors[s.index].run.remote(request, self.counter) for s in shards]
-        reported = before
         pending = list(refs)
         while pending:
             _, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5)
-            now = ray.get(self.counter.read.remote())
-            progress(now - reported)
-            reported = now
-        return ray.get(refs)
+            if counter_ok:
+                try:
+                    now = min(total, ray.get(self.counter.read.remote()))
+                except ray.exceptions.RayError:  # the counter's node died: go on without progress
+                    counter_ok = False
+                    continue
+                if now > reported:
+                    progress(now - reported)
+                    reported = now
+        results = ray.get(refs)
+        if not counter_ok and reported < total:
+            progress(total - reported)
+        return results
 
     def stop(self) -> None:
-        for actor in self.actors.values():
-            ray.kill(actor, no_restart=True)
+        for actor in [*self.actors.values(), *([self.counter] if self.counter is not None else [])]:
+            try:
+                ray.kill(actor, no_restart=True)
+            except Exception:  # already gone
+                pass
         self.actors = {}
+        self.counter = None
+
+
+def _near_driver() -> dict:
+    """Scheduling options placing a small actor on the driver's node when Ray can say which."""
+    try:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        return {"scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
+                                                                       soft=True)}
+    except Exception:
+        return {}
+
+
+def _describe(resources: dict) -> str:
+    parts = []
+    for k, v in sorted(resources.items()):
+        if not v or k.startswith("node:") or k.startswith("accelerator_type") or k == "object_store_memory":
+            continue
+        parts.append(f"{k}={v / (1 << 30):.1f}GiB" if k == "memory" else f"{k}={v:g}")
+    return ", ".join(parts)
