@@ -97,21 +97,24 @@ def merge(url: str, request: MergeRequest, backend: Backend, *, workers: int = 1
     """Merge the store's models into a new published version; returns its catalog record."""
     started = time.time()
     store = Store.open(url)
-    catalog = store.catalog()
-    if catalog.store is None:
-        raise InvalidInputError(f"store {url!r} has no base model yet")
-    settings, model_ids = resolve_settings(catalog, request)
-    n_layers = json.loads(catalog.store.base_config)["num_hidden_layers"]
-    shards = plan_shards(catalog.tensors, n_layers, workers)
-    latest = catalog.latest_version()
-    version = (latest.version + 1) if latest else 1
-    fp = fingerprint(settings=asdict(settings), models=[(m, catalog.model(m).sha256) for m in model_ids],
-                     base=catalog.store.base_sha256, grid=[(t.name, t.rows_per_chunk) for t in catalog.tensors],
-                     shards=[s.tensors for s in shards], version=version)
+    # The catalog is read under the writer lock: read before it, a version published meanwhile
+    # would get the same number and Staging.open would delete its arrays.
     with store.writer_lock():
+        catalog = store.catalog()
+        if catalog.store is None:
+            raise InvalidInputError(f"store {url!r} has no base model yet")
+        settings, model_ids = resolve_settings(catalog, request)
+        n_layers = json.loads(catalog.store.base_config)["num_hidden_layers"]
+        shards = plan_shards(catalog.tensors, n_layers, workers)
+        latest = catalog.latest_version()
+        version = (latest.version + 1) if latest else 1
+        fp = fingerprint(settings=asdict(settings), models=[(m, catalog.model(m).sha256) for m in model_ids],
+                         base=catalog.store.base_sha256, grid=[(t.name, t.rows_per_chunk) for t in catalog.tensors],
+                         shards=[s.tensors for s in shards], version=version)
         staging = Staging.open(store, version, fp)
         if not staging.resumed:
             create_version_arrays(store, catalog, model_ids, version)
+            staging.mark_arrays_ready()
         use_cache = settings.trims and settings.dare_rate == 0.0
         driver = streaming.MergeDriver(settings, {t.name: t.numel for t in catalog.tensors}, len(model_ids),
                                        cached_high=cached_high_histogram(store, model_ids, settings.scope) if use_cache else None)
@@ -157,7 +160,7 @@ def merge(url: str, request: MergeRequest, backend: Backend, *, workers: int = 1
                                  pass_seconds=pass_seconds, shard_seconds=shard_seconds, resumed=staging.resumed,
                                  shards=[s.describe() for s in shards]),
         )
-        publish_version(store, record, store.catalog())
+        publish_version(store, record, catalog)  # fails if another writer committed since (object stores)
         staging.discard()
     return record
 

@@ -118,7 +118,7 @@ def ingest_base(url: str, path: str | Path, *, chunk_elems: int = layout.DEFAULT
                 for start in range(0, rows, record.rows_per_chunk):
                     stop = min(rows, start + record.rows_per_chunk)
                     block = _matrix_rows(reader, split.llm[name], start, stop)
-                    check_finite(block, "base", name)
+                    check_finite(block, "base", name, offset=start * cols)
                     store.write_rows(f"{layout.BASE_LLM}/{name}", start, block)
                     bar.update(block.numel() * block.element_size())
                 records.append(record)
@@ -164,19 +164,28 @@ def ingest_model(url: str, model_id: str, path: str | Path, modality: str, *, fm
     started = time.time()
     with store.writer_lock():
         store.remove(layout.model_root(model_id))  # an interrupted earlier attempt, never visible
-        histograms = _write_llm(store, catalog, reader, plan, model_id, progress)
-        component_params = _write_component(store, reader, plan["component"], model_id, progress)
-        _copy_aux_files(store, reader, f"{layout.model_component(model_id)}/files")
-        store.put_bytes(f"{layout.model_meta(model_id)}/{KEYMAP}", json.dumps(plan["llm"], indent=1).encode())
-        _write_histograms(store, model_id, histograms)
-        record = ModelRecord(
-            id=model_id, modality=modality, format=mapping.name, source=str(path), dtype=plan["dtype"],
-            params=sum(t.numel for t in catalog.tensors), extra_rows=plan["extra_rows"],
-            component_params=component_params, sha256=reader.sha256(), lam=float(lam),
-            ingested_at=utc_now(), ingest_seconds=round(time.time() - started, 3))
+        try:
+            histograms = _write_llm(store, catalog, reader, plan, model_id, progress)
+            component_params = _write_component(store, reader, plan["component"], model_id, progress)
+            _copy_aux_files(store, reader, f"{layout.model_component(model_id)}/files")
+            store.put_bytes(f"{layout.model_meta(model_id)}/{KEYMAP}", json.dumps(plan["llm"], indent=1).encode())
+            _write_histograms(store, model_id, histograms)
+            record = ModelRecord(
+                id=model_id, modality=modality, format=mapping.name, source=str(path), dtype=plan["dtype"],
+                params=sum(t.numel for t in catalog.tensors), extra_rows=plan["extra_rows"],
+                component_params=component_params, sha256=reader.sha256(), lam=float(lam),
+                ingested_at=utc_now(), ingest_seconds=round(time.time() - started, 3))
+        except BaseException:
+            # NaN/Inf found while streaming, a read error, Ctrl-C: the model was never visible;
+            # leave no partial copy behind either
+            store.remove(layout.model_root(model_id))
+            raise
         latest = store.catalog()
         if latest.has_model(model_id):
             raise InvalidInputError(f"model id {model_id!r} was added by another writer meanwhile")
+        if latest.models and latest.models[0].dtype != plan["dtype"]:  # a model committed since `catalog`
+            raise FormatError(f"model {model_id!r}: dtype {plan['dtype']} differs from the store's models' "
+                              f"{latest.models[0].dtype} (e.g. {latest.models[0].id!r}); convert the checkpoint first")
         store.commit(latest.replace(models=latest.models + (record,)), latest.seq)
     if progress:
         print(f"ingested {model_id!r} ({mapping.name}, {modality}): {record.params:,} LLM parameters, "
@@ -214,18 +223,20 @@ def _plan_model(catalog, reader: CheckpointReader, mapping: FormatMapping, model
     extra = sorted(set(split.llm) - set(tensors))
     if extra:
         raise FormatError(f"{where}: LLM tensors the base does not have: {extra[:5]}")
-    dtypes, extra_rows = set(), 0
+    dtypes, extra_rows, vocab_seen = set(), 0, None
     for name, record in tensors.items():
         info = reader.info(split.llm[name])
         if not info.dtype.is_floating_point or info.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise FormatError(f"{where}, tensor {name!r}: dtype {info.dtype} is not float32/float16/bfloat16")
         dtypes.add(info.dtype)
         shape = list(info.shape)
-        if record.vocab_rows and len(shape) == 2 and shape[1:] == record.shape[1:] and shape[0] > record.shape[0]:
+        if record.vocab_rows and len(shape) == 2 and shape[1:] == record.shape[1:] and shape[0] >= record.shape[0]:
+            # every vocabulary tensor (embedding, LM head) must carry the same extra rows, 0 included
             rows = shape[0] - record.shape[0]
-            if extra_rows and rows != extra_rows:
-                raise FormatError(f"{where}, tensor {name!r}: {rows} extra vocabulary rows, other tensors have {extra_rows}")
-            extra_rows = rows
+            if vocab_seen is not None and rows != extra_rows:
+                raise FormatError(f"{where}, tensor {name!r}: {rows} extra vocabulary rows, but {vocab_seen!r} "
+                                  f"has {extra_rows}")
+            extra_rows, vocab_seen = rows, name
         elif shape != record.shape:
             raise FormatError(f"{where}, tensor {name!r}: shape {tuple(shape)} differs from the base's {tuple(record.shape)}")
     if len(dtypes) > 1:
@@ -249,7 +260,7 @@ def _write_llm(store: Store, catalog, reader, plan, model_id, progress) -> dict[
             for start in range(0, record.rows, record.rows_per_chunk):
                 stop = min(record.rows, start + record.rows_per_chunk)
                 block = _matrix_rows(reader, source, start, stop)
-                check_finite(block, model_id, record.name)
+                check_finite(block, model_id, record.name, offset=start * record.cols)
                 base = store.read_rows(f"{layout.BASE_LLM}/{record.name}", start, stop)
                 counts = select.high_digit_counts((block.float() - base.float()).unsqueeze(0))
                 hist = counts if hist is None else hist.merge(counts)
@@ -267,7 +278,7 @@ def _write_extra_rows(store, reader, source, record, n_extra, model_id) -> None:
     for start in range(0, n_extra, record.rows_per_chunk):
         stop = min(n_extra, start + record.rows_per_chunk)
         block = reader.read_rows(source, record.rows + start, record.rows + stop)
-        check_finite(block, model_id, record.name)
+        check_finite(block, model_id, record.name, offset=(record.rows + start) * record.cols)
         store.write_rows(path, start, block)
 
 

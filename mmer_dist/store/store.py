@@ -65,7 +65,11 @@ class Store:
         if not fs.exists(f"{root}/zarr.json"):
             raise StoreError(f"{url!r} is not an mmer store (no zarr.json); create one with "
                              "`mmer ingest --store URL --base PATH`")
-        group = zarr.open_group(zstore, mode="r+")
+        try:
+            group = zarr.open_group(zstore, mode="r+")
+        except Exception as e:  # a zarr array, or unreadable metadata: not ours either
+            raise StoreError(f"{url!r} is not an mmer store: its zarr.json does not describe a zarr group "
+                             f"({type(e).__name__}: {e})") from None
         if group.attrs.get(layout.STORE_MARKER) != layout.STORE_LAYOUT_VERSION:
             raise StoreError(f"{url!r} is a zarr group but not an mmer store (layout "
                              f"{group.attrs.get(layout.STORE_MARKER)!r})")

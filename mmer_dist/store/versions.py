@@ -22,6 +22,9 @@ def fingerprint(**parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
+_ARRAYS_READY = "arrays_ready.json"
+
+
 @dataclass
 class Staging:
     store: Store
@@ -35,20 +38,27 @@ class Staging:
 
     @classmethod
     def open(cls, store: Store, version: int, fp: str) -> Staging:
-        """Continue the staging of ``version`` if it is the same run, else start it afresh."""
+        """Continue the staging of ``version`` if it is the same run and its arrays were all
+        created (``mark_arrays_ready``), else start it afresh."""
         plan_path = f"{layout.version_staging(version)}/plan.json"
-        if store.exists_path(plan_path) and json.loads(store.get_bytes(plan_path))["fingerprint"] == fp:
+        plan = _read_json(store, plan_path)
+        if (isinstance(plan, dict) and plan.get("fingerprint") == fp
+                and store.exists_path(f"{layout.version_staging(version)}/{_ARRAYS_READY}")):
             return cls(store, version, fp, resumed=True)
         store.remove(layout.version_root(version))
         store.put_bytes(plan_path, json.dumps({"fingerprint": fp}).encode())
         return cls(store, version, fp, resumed=False)
 
+    def mark_arrays_ready(self) -> None:
+        """Every array of the version exists: from now on a re-run may resume this staging (a run
+        killed while creating them must not, or it would write into missing arrays)."""
+        self.store.put_bytes(f"{self._dir}/{_ARRAYS_READY}", b"{}")
+
     def save_state(self, state: dict) -> None:
         self.store.put_bytes(f"{self._dir}/state.json", json.dumps(state).encode())
 
     def load_state(self) -> dict | None:
-        path = f"{self._dir}/state.json"
-        return json.loads(self.store.get_bytes(path)) if self.store.exists_path(path) else None
+        return _read_json(self.store, f"{self._dir}/state.json")
 
     def mark_shard_done(self, shard: int, record: dict) -> None:
         self.store.put_bytes(f"{self._dir}/shards/{shard:05d}.json", json.dumps(record).encode())
@@ -56,11 +66,24 @@ class Staging:
     def done_shards(self) -> dict[int, dict]:
         out = {}
         for name in self.store.list_files(f"{self._dir}/shards"):
-            out[int(name.split(".")[0])] = json.loads(self.store.get_bytes(f"{self._dir}/shards/{name}"))
+            record = _read_json(self.store, f"{self._dir}/shards/{name}")
+            if record is not None:  # a mark cut short by a kill: the shard is simply redone
+                out[int(name.split(".")[0])] = record
         return out
 
     def discard(self) -> None:
         self.store.remove(self._dir)
+
+
+def _read_json(store: Store, path: str):
+    """A staging file's JSON, or None when it is missing or was cut short (a run killed while
+    writing it leaves an empty or partial file: treated as never written)."""
+    if not store.exists_path(path):
+        return None
+    try:
+        return json.loads(store.get_bytes(path))
+    except ValueError:
+        return None
 
 
 def publish_version(store: Store, record: VersionRecord, expected: Catalog) -> Catalog:

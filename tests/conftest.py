@@ -1,0 +1,174 @@
+"""Session fixtures for the store / ingest / export / CLI tests.
+
+Real checkpoints (``mmer_dist.tiny_models``, saved with ``save_pretrained`` or the format's own
+layout), built once per session and only when a test asks for them:
+
+- one tiny base per dtype (fp32, fp16, bf16);
+- one fine-tune per format per dtype, where each format also covers one input variant:
+  ``llava-hf`` is sharded (save_pretrained's ``max_shard_size``), ``video-llava-hf`` has 3 extra
+  vocabulary rows, ``llava`` is sharded *and* has 2 extra rows, ``generic`` is a single file.
+
+Stores are built from them once (templates) and copied for tests that change a store:
+
+- ``ingested_store(dtype)``: base + the four fine-tunes (ids = format names), nothing merged;
+- ``merged_store``: the bf16 one with three published versions (see ``MERGES``).
+
+Tests must treat the templates as read-only: copy with ``copy_store`` before changing anything.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from store_helpers import run_cli, split_checkpoint
+
+from mmer_dist import tiny_models
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+FORMATS = ("llava-hf", "video-llava-hf", "llava", "generic")
+MODALITY = {"llava-hf": "image", "video-llava-hf": "video", "llava": "image", "generic": "audio"}
+SEEDS = {"llava-hf": 11, "video-llava-hf": 12, "llava": 13, "generic": 14}
+VARIANTS = {
+    "llava-hf": {"max_shard_size": 40_000},
+    "video-llava-hf": {"extra_vocab": 3},
+    "llava": {"extra_vocab": 2, "max_shard_size": 40_000},
+    "generic": {},
+}
+# Published versions of ``merged_store``, in order (version = position + 1).
+MERGES = (
+    (),  # v1: defaults (ties, global, K=0.8, lambda 1)
+    ("--scope", "per-tensor", "--topk", "0.6", "--lam", "llava-hf=0.5", "--lam", "generic=2.0"),  # v2
+    ("--topk", "0.9", "--alpha", "0.7", "--lam", "llava=1.5", "--models", "llava-hf", "llava", "generic"),  # v3
+)
+
+
+def ingest_args(store, model_id: str, path: Path, fmt: str, *, modality: str | None = None) -> list:
+    """CLI arguments that ingest the fine-tune at ``path`` of format ``fmt``."""
+    args = ["ingest", "--store", store, "--model", model_id, "--path", path, "--modality",
+            modality or MODALITY[fmt], "--quiet"]
+    if fmt == "generic":
+        args += ["--format", "generic", "--mapping", path / tiny_models.GENERIC_MAPPING_FILE]
+    return args
+
+
+class Checkpoints:
+    """Lazily built, cached tiny checkpoints under one session directory."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self._cache: dict[tuple, Path] = {}
+
+    def base(self, dtype: str = "bf16") -> Path:
+        key = ("base", dtype)
+        if key not in self._cache:
+            self._cache[key] = tiny_models.save_base(self.root / f"base-{dtype}", dtype=DTYPES[dtype], seed=0)
+        return self._cache[key]
+
+    def finetuned(self, fmt: str, dtype: str = "bf16") -> Path:
+        key = (fmt, dtype)
+        if key not in self._cache:
+            self._cache[key] = tiny_models.save_finetuned(
+                self.base(dtype), self.root / f"{fmt}-{dtype}", fmt, modality=MODALITY[fmt], dtype=DTYPES[dtype],
+                seed=SEEDS[fmt], **VARIANTS[fmt])
+        return self._cache[key]
+
+    def custom(self, name: str, build) -> Path:
+        """A checkpoint built once by ``build(path)`` (other architectures, ...)."""
+        key = ("custom", name)
+        if key not in self._cache:
+            path = self.root / f"custom-{name}"
+            build(path)
+            self._cache[key] = path
+        return self._cache[key]
+
+
+@pytest.fixture(scope="session")
+def ckpts(tmp_path_factory: pytest.TempPathFactory) -> Checkpoints:
+    return Checkpoints(tmp_path_factory.mktemp("checkpoints"))
+
+
+class Sources:
+    """Source checkpoints loaded with ``safetensors.torch.load_file`` (cached): the oracle's inputs."""
+
+    def __init__(self, ckpts: Checkpoints):
+        self.ckpts = ckpts
+        self._cache: dict[tuple, object] = {}
+
+    def base(self, dtype: str = "bf16") -> dict[str, torch.Tensor]:
+        key = ("base", dtype)
+        if key not in self._cache:
+            self._cache[key] = load_file(self.ckpts.base(dtype) / "model.safetensors")
+        return self._cache[key]
+
+    def split(self, fmt: str, dtype: str = "bf16") -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(LLM by canonical name, including extra vocabulary rows; component by source key)."""
+        key = (fmt, dtype)
+        if key not in self._cache:
+            self._cache[key] = split_checkpoint(self.ckpts.finetuned(fmt, dtype), fmt)
+        return self._cache[key]
+
+    def llm(self, fmt: str, dtype: str = "bf16") -> dict[str, torch.Tensor]:
+        return self.split(fmt, dtype)[0]
+
+
+@pytest.fixture(scope="session")
+def sources(ckpts: Checkpoints) -> Sources:
+    return Sources(ckpts)
+
+
+def copy_store(template: Path, dest: Path) -> Path:
+    shutil.copytree(template, dest)
+    return dest
+
+
+class Stores:
+    """Store templates, built once per session; copy one before changing it."""
+
+    def __init__(self, root: Path, ckpts: Checkpoints):
+        self.root = root
+        self.ckpts = ckpts
+        self._cache: dict[tuple, Path] = {}
+
+    def base_only(self, dtype: str = "bf16") -> Path:
+        key = ("base", dtype)
+        if key not in self._cache:
+            path = self.root / f"base-{dtype}"
+            run_cli("ingest", "--store", path, "--base", self.ckpts.base(dtype), "--quiet")
+            self._cache[key] = path
+        return self._cache[key]
+
+    def ingested(self, dtype: str = "bf16") -> Path:
+        key = ("ingested", dtype)
+        if key not in self._cache:
+            path = copy_store(self.base_only(dtype), self.root / f"ingested-{dtype}")
+            for fmt in FORMATS:
+                run_cli(*ingest_args(path, fmt, self.ckpts.finetuned(fmt, dtype), fmt))
+            self._cache[key] = path
+        return self._cache[key]
+
+    def merged(self) -> Path:
+        key = ("merged",)
+        if key not in self._cache:
+            path = copy_store(self.ingested("bf16"), self.root / "merged-bf16")
+            for extra in MERGES:
+                run_cli("merge", "--store", path, "--quiet", "--no-compile", "--device", "cpu", *extra)
+            self._cache[key] = path
+        return self._cache[key]
+
+    def fresh(self, dest: Path, dtype: str = "bf16", *, models: bool = False) -> Path:
+        """A private copy (base only, or base + the four fine-tunes) at ``dest``."""
+        return copy_store(self.ingested(dtype) if models else self.base_only(dtype), dest)
+
+
+@pytest.fixture(scope="session")
+def stores(tmp_path_factory: pytest.TempPathFactory, ckpts: Checkpoints) -> Stores:
+    return Stores(tmp_path_factory.mktemp("stores"), ckpts)
+
+
+@pytest.fixture(scope="session")
+def merged_store(stores: Stores) -> Path:
+    return stores.merged()
