@@ -30,11 +30,18 @@ def elect_sign(trimmed: torch.Tensor, majority: float | torch.Tensor) -> torch.T
 
 
 def disjoint_mean(trimmed: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
-    """Mean over models of the trimmed entries whose sign agrees with the elected one."""
-    agree = torch.sign(trimmed) == sign
+    """Mean over models of the trimmed entries whose sign agrees with the elected one.
+
+    Accumulated model by model in model order (the same additions as ``model_sum``): an
+    (N, ...) bool "agree" tensor, once materialised, made the fused kernel ~20x slower.
+    """
     zero = torch.zeros((), dtype=trimmed.dtype, device=trimmed.device)
-    total = model_sum(torch.where(agree, trimmed, zero))
-    count = model_sum(agree.to(trimmed.dtype))
+    total = count = None
+    for i in range(trimmed.shape[0]):
+        agree = torch.sign(trimmed[i]) == sign
+        value, hit = torch.where(agree, trimmed[i], zero), agree.to(trimmed.dtype)
+        total = value if total is None else total + value
+        count = hit if count is None else count + hit
     return total / torch.clamp(count, min=1.0)
 
 

@@ -12,6 +12,7 @@ are identical (tests check it); compilation costs seconds once per process and s
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -69,19 +70,27 @@ def final_chunk(models, base, thresholds, majority, lams, flat_offset, *, settin
     return tau_star, pack_bits(masks), counts
 
 
+def high_key_chunk(models, base, flat_offset, *, settings, model_keys, tensor_key):
+    """``select.high_digit_keys`` of the chunk's task vectors (fused: no N x chunk temporaries)."""
+    return select.high_digit_keys(prepared_task_vectors(models, base, settings, model_keys, tensor_key, flat_offset))
+
+
 def sign_count_chunk(models, base, lower, upper, flat_offset, *, settings, model_keys, tensor_key):
     """(positive, negative, undecided) elected-sign counts of one chunk, int64 (3,).
 
     Trim status is read from bit bounds: kept if bits >= upper, undecided in [lower, upper).
-    A parameter with any undecided model is counted as undecided.
+    A parameter with any undecided model is counted as undecided. Model by model, in model
+    order, so the sums are ``model_sum``'s and nothing N x chunk is materialised.
     """
     tau = prepared_task_vectors(models, base, settings, model_keys, tensor_key, flat_offset)
-    bits = tau.abs().view(torch.int32).to(torch.int64)
-    up = upper.reshape((-1,) + (1,) * (tau.dim() - 1))
-    lo = lower.reshape((-1,) + (1,) * (tau.dim() - 1))
-    kept = torch.where(bits >= up, tau, torch.zeros((), dtype=tau.dtype, device=tau.device))
-    total = model_sum(kept)
-    undecided = ((bits >= lo) & (bits < up)).any(0)
+    zero = torch.zeros((), dtype=tau.dtype, device=tau.device)
+    total = undecided = None
+    for i in range(tau.shape[0]):
+        bits = tau[i].abs().view(torch.int32)
+        kept = torch.where(bits >= upper[i], tau[i], zero)
+        open_ = (bits >= lower[i]) & (bits < upper[i])
+        total = kept if total is None else total + kept
+        undecided = open_ if undecided is None else undecided | open_
     decided = ~undecided
     return torch.stack([((total > 0) & decided).sum(), ((total < 0) & decided).sum(), undecided.sum()])
 
@@ -96,12 +105,16 @@ class ChunkKernels:
         self._final = final_chunk
         self._signs = sign_count_chunk
         self._prepare = prepared_task_vectors
+        self._high_keys = high_key_chunk
         if compile:
+            # dynamic from the start: chunk shapes vary by tensor, one graph serves them all
+            fuse = functools.partial(torch.compile, dynamic=True)
             # NeuroMerging's per-row eigendecomposition does not fuse; its final pass stays eager
             if settings.method != "neuro":
-                self._final = torch.compile(final_chunk, dynamic=None)
-            self._signs = torch.compile(sign_count_chunk, dynamic=None)
-            self._prepare = torch.compile(prepared_task_vectors, dynamic=None)
+                self._final = fuse(final_chunk)
+            self._signs = fuse(sign_count_chunk)
+            self._prepare = fuse(prepared_task_vectors)
+            self._high_keys = fuse(high_key_chunk)
 
     def _offset(self, info: ChunkInfo, device) -> torch.Tensor:
         return torch.tensor(info.flat_offset, dtype=torch.int64, device=device)
@@ -111,7 +124,9 @@ class ChunkKernels:
                              baselines.stable_key(info.tensor), self._offset(info, models.device))
 
     def high_counts(self, models, base, info: ChunkInfo) -> select.SparseCounts:
-        return select.high_digit_counts(self.task_vectors(models, base, info))
+        keys = self._high_keys(models, base, self._offset(info, models.device), settings=self.settings,
+                               model_keys=self.model_keys, tensor_key=baselines.stable_key(info.tensor))
+        return select.counts_from_high_keys(keys)
 
     def low_counts(self, models, base, info: ChunkInfo, lower, upper) -> select.SparseCounts:
         return select.low_digit_counts(self.task_vectors(models, base, info), lower, upper)
@@ -122,7 +137,7 @@ class ChunkKernels:
             # weights use (and so vote on) the majority sign
             return torch.zeros(3, dtype=torch.int64)
         dev = models.device
-        return self._signs(models, base, lower.to(dev), upper.to(dev), self._offset(info, dev),
+        return self._signs(models, base, lower.to(dev, torch.int32), upper.to(dev, torch.int32), self._offset(info, dev),
                            settings=self.settings, model_keys=self.model_keys,
                            tensor_key=baselines.stable_key(info.tensor)).cpu()
 

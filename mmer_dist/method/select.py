@@ -94,26 +94,35 @@ class GroupHistogram:
         return self.merge(GroupHistogram({group: counts}))
 
 
-def high_digit_counts(tau: torch.Tensor) -> SparseCounts:
-    """High-digit histogram of one chunk: counts (2, N, M), channel 0 all entries, channel 1 the
-    entries whose low 16 bits are zero."""
-    n_models = tau.shape[0]
+def high_digit_keys(tau: torch.Tensor) -> torch.Tensor:
+    """Histogram keys of a chunk, int32 (N, n): model, high digit and whether the low digit is
+    nonzero, packed as ((model * HIGH_BINS + high) << 1) | (low != 0). Elementwise, so it fuses
+    with the task-vector computation; int32 holds N * 2**16 keys for any N < 2**15."""
     bits = magnitude_bits(tau)
-    # one bincount over (model, high digit, low-digit-is-nonzero) keys
-    keys = ((bits >> HIGH_SHIFT).to(torch.int64) << 1) | ((bits & LOW_MASK) != 0).to(torch.int64)
-    keys += torch.arange(n_models, dtype=torch.int64, device=keys.device).unsqueeze(1) * (2 * HIGH_BINS)
+    keys = ((bits >> HIGH_SHIFT) << 1) | ((bits & LOW_MASK) != 0).to(torch.int32)
+    return keys + torch.arange(tau.shape[0], dtype=torch.int32, device=tau.device).unsqueeze(1) * (2 * HIGH_BINS)
+
+
+def counts_from_high_keys(keys: torch.Tensor) -> SparseCounts:
+    """High-digit histogram (2, N, M) from ``high_digit_keys``: channel 0 counts all entries,
+    channel 1 those whose low 16 bits are zero."""
+    n_models = keys.shape[0]
     dense = torch.bincount(keys.reshape(-1), minlength=n_models * 2 * HIGH_BINS).cpu()
     dense = dense.view(n_models, HIGH_BINS, 2)
-    both = torch.stack([dense.sum(-1), dense[..., 0]])  # (2, N, HIGH_BINS)
-    return SparseCounts.from_dense(both)
+    return SparseCounts.from_dense(torch.stack([dense.sum(-1), dense[..., 0]]))
+
+
+def high_digit_counts(tau: torch.Tensor) -> SparseCounts:
+    """High-digit histogram of one chunk of task vectors (N, ...)."""
+    return counts_from_high_keys(high_digit_keys(tau))
 
 
 def low_digit_counts(tau: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor) -> SparseCounts:
     """Low-digit histogram (N, M) of the entries whose bits lie in [lower, upper) per model."""
     n_models = tau.shape[0]
     bits = magnitude_bits(tau)
-    lo_b = lower.to(bits.device, torch.int64).unsqueeze(1)
-    hi_b = upper.to(bits.device, torch.int64).unsqueeze(1)
+    lo_b = lower.to(bits.device, torch.int32).unsqueeze(1)
+    hi_b = upper.to(bits.device, torch.int32).unsqueeze(1)
     inside = (bits >= lo_b) & (bits < hi_b)
     flat = inside.reshape(-1).nonzero().squeeze(1)
     per_model = bits.shape[1]

@@ -130,9 +130,22 @@ def merge_results(results: Iterable[PassResult]) -> PassResult:
 # -- one pass over a list of chunks ------------------------------------------------------------
 
 
+DEFAULT_BLOCK_ELEMS = 1 << 20  # per model; a fused kernel's N inputs + outputs stay in L2/L3
+
+
+def row_blocks(chunk: ChunkSpec, block_elems: int) -> list[tuple[ChunkSpec, int, int]]:
+    """Split a chunk into row blocks of at most ``block_elems`` entries: (sub-chunk, start, stop)
+    with start/stop relative to the chunk. Storage chunks stay large (few objects, big reads);
+    kernels run on blocks small enough to stay in cache (measured ~2x faster at 1M than 4M)."""
+    rows = max(1, block_elems // max(1, chunk.cols))
+    return [(ChunkSpec(chunk.tensor, chunk.index, chunk.row_start + a, chunk.row_start + min(chunk.rows, a + rows),
+                       chunk.cols, chunk.ndim), a, min(chunk.rows, a + rows))
+            for a in range(0, chunk.rows, rows)]
+
+
 def run_pass(request: PassRequest, chunks: Sequence[ChunkSpec], reader: ChunkReader, kernels: ChunkKernels,
              *, writer: ChunkWriter | None = None, device: str | torch.device = "cpu",
-             progress: Callable[[int], None] | None = None) -> PassResult:
+             progress: Callable[[int], None] | None = None, block_elems: int = DEFAULT_BLOCK_ELEMS) -> PassResult:
     """Do one pass over ``chunks``, returning this split's partial result."""
     settings = kernels.settings
     n_models = len(kernels.model_keys)
@@ -144,26 +157,30 @@ def run_pass(request: PassRequest, chunks: Sequence[ChunkSpec], reader: ChunkRea
     for chunk in chunks:
         models, base = reader.read(chunk)
         models, base = models.to(device), base.to(device)
-        info = chunk.info(settings.scope)
-        g = info.group
+        g = chunk.info(settings.scope).group
+        blocks = [(sub.info(settings.scope), models[:, a:b], base[a:b]) for sub, a, b in row_blocks(chunk, block_elems)]
         if isinstance(request, HighPass):
-            counts = kernels.high_counts(models, base, info)
-            if counts.keys.numel() and int(counts.keys[-1]) >= select.NONFINITE_HIGH:
-                _raise_nonfinite(models, base, chunk, kernels)
-            hist = hist.add(g, counts)
+            for info, m, b in blocks:
+                counts = kernels.high_counts(m, b, info)
+                if counts.keys.numel() and int(counts.keys[-1]) >= select.NONFINITE_HIGH:
+                    _raise_nonfinite(models, base, chunk, kernels)
+                hist = hist.add(g, counts)
         elif isinstance(request, (LowPass, SignPass)):
             lower, upper = request.bounds.lower[g], request.bounds.upper[g]
-            if isinstance(request, LowPass) and bool((lower != upper).any()):
-                hist = hist.add(g, kernels.low_counts(models, base, info, lower, upper))
-            signs = signs.merge(SignCounts({g: kernels.sign_counts(models, base, info, lower, upper)}))
+            for info, m, b in blocks:
+                if isinstance(request, LowPass) and bool((lower != upper).any()):
+                    hist = hist.add(g, kernels.low_counts(m, b, info, lower, upper))
+                signs = signs.merge(SignCounts({g: kernels.sign_counts(m, b, info, lower, upper)}))
         else:
-            tau_star, packed, counts = kernels.final(models, base, info, request.thresholds[g],
-                                                     request.majority[g], lams)
+            outs = [kernels.final(m, b, info, request.thresholds[g], request.majority[g], lams) for info, m, b in blocks]
+            tau_star = torch.cat([o[0] for o in outs]) if len(outs) > 1 else outs[0][0]
+            packed = torch.cat([o[1] for o in outs], dim=1) if len(outs) > 1 else outs[0][1]
             if not bool(torch.isfinite(tau_star).all()):
                 _raise_nonfinite(models, base, chunk, kernels)
             if writer is not None:
                 writer.write(chunk, tau_star.cpu(), packed.cpu())
-            stats = stats.merge(FinalStats(counts.cpu().to(torch.int64), int((tau_star != 0).sum()), chunk.numel))
+            counts = sum(o[2].cpu().to(torch.int64) for o in outs)
+            stats = stats.merge(FinalStats(counts, int((tau_star != 0).sum()), chunk.numel))
         if progress is not None:
             progress(chunk.numel)
     if isinstance(request, HighPass):
@@ -285,10 +302,12 @@ class MergeDriver:
 
 def run_local(driver: MergeDriver, chunks: Sequence[ChunkSpec], reader: ChunkReader, kernels: ChunkKernels,
               writer: ChunkWriter | None = None, device: str | torch.device = "cpu",
-              progress_factory: Callable[[str, int], Callable[[int], None]] | None = None) -> FinalStats:
+              progress_factory: Callable[[str, int], Callable[[int], None]] | None = None,
+              block_elems: int = DEFAULT_BLOCK_ELEMS) -> FinalStats:
     """Run every pass in this process over all chunks (the single-process backend)."""
     total = sum(c.numel for c in chunks)
     while (request := driver.next_pass()) is not None:
         progress = progress_factory(type(request).__name__, total) if progress_factory else None
-        driver.accept(run_pass(request, chunks, reader, kernels, writer=writer, device=device, progress=progress))
+        driver.accept(run_pass(request, chunks, reader, kernels, writer=writer, device=device, progress=progress,
+                               block_elems=block_elems))
     return driver.stats
