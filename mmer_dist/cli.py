@@ -30,6 +30,18 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 2GB, 500MB)") from None
 
 
+def _json_object(text: str) -> dict:
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+    if not isinstance(value, dict) or not all(isinstance(v, (int, float)) for v in value.values()):
+        raise argparse.ArgumentTypeError(f"expected a JSON object of resource amounts, got {text!r}")
+    return value
+
+
 def _store_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", required=True, help="store location: a local path or an fsspec URL (s3://...)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -65,9 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "'local' for an embedded Ray (default: $RAY_ADDRESS, else local)")
     p.add_argument("--workers", type=int, default=None, help="shards (one Ray actor each); default: one per node "
                    "for ray, 1 for local")
+    p.add_argument("--worker-resources", type=_json_object, default=None, metavar="JSON",
+                   help='with --backend ray: custom Ray resources each shard actor needs, e.g. \'{"merge_node": 1}\' '
+                   "to place one actor per node that offers one")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="fuse the per-chunk kernels with torch.compile (default: on for models above 50M parameters)")
-    p.add_argument("--device", default="auto", help="torch device for the local backend: auto, cpu, cuda (default auto)")
+    p.add_argument("--device", default="auto", help="torch device for --backend local: auto, cpu, cuda (default auto; "
+                   "Ray workers use the GPU Ray assigns them, if any)")
 
     p = sub.add_parser("export", help="write a HF checkpoint: a reconstructed model, the merged model, or text weights",
                        description="Export a standard HF checkpoint that from_pretrained loads.")
@@ -80,14 +96,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (must be new or empty)")
     p.add_argument("--version", type=int, default=None, help="store version (default: latest)")
     p.add_argument("--original", action="store_true", help="with --model: the stored original weights, bit for bit")
-    p.add_argument("--method", choices=["ties", "ta", "naive", "dare"], default=None,
+    p.add_argument("--method", choices=["ties", "ta", "naive", "dare", "neuro"], default=None,
                    help="with --merged: compute this baseline from the stored models instead of using a version "
-                   "(dare = task arithmetic over DARE-dropped task vectors)")
-    p.add_argument("--topk", type=float, default=0.8, help="with --method ties: K (default 0.8)")
+                   "(dare = task arithmetic over DARE-dropped task vectors; neuro = NeuroMerging)")
+    p.add_argument("--topk", type=float, default=0.8, help="with --method ties|neuro: K (default 0.8)")
     p.add_argument("--scope", choices=SCOPES, default="global", help="with --method ties: trim scope")
     p.add_argument("--alpha", type=float, default=1.0, help="with --method: scale of tau* (default 1.0)")
     p.add_argument("--dare-rate", type=float, default=0.0, help="with --method: DARE drop rate (dare: default 0.5)")
     p.add_argument("--dare-seed", type=int, default=0, help="with --method: DARE seed")
+    p.add_argument("--neuro-energy", type=float, default=1.0, help="with --method neuro: rank cut (default 1.0)")
+    p.add_argument("--neuro-keep-parallel", action="store_true", help="with --method neuro: keep the parallel part")
     p.add_argument("--max-shard-size", type=_size, default="2GB", help="largest safetensors file (default 2GB)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
 
@@ -118,6 +136,11 @@ def add_merge_options(p: argparse.ArgumentParser) -> None:
                    help="mask lambda of one model (repeatable; default: the model's ingest --lam)")
     p.add_argument("--dare-rate", type=float, default=0.0, help="DARE drop rate applied to every task vector (default 0)")
     p.add_argument("--dare-seed", type=int, default=0, help="DARE seed (default 0)")
+    p.add_argument("--neuro-energy", type=float, default=1.0,
+                   help="with --merge neuro: keep the leading singular directions holding this fraction of each "
+                   "row's energy (rank cut; default 1.0 = all)")
+    p.add_argument("--neuro-keep-parallel", action="store_true",
+                   help="with --merge neuro: keep the task vector's part parallel to the pre-trained row (default: drop)")
     p.add_argument("--models", nargs="+", metavar="ID", default=None, help="merge only these models (default: all)")
 
 
@@ -125,8 +148,11 @@ def merge_request(args):
     from mmer_dist.merge.engine import MergeRequest
 
     method = args.merge or ("ta" if args.mask == "tall" else "ties")
+    if method != "neuro" and (args.neuro_energy != 1.0 or args.neuro_keep_parallel):
+        raise InvalidInputError("--neuro-energy / --neuro-keep-parallel apply to --merge neuro only")
     return MergeRequest(method=method, topk=args.topk, scope=args.scope, alpha=args.alpha, mask_rule=args.mask,
                         lam=dict(args.lam), dare_rate=args.dare_rate, dare_seed=args.dare_seed,
+                        neuro_energy=args.neuro_energy, neuro_keep_parallel=args.neuro_keep_parallel,
                         models=tuple(args.models) if args.models else None)
 
 
@@ -134,14 +160,18 @@ def cmd_ingest(args) -> None:
     from mmer_dist.store import ingest, layout
 
     if args.base:
-        for flag in ("path", "modality", "mapping"):
+        for flag in ("path", "modality", "mapping", "format"):
             if getattr(args, flag):
                 raise InvalidInputError(f"--{flag} is for --model, not --base")
+        if args.lam != 1.0:
+            raise InvalidInputError("--lam is for --model, not --base")
         ingest.ingest_base(args.store, args.base, chunk_elems=args.chunk_elems or layout.DEFAULT_CHUNK_ELEMS,
                            progress=not args.quiet)
         return
     if not args.path or not args.modality:
         raise InvalidInputError("--model needs --path PATH and --modality M")
+    if args.chunk_elems is not None:
+        raise InvalidInputError("--chunk-elems is fixed by the base (the store's chunk grid); it goes with --base")
     ingest.ingest_model(args.store, args.model, args.path, args.modality, fmt=args.format,
                         mapping_file=args.mapping, lam=args.lam, progress=not args.quiet)
 
@@ -152,20 +182,46 @@ def cmd_merge(args) -> None:
     from mmer_dist.store.store import Store
 
     request = merge_request(args)
+    if args.backend == "local" and (args.address or args.worker_resources):
+        raise InvalidInputError("--address and --worker-resources are for --backend ray")
+    if args.backend == "ray" and args.device != "auto":
+        raise InvalidInputError("--device is for --backend local; Ray workers use the GPU Ray assigns them, if any")
     store = Store.open(args.store)
-    backend, workers = choose_backend(args.backend, args.address, args.workers)
     compile = resolve_compile(args.compile, store.catalog())
-    record = merge(args.store, request, backend, workers=workers, compile=compile,
-                   device=resolve_device(args.device), progress=not args.quiet)
+    device = resolve_device(args.device) if args.backend == "local" else "cpu"
+    backend, workers = choose_backend(args.backend, args.address, args.workers, args.worker_resources)
+    record = merge(args.store, request, backend, workers=workers, compile=compile, device=device,
+                   progress=not args.quiet)
     densities = ", ".join(f"{m}={d:.3f}" for m, d in zip(record.models, record.mask_density))
     print(f"published version {record.version}: {record.method}/{record.mask_rule}, K={record.topk}, "
           f"{len(record.models)} models, mask density {densities}, {record.seconds:.1f}s ({record.backend})")
+
+
+BASELINE_FLAGS = {"topk": 0.8, "scope": "global", "alpha": 1.0, "dare_rate": 0.0, "dare_seed": 0,
+                  "neuro_energy": 1.0, "neuro_keep_parallel": False}
+
+
+def _check_export_flags(args) -> None:
+    """Refuse flags that would be silently ignored for what is being exported."""
+    if args.original and not args.model:
+        raise InvalidInputError("--original goes with --model")
+    if args.original and args.version is not None:
+        raise InvalidInputError("--original exports the ingested weights, which belong to no version; drop --version")
+    if args.method and not args.merged:
+        raise InvalidInputError("--method goes with --merged")
+    if args.method and args.version is not None:
+        raise InvalidInputError("--method computes a baseline from the stored models, not from a version; drop --version")
+    if not args.method:
+        changed = [f"--{k.replace('_', '-')}" for k, default in BASELINE_FLAGS.items() if getattr(args, k) != default]
+        if changed:
+            raise InvalidInputError(f"{', '.join(changed)} only apply with --merged --method")
 
 
 def cmd_export(args) -> None:
     from mmer_dist import export
     from mmer_dist.merge.engine import MergeRequest
 
+    _check_export_flags(args)
     common = dict(max_shard_bytes=args.max_shard_size, overwrite=args.overwrite, progress=not args.quiet)
     if args.model:
         out = export.export_model(args.store, args.model, args.out, version=args.version, original=args.original, **common)
@@ -173,7 +229,8 @@ def cmd_export(args) -> None:
         out = export.export_text(args.store, args.out, version=args.version, **common)
     else:
         request = MergeRequest(topk=args.topk, scope=args.scope, alpha=args.alpha, dare_rate=args.dare_rate,
-                               dare_seed=args.dare_seed)
+                               dare_seed=args.dare_seed, neuro_energy=args.neuro_energy,
+                               neuro_keep_parallel=args.neuro_keep_parallel)
         out = export.export_merged(args.store, args.out, version=args.version, method=args.method, request=request,
                                    **common)
     print(f"wrote {out}")

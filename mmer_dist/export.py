@@ -38,7 +38,7 @@ from mmer_dist.store.ingest import COMPONENT_WEIGHTS, read_keymap
 from mmer_dist.store.store import Store
 
 DEFAULT_SHARD_BYTES = 2 * 1024**3
-BASELINES = ("ties", "ta", "naive", "dare")
+BASELINES = ("ties", "ta", "naive", "dare", "neuro")
 
 
 @contextmanager

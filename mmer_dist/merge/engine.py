@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from mmer_dist.errors import InvalidInputError
 from mmer_dist.method import select, streaming
+from mmer_dist.method.neuro import check_neuron_rank
 from mmer_dist.method.settings import MergeSettings
 from mmer_dist.method.trim import selection_group
 from mmer_dist.merge.passes import MergeJob, final_stats_from_record
@@ -40,6 +41,8 @@ class MergeRequest:
     lam: dict[str, float] = field(default_factory=dict)
     dare_rate: float = 0.0
     dare_seed: int = 0
+    neuro_energy: float = 1.0
+    neuro_keep_parallel: bool = False
     models: tuple[str, ...] | None = None
 
 
@@ -66,8 +69,12 @@ def resolve_settings(catalog: Catalog, request: MergeRequest) -> tuple[MergeSett
             raise InvalidInputError(f"--lam names model {m!r}, which is not in this merge ({', '.join(model_ids)})")
     lams = tuple(float(request.lam.get(m, catalog.model(m).lam)) for m in model_ids)
     settings = MergeSettings(request.method, request.topk, request.scope, request.alpha, request.mask_rule,
-                             lams, request.dare_rate, request.dare_seed)
-    return settings.validated(list(model_ids)), model_ids
+                             lams, request.dare_rate, request.dare_seed, request.neuro_energy,
+                             request.neuro_keep_parallel).validated(list(model_ids))
+    if settings.method == "neuro":
+        for t in catalog.tensors:
+            check_neuron_rank(t.name, len(t.shape))
+    return settings, model_ids
 
 
 def cached_high_histogram(store: Store, model_ids, scope: str) -> select.GroupHistogram:
@@ -158,7 +165,9 @@ def merge(url: str, request: MergeRequest, backend: Backend, *, workers: int = 1
             details=details_json(thresholds={g: v.tolist() for g, v in driver.thresholds().items()} if settings.scope == "global" else "per-tensor",
                                  majority=driver.majority if settings.scope == "global" else _majority_summary(driver.majority),
                                  pass_seconds=pass_seconds, shard_seconds=shard_seconds, resumed=staging.resumed,
-                                 shards=[s.describe() for s in shards]),
+                                 shards=[s.describe() for s in shards],
+                                 **({"neuro": {"energy": settings.neuro_energy, "keep_parallel": settings.neuro_keep_parallel}}
+                                    if settings.method == "neuro" else {})),
         )
         publish_version(store, record, catalog)  # fails if another writer committed since (object stores)
         staging.discard()

@@ -30,7 +30,8 @@ def resolve_device(name: str) -> str:
     return name
 
 
-def choose_backend(name: str, address: str | None, workers: int | None):
+def choose_backend(name: str, address: str | None, workers: int | None,
+                   worker_resources: dict[str, float] | None = None):
     """(backend, number of shards)."""
     if name == "local":
         from mmer_dist.merge.local import LocalBackend
@@ -38,5 +39,5 @@ def choose_backend(name: str, address: str | None, workers: int | None):
         return LocalBackend(), workers or 1
     from mmer_dist.merge.ray_backend import RayBackend
 
-    backend = RayBackend(address or os.environ.get("RAY_ADDRESS") or "local")
+    backend = RayBackend(address or os.environ.get("RAY_ADDRESS") or "local", worker_resources=worker_resources)
     return backend, workers or backend.default_workers()
