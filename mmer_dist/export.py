@@ -235,9 +235,12 @@ def _export_baseline(store, catalog, out, method, request: MergeRequest, max_sha
     with _staged_output(out, overwrite) as tmp:
         with SafetensorsWriter(tmp, entries, max_shard_bytes=max_shard_bytes) as writer:
             sink = _MergedWeightsSink(store, writer, tensors, settings.alpha, dtype)
-            streaming.run_local(driver, chunks, StoreChunkReader(store, model_ids),
-                                ChunkKernels(settings, list(model_ids), compile=compile), sink,
-                                progress_factory=_tqdm_factory(progress))
+            reader = StoreChunkReader(store, model_ids, prefetch=chunks)
+            try:
+                streaming.run_local(driver, chunks, reader, ChunkKernels(settings, list(model_ids), compile=compile),
+                                    sink, progress_factory=_tqdm_factory(progress))
+            finally:
+                reader.close()
         _copy_store_files(store, layout.BASE_FILES, tmp)
     return Path(out)
 

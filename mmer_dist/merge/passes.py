@@ -8,7 +8,8 @@ streaming ``run_pass`` and, after a final pass, marks the shard complete in the 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -36,18 +37,38 @@ class MergeJob:
 
 
 class StoreChunkReader:
-    """Reads one chunk of the base and of every model of the merge, stacked (N, rows, cols)."""
+    """Reads one chunk of the base and of every model of the merge, stacked (N, rows, cols).
 
-    def __init__(self, store: Store, model_ids: tuple[str, ...]):
+    Given the order in which chunks will be asked for (``prefetch``), it reads the next chunk in a
+    background thread while the caller computes on the current one, so store latency (object
+    stores, decompression) overlaps compute. At most two chunks are held at a time.
+    """
+
+    def __init__(self, store: Store, model_ids: tuple[str, ...], prefetch: Sequence[streaming.ChunkSpec] = ()):
         self.store = store
         self.model_ids = model_ids
+        self._next = dict(zip(prefetch, list(prefetch)[1:]))
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmer-prefetch") if prefetch else None
+        self._pending: dict[streaming.ChunkSpec, Future] = {}
 
-    def read(self, chunk: streaming.ChunkSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    def _read_now(self, chunk: streaming.ChunkSpec) -> tuple[torch.Tensor, torch.Tensor]:
         a, b = chunk.row_start, chunk.row_stop
         base = self.store.read_rows(f"{layout.BASE_LLM}/{chunk.tensor}", a, b)
         models = torch.stack([self.store.read_rows(f"{layout.model_llm(m)}/{chunk.tensor}", a, b)
                               for m in self.model_ids])
         return models, base
+
+    def read(self, chunk: streaming.ChunkSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        pending = self._pending.pop(chunk, None)
+        following = self._next.get(chunk)
+        if self._pool is not None and following is not None and following not in self._pending:
+            self._pending[following] = self._pool.submit(self._read_now, following)
+        return pending.result() if pending is not None else self._read_now(chunk)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pending.clear()
 
 
 class VersionWriter:
@@ -78,8 +99,12 @@ class ShardWorker:
         """Returns (partial result, seconds). A final pass marks the shard done when finished."""
         started = time.perf_counter()
         writer = VersionWriter(self.store, self.job.model_ids, self.job.version)
-        result = streaming.run_pass(request, self.shard.chunks, StoreChunkReader(self.store, self.job.model_ids),
-                                    self.kernels, writer=writer, device=self.job.device, progress=progress)
+        reader = StoreChunkReader(self.store, self.job.model_ids, prefetch=self.shard.chunks)
+        try:
+            result = streaming.run_pass(request, self.shard.chunks, reader, self.kernels, writer=writer,
+                                        device=self.job.device, progress=progress)
+        finally:
+            reader.close()
         seconds = time.perf_counter() - started
         if isinstance(request, streaming.FinalPass):
             staging = Staging(self.store, self.job.version, self.job.fingerprint, resumed=True)
