@@ -99,6 +99,56 @@ def create_version_arrays(store: Store, catalog: Catalog, model_ids, version: in
                                t.rows_per_chunk, "uint8", compress=True)
 
 
+@dataclass(frozen=True)
+class MergePlan:
+    """What this merge will compute and how it is split; the fingerprint identifies the run."""
+
+    settings: MergeSettings
+    model_ids: tuple[str, ...]
+    shards: list[ShardSpec]
+    version: int
+    fingerprint: str
+
+
+def plan_merge(catalog: Catalog, request: MergeRequest, workers: int) -> MergePlan:
+    if catalog.store is None:
+        raise InvalidInputError("the store has no base model yet")
+    settings, model_ids = resolve_settings(catalog, request)
+    n_layers = json.loads(catalog.store.base_config)["num_hidden_layers"]
+    shards = plan_shards(catalog.tensors, n_layers, workers)
+    latest = catalog.latest_version()
+    version = (latest.version + 1) if latest else 1
+    fp = fingerprint(settings=asdict(settings), models=[(m, catalog.model(m).sha256) for m in model_ids],
+                     base=catalog.store.base_sha256, grid=[(t.name, t.rows_per_chunk) for t in catalog.tensors],
+                     shards=[s.tensors for s in shards], version=version)
+    return MergePlan(settings, model_ids, shards, version, fp)
+
+
+def drive_passes(driver: streaming.MergeDriver, backend: Backend, plan: MergePlan, staging: Staging,
+                 progress: bool) -> dict:
+    """Run passes until the driver is done; returns per-pass and per-shard seconds. Shards whose
+    final pass completed in an earlier, interrupted run are not redone."""
+    pass_seconds, shard_seconds = {}, {}
+    state = staging.load_state()
+    while (req := driver.next_pass()) is not None:
+        name = type(req).__name__
+        done = staging.done_shards() if isinstance(req, streaming.FinalPass) else {}
+        todo = [s for s in plan.shards if s.index not in done]
+        t0 = time.perf_counter()
+        with tqdm(total=sum(s.numel for s in todo), desc=f"{name} ({len(todo)} shards)", unit="param",
+                  unit_scale=True, disable=not progress, leave=False) as bar:
+            results = backend.run_pass(req, todo, bar.update)
+        pass_seconds[name] = round(time.perf_counter() - t0, 3)
+        shard_seconds[name] = {s.index: round(sec, 3) for s, (_, sec) in zip(todo, results)}
+        partials = [r for r, _ in results] + [final_stats_from_record(d) for d in done.values()]
+        driver.accept(streaming.merge_results(partials))
+        decided = driver.decided_state()
+        if decided is not None and state is None:  # a resumed run can skip to the final pass
+            staging.save_state(decided)
+            state = decided
+    return {"pass_seconds": pass_seconds, "shard_seconds": shard_seconds}
+
+
 def merge(url: str, request: MergeRequest, backend: Backend, *, workers: int = 1, compile: bool = False,
           device: str = "cpu", progress: bool = True) -> VersionRecord:
     """Merge the store's models into a new published version; returns its catalog record."""
@@ -108,70 +158,48 @@ def merge(url: str, request: MergeRequest, backend: Backend, *, workers: int = 1
     # would get the same number and Staging.open would delete its arrays.
     with store.writer_lock():
         catalog = store.catalog()
-        if catalog.store is None:
-            raise InvalidInputError(f"store {url!r} has no base model yet")
-        settings, model_ids = resolve_settings(catalog, request)
-        n_layers = json.loads(catalog.store.base_config)["num_hidden_layers"]
-        shards = plan_shards(catalog.tensors, n_layers, workers)
-        latest = catalog.latest_version()
-        version = (latest.version + 1) if latest else 1
-        fp = fingerprint(settings=asdict(settings), models=[(m, catalog.model(m).sha256) for m in model_ids],
-                         base=catalog.store.base_sha256, grid=[(t.name, t.rows_per_chunk) for t in catalog.tensors],
-                         shards=[s.tensors for s in shards], version=version)
-        staging = Staging.open(store, version, fp)
+        plan = plan_merge(catalog, request, workers)
+        staging = Staging.open(store, plan.version, plan.fingerprint)
         if not staging.resumed:
-            create_version_arrays(store, catalog, model_ids, version)
+            create_version_arrays(store, catalog, plan.model_ids, plan.version)
             staging.mark_arrays_ready()
+        settings = plan.settings
         use_cache = settings.trims and settings.dare_rate == 0.0
-        driver = streaming.MergeDriver(settings, {t.name: t.numel for t in catalog.tensors}, len(model_ids),
-                                       cached_high=cached_high_histogram(store, model_ids, settings.scope) if use_cache else None)
-        state = staging.load_state()
-        if state is not None:
+        driver = streaming.MergeDriver(
+            settings, {t.name: t.numel for t in catalog.tensors}, len(plan.model_ids),
+            cached_high=cached_high_histogram(store, plan.model_ids, settings.scope) if use_cache else None)
+        if (state := staging.load_state()) is not None:
             driver.restore(state)
-        job = MergeJob(url, model_ids, settings, version, fp, compile=compile, device=device)
-        pass_seconds, shard_seconds = {}, {}
-        backend.start(job, shards)
+        backend.start(MergeJob(url, plan.model_ids, settings, plan.version, plan.fingerprint, compile=compile,
+                               device=device), plan.shards)
         try:
-            while (req := driver.next_pass()) is not None:
-                name = type(req).__name__
-                todo = shards
-                done = {}
-                if isinstance(req, streaming.FinalPass):
-                    done = staging.done_shards()
-                    todo = [s for s in shards if s.index not in done]
-                t0 = time.perf_counter()
-                with tqdm(total=sum(s.numel for s in todo), desc=f"{name} ({len(todo)} shards)", unit="param",
-                          unit_scale=True, disable=not progress, leave=False) as bar:
-                    results = backend.run_pass(req, todo, bar.update)
-                pass_seconds[name] = round(time.perf_counter() - t0, 3)
-                shard_seconds[name] = {s.index: round(sec, 3) for s, (_, sec) in zip(todo, results)}
-                partials = [r for r, _ in results] + [final_stats_from_record(d) for d in done.values()]
-                driver.accept(streaming.merge_results(partials))
-                decided = driver.decided_state()
-                if decided is not None and state is None:
-                    staging.save_state(decided)
-                    state = decided
+            timings = drive_passes(driver, backend, plan, staging, progress)
         finally:
             backend.stop()
-        stats = driver.stats
-        params = sum(t.numel for t in catalog.tensors)
-        record = VersionRecord(
-            version=version, created_at=utc_now(), method=settings.method, mask_rule=settings.mask_rule,
-            topk=settings.topk, scope=settings.scope, alpha=settings.alpha, dare_rate=settings.dare_rate,
-            dare_seed=settings.dare_seed, models=list(model_ids), lams=list(settings.lams),
-            mask_density=[int(c) / params for c in stats.mask_counts],
-            tau_star_density=stats.nonzero / max(1, stats.entries), backend=backend.name,
-            passes=list(driver.passes_run), seconds=round(time.time() - started, 3),
-            details=details_json(thresholds={g: v.tolist() for g, v in driver.thresholds().items()} if settings.scope == "global" else "per-tensor",
-                                 majority=driver.majority if settings.scope == "global" else _majority_summary(driver.majority),
-                                 pass_seconds=pass_seconds, shard_seconds=shard_seconds, resumed=staging.resumed,
-                                 shards=[s.describe() for s in shards],
-                                 **({"neuro": {"energy": settings.neuro_energy, "keep_parallel": settings.neuro_keep_parallel}}
-                                    if settings.method == "neuro" else {})),
-        )
+        record = version_record(catalog, plan, driver, backend.name, timings, staging.resumed, time.time() - started)
         publish_version(store, record, catalog)  # fails if another writer committed since (object stores)
         staging.discard()
     return record
+
+
+def version_record(catalog: Catalog, plan: MergePlan, driver: streaming.MergeDriver, backend: str, timings: dict,
+                   resumed: bool, seconds: float) -> VersionRecord:
+    settings, stats = plan.settings, driver.stats
+    params = sum(t.numel for t in catalog.tensors)
+    global_scope = settings.scope == "global"
+    details = dict(
+        thresholds={g: v.tolist() for g, v in driver.thresholds().items()} if global_scope else "per-tensor",
+        majority=driver.majority if global_scope else _majority_summary(driver.majority),
+        resumed=resumed, shards=[s.describe() for s in plan.shards], **timings)
+    if settings.method == "neuro":
+        details["neuro"] = {"energy": settings.neuro_energy, "keep_parallel": settings.neuro_keep_parallel}
+    return VersionRecord(
+        version=plan.version, created_at=utc_now(), method=settings.method, mask_rule=settings.mask_rule,
+        topk=settings.topk, scope=settings.scope, alpha=settings.alpha, dare_rate=settings.dare_rate,
+        dare_seed=settings.dare_seed, models=list(plan.model_ids), lams=list(settings.lams),
+        mask_density=[int(c) / params for c in stats.mask_counts],
+        tau_star_density=stats.nonzero / max(1, stats.entries), backend=backend,
+        passes=list(driver.passes_run), seconds=round(seconds, 3), details=details_json(**details))
 
 
 def _majority_summary(majority: dict[str, float]) -> dict[str, int]:
