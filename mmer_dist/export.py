@@ -13,8 +13,8 @@ never leaves a directory that looks like a complete checkpoint.
 
 from __future__ import annotations
 
-import json
 import shutil
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -25,6 +25,7 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from mmer_dist.errors import InvalidInputError
+from mmer_dist.formats.checkpoint import SAFETENSORS_DTYPES, read_header
 from mmer_dist.formats.writer import SafetensorsWriter
 from mmer_dist.method import reconstruct, streaming
 from mmer_dist.method.kernels import ChunkKernels
@@ -112,12 +113,6 @@ def export_model(url: str, model_id: str, out: str | Path, *, version: int | Non
             packed = store.read_rows(f"{layout.version_masks(ver.version, model_id)}/{t.name}", a, b)
             return reconstruct.reconstruct(base, unpack_bits(packed, t.cols), tau_star)
 
-    component_path = store.abspath(f"{layout.model_component(model_id)}/{COMPONENT_WEIGHTS}")
-    component_keys: list[tuple[str, tuple[int, ...], torch.dtype]] = []
-    if store.exists_path(f"{layout.model_component(model_id)}/{COMPONENT_WEIGHTS}"):
-        with store.open_file(f"{layout.model_component(model_id)}/{COMPONENT_WEIGHTS}") as f:
-            component_keys = _safetensors_entries(f)
-
     entries = []
     for name, source in keymap.items():
         t = tensors[name]
@@ -125,44 +120,40 @@ def export_model(url: str, model_id: str, out: str | Path, *, version: int | Non
         if t.vocab_rows and model.extra_rows:
             shape[0] += model.extra_rows
         entries.append((source, tuple(shape), dtype))
-    entries += component_keys
-    with _staged_output(out, overwrite) as tmp:
-        with SafetensorsWriter(tmp, entries, max_shard_bytes=max_shard_bytes) as writer:
+    with _staged_output(out, overwrite) as tmp, tempfile.TemporaryDirectory() as scratch:
+        component = _fetch_component(store, model_id, Path(scratch))
+        component_entries = _safetensors_entries(component) if component else []
+        with SafetensorsWriter(tmp, entries + component_entries, max_shard_bytes=max_shard_bytes) as writer:
             _stream_llm(store, catalog, writer, keymap, dtype, block_fn, f"export {model_id}", progress)
             if model.extra_rows:
                 for t in catalog.tensors:
                     if t.vocab_rows:
                         extra = store.read_rows(f"{layout.model_extra(model_id)}/{t.name}", 0, model.extra_rows)
                         writer.write(keymap[t.name], t.rows, extra)
-            if component_keys:
-                with store.open_file(f"{layout.model_component(model_id)}/{COMPONENT_WEIGHTS}") as f:
-                    local = _local_copy(f, tmp)
-                with safe_open(local, "pt") as src:
-                    for key, _, _ in component_keys:
+            if component:
+                with safe_open(component, "pt") as src:
+                    for key, _, _ in component_entries:
                         writer.write(key, 0, src.get_tensor(key))
-                Path(local).unlink()
         _copy_store_files(store, f"{layout.model_component(model_id)}/files", tmp)
-    del component_path
     return Path(out)
 
 
-def _local_copy(f, tmp: Path) -> str:
-    path = tmp / f".component-{uuid.uuid4().hex[:8]}.safetensors"
-    with open(path, "wb") as dst:
-        shutil.copyfileobj(f, dst, 1 << 20)
-    return str(path)
+def _fetch_component(store: Store, model_id: str, scratch: Path) -> Path | None:
+    """A local copy of the model's component weights (the store may be remote), or None."""
+    path = f"{layout.model_component(model_id)}/{COMPONENT_WEIGHTS}"
+    if not store.exists_path(path):
+        return None
+    local = scratch / COMPONENT_WEIGHTS
+    with store.open_file(path) as src, open(local, "wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 20)
+    return local
 
 
-def _safetensors_entries(f) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
-    """(key, shape, dtype) of a safetensors file, in file order, from its header only."""
-    size = int.from_bytes(f.read(8), "little")
-    header = json.loads(f.read(size))
-    header.pop("__metadata__", None)
-    names = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-             "BOOL": torch.bool}
+def _safetensors_entries(path: Path) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    """(key, shape, dtype) of a safetensors file in file order, from its (validated) header."""
+    header = read_header(path)
     ordered = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
-    return [(k, tuple(v["shape"]), names[v["dtype"]]) for k, v in ordered]
+    return [(k, tuple(v["shape"]), SAFETENSORS_DTYPES[v["dtype"]]) for k, v in ordered]
 
 
 # -- merged and text weights -------------------------------------------------------------------

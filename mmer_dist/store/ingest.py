@@ -19,6 +19,7 @@ import json
 import re
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -166,13 +167,13 @@ def ingest_model(url: str, model_id: str, path: str | Path, modality: str, *, fm
         store.remove(layout.model_root(model_id))  # an interrupted earlier attempt, never visible
         try:
             histograms = _write_llm(store, catalog, reader, plan, model_id, progress)
-            component_params = _write_component(store, reader, plan["component"], model_id, progress)
+            component_params = _write_component(store, reader, plan.component, model_id, progress)
             _copy_aux_files(store, reader, f"{layout.model_component(model_id)}/files")
-            store.put_bytes(f"{layout.model_meta(model_id)}/{KEYMAP}", json.dumps(plan["llm"], indent=1).encode())
+            store.put_bytes(f"{layout.model_meta(model_id)}/{KEYMAP}", json.dumps(plan.llm, indent=1).encode())
             _write_histograms(store, model_id, histograms)
             record = ModelRecord(
-                id=model_id, modality=modality, format=mapping.name, source=str(path), dtype=plan["dtype"],
-                params=sum(t.numel for t in catalog.tensors), extra_rows=plan["extra_rows"],
+                id=model_id, modality=modality, format=mapping.name, source=str(path), dtype=plan.dtype,
+                params=sum(t.numel for t in catalog.tensors), extra_rows=plan.extra_rows,
                 component_params=component_params, sha256=reader.sha256(), lam=float(lam),
                 ingested_at=utc_now(), ingest_seconds=round(time.time() - started, 3))
         except BaseException:
@@ -183,7 +184,7 @@ def ingest_model(url: str, model_id: str, path: str | Path, modality: str, *, fm
         latest = store.catalog()
         if latest.has_model(model_id):
             raise InvalidInputError(f"model id {model_id!r} was added by another writer meanwhile")
-        if latest.models and latest.models[0].dtype != plan["dtype"]:  # a model committed since `catalog`
+        if latest.models and latest.models[0].dtype != plan.dtype:  # a model committed since `catalog`
             raise FormatError(f"model {model_id!r}: dtype {plan['dtype']} differs from the store's models' "
                               f"{latest.models[0].dtype} (e.g. {latest.models[0].id!r}); convert the checkpoint first")
         store.commit(latest.replace(models=latest.models + (record,)), latest.seq)
@@ -203,7 +204,18 @@ def _resolve_mapping(reader: CheckpointReader, fmt: str | None, mapping_file) ->
     return FormatMapping.load(fmt or detect_format(reader))
 
 
-def _plan_model(catalog, reader: CheckpointReader, mapping: FormatMapping, model_id: str) -> dict:
+@dataclass(frozen=True)
+class ModelPlan:
+    """A validated model, ready to write: canonical -> source LLM keys, component keys, the
+    LLM dtype (name) and the number of vocabulary rows beyond the base's."""
+
+    llm: dict[str, str]
+    component: list[str]
+    dtype: str
+    extra_rows: int
+
+
+def _plan_model(catalog, reader: CheckpointReader, mapping: FormatMapping, model_id: str) -> ModelPlan:
     """Validate a model against the base before anything is written; returns the write plan."""
     where = f"model {model_id!r} ({reader.path})"
     split = mapping.split(reader.keys())
@@ -245,17 +257,17 @@ def _plan_model(catalog, reader: CheckpointReader, mapping: FormatMapping, model
     if catalog.models and catalog.models[0].dtype != dtype:
         raise FormatError(f"{where}: dtype {dtype} differs from the store's models' {catalog.models[0].dtype} "
                           f"(e.g. {catalog.models[0].id!r}); convert the checkpoint first")
-    return {"llm": split.llm, "component": split.component, "dtype": dtype, "extra_rows": extra_rows}
+    return ModelPlan(split.llm, split.component, dtype, extra_rows)
 
 
 def _write_llm(store: Store, catalog, reader, plan, model_id, progress) -> dict[str, select.SparseCounts]:
     histograms = {}
-    total = sum(t.numel for t in catalog.tensors) * layout.torch_dtype(plan["dtype"]).itemsize
+    total = sum(t.numel for t in catalog.tensors) * layout.torch_dtype(plan.dtype).itemsize
     with _progress(total, f"ingest {model_id}", progress) as bar:
         for record in catalog.tensors:
-            source = plan["llm"][record.name]
+            source = plan.llm[record.name]
             path = f"{layout.model_llm(model_id)}/{record.name}"
-            store.create_array(path, record.rows, record.cols, record.rows_per_chunk, plan["dtype"])
+            store.create_array(path, record.rows, record.cols, record.rows_per_chunk, plan.dtype)
             hist = None
             for start in range(0, record.rows, record.rows_per_chunk):
                 stop = min(record.rows, start + record.rows_per_chunk)
@@ -267,8 +279,8 @@ def _write_llm(store: Store, catalog, reader, plan, model_id, progress) -> dict[
                 store.write_rows(path, start, block)
                 bar.update(block.numel() * block.element_size())
             histograms[record.name] = hist
-            if record.vocab_rows and plan["extra_rows"]:
-                _write_extra_rows(store, reader, source, record, plan["extra_rows"], model_id)
+            if record.vocab_rows and plan.extra_rows:
+                _write_extra_rows(store, reader, source, record, plan.extra_rows, model_id)
     return histograms
 
 
