@@ -1,0 +1,43 @@
+"""Smoke test of the retention quality benchmark (bench/quality.py) at its toy size: real training,
+ingest, every merge and export through the public API, evaluation, JSON output (~25 s on 2 idle cores)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench import quality  # noqa: E402
+from bench.quality_tasks import TASKS  # noqa: E402
+
+
+def test_quality_quick(tmp_path, capsys):
+    out = tmp_path / "quality.json"
+    result = quality.main(["--quick", "--cache", str(tmp_path / "cache"), "--json", str(out)])
+    assert result["trained_now"] is True
+    printed = capsys.readouterr().out
+    data = json.loads(out.read_text())
+    rows = {r["key"]: r for r in data["rows"]}
+
+    expected = {"finetuned", "base", "naive", "naive+dare", "ta-0.3", "ta", "ta+dare", "ties", "ties+dare", "neuro",
+                "mmer-lam1", "mmer-lam0.9", "mmer-tuned", "mmer-neuro", "tall", "no-sign", "no-magnitude"}
+    assert expected <= set(rows)
+    assert all(rows["finetuned"]["retention"][t] == 100.0 for t in TASKS)
+    # the fine-tunes really learned their task: far above the base (with the same modality rows)
+    for t in TASKS:
+        assert rows["finetuned"]["accuracy"][t] >= rows["base"]["accuracy"][t] + 25.0, t
+    # reconstruction keeps more than one shared set of weights does (large margin at this size)
+    assert rows["mmer-lam1"]["mean_retention"] > rows["naive"]["mean_retention"] + 20.0
+    assert rows["mmer-lam1"]["mean_retention"] > rows["ties"]["mean_retention"] + 20.0
+    for key in ("mmer-lam1", "mmer-tuned", "tall", "no-sign"):
+        assert set(rows[key]["mask_density_pct"]) == set(TASKS)
+        assert all(0.0 < d < 100.0 for d in rows[key]["mask_density_pct"].values())
+    assert set(data["lambda_tuned"]) == set(TASKS)
+    assert {r["key"] for r in data["proxy"]} >= {"finetuned", "mmer-lam1", "ties"}
+    assert "routed forward" in data["settings"]["expansion"]
+    assert "NOT MEASURED" in printed and "PROXY" in printed
+    assert result["wall_seconds"] > 0
