@@ -294,7 +294,7 @@ def _evaluate(args, suite: Suite, ev: Evaluator, w: Weights, prod: Producer, lam
     add("base", "Base LLM (+ own modality rows)", "reference", acc_of(per_model(w.base)), "floor")
     add("half-tau", "θ_pre + ½·τ_i (diagnostic)", "diagnostic", acc_of({t: w.scaled(t, 0.5) for t in TASKS}),
         "delta-scale sensitivity")
-    add("trim-only", f"θ_pre + trim_K(τ_i) (diagnostic)", "diagnostic",
+    add("trim-only", "θ_pre + trim_K(τ_i) (diagnostic)", "diagnostic",
         acc_of({t: w.trimmed(t, args.topk) for t in TASKS}), f"TIES trim alone, K={args.topk}")
 
     # -- one merged set of weights for every model (NaiveMC framework) --

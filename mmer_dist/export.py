@@ -106,11 +106,12 @@ def export_model(url: str, model_id: str, out: str | Path, *, version: int | Non
         if model_id not in ver.models:
             raise InvalidInputError(f"model {model_id!r} is not part of version {ver.version} "
                                     f"(models: {', '.join(ver.models)}); merge again to include it")
+        index = ver.models.index(model_id)
 
         def block_fn(t, a, b):
             base = store.read_rows(f"{layout.BASE_LLM}/{t.name}", a, b)
             tau_star = store.read_rows(f"{layout.version_tau_star(ver.version)}/{t.name}", a, b)
-            packed = store.read_rows(f"{layout.version_masks(ver.version, model_id)}/{t.name}", a, b)
+            packed = store.read(f"{layout.version_masks(ver.version)}/{t.name}", index, slice(a, b))
             return reconstruct.reconstruct(base, unpack_bits(packed, t.cols), tau_star)
 
     entries = []
@@ -179,9 +180,8 @@ def export_text(url: str, out: str | Path, *, version: int | None = None, max_sh
     def block_fn(t, a, b):
         base = store.read_rows(f"{layout.BASE_LLM}/{t.name}", a, b)
         tau_star = store.read_rows(f"{layout.version_tau_star(ver.version)}/{t.name}", a, b)
-        count = torch.zeros(tau_star.shape, dtype=torch.int32)
-        for m in ver.models:
-            count += unpack_bits(store.read_rows(f"{layout.version_masks(ver.version, m)}/{t.name}", a, b), t.cols)
+        packed = store.read(f"{layout.version_masks(ver.version)}/{t.name}", slice(None), slice(a, b))
+        count = unpack_bits(packed, t.cols).sum(0, dtype=torch.int32)
         return reconstruct.text_weights(base, count, len(ver.models), tau_star)
 
     return _export_llama(store, catalog, out, block_fn, "export text weights", max_shard_bytes, overwrite, progress)

@@ -108,9 +108,9 @@ def version_arrays(url: str, version: int | None = None) -> dict[str, np.ndarray
     for t in catalog.tensors:
         tau = store.read_rows(f"{layout.version_tau_star(record.version)}/{t.name}", 0, t.rows)
         out[f"tau_star/{t.name}"] = tau.contiguous().view(torch.int32).numpy()
-        for m in record.models:
-            out[f"masks/{m}/{t.name}"] = store.read_rows(f"{layout.version_masks(record.version, m)}/{t.name}",
-                                                         0, t.rows).numpy()
+        masks = store.read(f"{layout.version_masks(record.version)}/{t.name}")
+        for i, m in enumerate(record.models):
+            out[f"masks/{m}/{t.name}"] = masks[i].numpy()
     return out
 
 

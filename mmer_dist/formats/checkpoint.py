@@ -3,7 +3,7 @@
 Knows files, headers and bytes; knows nothing about which keys are the LLM (that is
 ``mapping.py``). Every safetensors header is parsed and checked when the reader opens, so a
 corrupt or inconsistent checkpoint fails before ingest has written anything, with a message
-naming the file. Tensor data is read lazily through ``safe_open`` (memory-mapped), so a 7B
+naming the file. Tensor data is read lazily with positioned reads of just the bytes asked for, so a 7B
 checkpoint streams in bounded memory.
 """
 
@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from mmer_dist.errors import FormatError
 
@@ -43,6 +44,11 @@ class TensorInfo:
     shape: tuple[int, ...]
     dtype: torch.dtype
     file: Path
+    offset: int = 0  # byte offset of the tensor's data in ``file``
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 def read_header(path: Path) -> dict[str, Any]:
@@ -111,6 +117,10 @@ class CheckpointReader:
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_handles": {}}
 
+    def __del__(self) -> None:
+        if getattr(self, "_handles", None):
+            self.close()
+
     def _load_config(self) -> dict[str, Any]:
         config_path = self.path / "config.json"
         if not config_path.is_file():
@@ -141,7 +151,8 @@ class CheckpointReader:
                 f"checkpoint {self.path}: {len(files)} safetensors files {[p.name for p in files]} but no {INDEX_NAME}"
             )
         header = read_header(files[0])
-        return {key: _info(entry, files[0]) for key, entry in header.items()}
+        start = _data_start(files[0])
+        return {key: _info(entry, files[0], start) for key, entry in header.items()}
 
     def _scan_sharded(self, index_path: Path) -> dict[str, TensorInfo]:
         try:
@@ -156,11 +167,12 @@ class CheckpointReader:
             shard = self.path / shard_name
             if not shard.is_file():
                 raise FormatError(f"{index_path}: names shard {shard_name!r}, which is missing from {self.path}")
+            start = _data_start(shard)
             for key, entry in read_header(shard).items():
                 if key in infos:
                     first = infos[key].file.name
                     raise FormatError(f"checkpoint {self.path}: key {key!r} is in both {first} and {shard_name}")
-                infos[key] = _info(entry, shard)
+                infos[key] = _info(entry, shard, start)
         for key, shard_name in weight_map.items():
             if key not in infos or infos[key].file.name != shard_name:
                 shard = self.path / shard_name
@@ -182,23 +194,39 @@ class CheckpointReader:
     def read(self, key: str) -> torch.Tensor:
         """The whole tensor (use :meth:`read_rows` for large ones)."""
         info = self.info(key)
-        return self._handle(info.file).get_tensor(key)
+        return self._pread(info, info.offset, info.nbytes).reshape(info.shape)
 
     def read_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
-        """Rows ``start:stop`` along dim 0, read through a slice so only those bytes are touched."""
+        """Rows ``start:stop`` along dim 0. Positioned reads into a fresh buffer, not a memory
+        map: only those bytes are read, and a long ingest's RSS does not grow with the file."""
         info = self.info(key)
         if not info.shape:
             raise FormatError(f"checkpoint {self.path}: tensor {key!r} is a scalar and has no rows")
         if not 0 <= start <= stop <= info.shape[0]:
             raise FormatError(f"checkpoint {self.path}: rows {start}:{stop} out of range for {key!r} of shape {info.shape}")
-        return self._handle(info.file).get_slice(key)[start:stop]
+        row_bytes = math.prod(info.shape[1:]) * info.dtype.itemsize
+        block = self._pread(info, info.offset + start * row_bytes, (stop - start) * row_bytes)
+        return block.reshape((stop - start,) + tuple(info.shape[1:]))
 
-    def _handle(self, file: Path) -> Any:
+    def _pread(self, info: TensorInfo, offset: int, nbytes: int) -> torch.Tensor:
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        view, done = buf.numpy(), 0
+        fd = self._fd(info.file)
+        while done < nbytes:
+            got = os.preadv(fd, [view[done:]], offset + done)
+            if got == 0:
+                raise FormatError(f"{info.file}: ends early (truncated while being read?)")
+            done += got
+        return buf.view(info.dtype)
+
+    def _fd(self, file: Path) -> int:
         if file not in self._handles:
-            self._handles[file] = safe_open(str(file), framework="pt")
+            self._handles[file] = os.open(file, os.O_RDONLY)
         return self._handles[file]
 
     def close(self) -> None:
+        for fd in self._handles.values():
+            os.close(fd)
         self._handles.clear()
 
     def __enter__(self) -> CheckpointReader:
@@ -234,5 +262,13 @@ def _is_weight_file(name: str) -> bool:
     return name.endswith(WEIGHT_SUFFIXES) or name.endswith((".safetensors.index.json", ".bin.index.json"))
 
 
-def _info(entry: dict[str, Any], file: Path) -> TensorInfo:
-    return TensorInfo(shape=tuple(int(d) for d in entry["shape"]), dtype=SAFETENSORS_DTYPES[entry["dtype"]], file=file)
+def _info(entry: dict[str, Any], file: Path, data_start: int) -> TensorInfo:
+    return TensorInfo(shape=tuple(int(d) for d in entry["shape"]), dtype=SAFETENSORS_DTYPES[entry["dtype"]], file=file,
+                      offset=data_start + int(entry["data_offsets"][0]))
+
+
+def _data_start(path: Path) -> int:
+    """Byte offset of a safetensors file's data section (after the 8-byte length and header)."""
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+    return 8 + header_len

@@ -94,9 +94,8 @@ def create_version_arrays(store: Store, catalog: Catalog, model_ids, version: in
     """All of the version's arrays, empty; workers then only write chunks (one writer each)."""
     for t in catalog.tensors:
         store.create_array(f"{layout.version_tau_star(version)}/{t.name}", t.rows, t.cols, t.rows_per_chunk, "float32")
-        for m in model_ids:
-            store.create_array(f"{layout.version_masks(version, m)}/{t.name}", t.rows, layout.packed_cols(t.cols),
-                               t.rows_per_chunk, "uint8", compress=True)
+        store.create_array(f"{layout.version_masks(version)}/{t.name}", t.rows, layout.packed_cols(t.cols),
+                           t.rows_per_chunk, "uint8", compress=True, lead=len(model_ids))
 
 
 @dataclass(frozen=True)

@@ -72,18 +72,36 @@ class StoreChunkReader:
 
 
 class VersionWriter:
-    """Writes tau* and each model's packed mask of a chunk into the staged version."""
+    """Writes tau* and the packed masks of all models of each chunk into the staged version.
 
-    def __init__(self, store: Store, model_ids: tuple[str, ...], version: int):
+    Writes happen on a background thread (at most two chunks queued) so that encoding and
+    storing one chunk overlaps computing the next; ``close`` waits for them and re-raises the
+    first error, so a shard is only marked done once every byte is in the store.
+    """
+
+    def __init__(self, store: Store, version: int):
         self.store = store
-        self.model_ids = model_ids
         self.version = version
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmer-write")
+        self._pending: list[Future] = []
+
+    def _write_now(self, chunk: streaming.ChunkSpec, tau_star: torch.Tensor, packed: torch.Tensor) -> None:
+        rows = slice(chunk.row_start, chunk.row_stop)
+        self.store.write(f"{layout.version_tau_star(self.version)}/{chunk.tensor}", tau_star, rows)
+        self.store.write(f"{layout.version_masks(self.version)}/{chunk.tensor}", packed, slice(None), rows)
 
     def write(self, chunk: streaming.ChunkSpec, tau_star: torch.Tensor, packed: torch.Tensor) -> None:
-        a = chunk.row_start
-        self.store.write_rows(f"{layout.version_tau_star(self.version)}/{chunk.tensor}", a, tau_star)
-        for i, m in enumerate(self.model_ids):
-            self.store.write_rows(f"{layout.version_masks(self.version, m)}/{chunk.tensor}", a, packed[i])
+        while len(self._pending) >= 2:
+            self._pending.pop(0).result()
+        self._pending.append(self._pool.submit(self._write_now, chunk, tau_star, packed))
+
+    def close(self) -> None:
+        try:
+            for f in self._pending:
+                f.result()
+        finally:
+            self._pending.clear()
+            self._pool.shutdown(wait=True)
 
 
 class ShardWorker:
@@ -98,13 +116,15 @@ class ShardWorker:
     def run(self, request: streaming.PassRequest, progress: Callable[[int], None] | None = None):
         """Returns (partial result, seconds). A final pass marks the shard done when finished."""
         started = time.perf_counter()
-        writer = VersionWriter(self.store, self.job.model_ids, self.job.version)
+        writer = VersionWriter(self.store, self.job.version) if isinstance(request, streaming.FinalPass) else None
         reader = StoreChunkReader(self.store, self.job.model_ids, prefetch=self.shard.chunks)
         try:
             result = streaming.run_pass(request, self.shard.chunks, reader, self.kernels, writer=writer,
                                         device=self.job.device, progress=progress)
         finally:
             reader.close()
+            if writer is not None:
+                writer.close()
         seconds = time.perf_counter() - started
         if isinstance(request, streaming.FinalPass):
             staging = Staging(self.store, self.job.version, self.job.fingerprint, resumed=True)

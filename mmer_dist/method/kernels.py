@@ -22,7 +22,7 @@ from mmer_dist.method.elect import disjoint_mean, elect_sign
 from mmer_dist.method.masks import compute_masks, pack_bits
 from mmer_dist.method.neuro import check_neuron_rank
 from mmer_dist.method.settings import MergeSettings
-from mmer_dist.method.task_vectors import model_sum, task_vectors
+from mmer_dist.method.task_vectors import task_vectors
 from mmer_dist.method.trim import trim
 
 

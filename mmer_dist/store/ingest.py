@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
@@ -272,9 +273,11 @@ def _write_llm(store: Store, catalog, reader, plan, model_id, progress) -> dict[
             for start in range(0, record.rows, record.rows_per_chunk):
                 stop = min(record.rows, start + record.rows_per_chunk)
                 block = _matrix_rows(reader, source, start, stop)
-                check_finite(block, model_id, record.name, offset=start * record.cols)
                 base = store.read_rows(f"{layout.BASE_LLM}/{record.name}", start, stop)
-                counts = select.high_digit_counts((block.float() - base.float()).unsqueeze(0))
+                counts = _magnitude_histogram(block, base)
+                if counts.keys.numel() and int(counts.keys[-1]) >= select.NONFINITE_HIGH:
+                    # |theta_i - theta_pre| is not finite (the base is): locate the bad entry
+                    check_finite(block, model_id, record.name, offset=start * record.cols)
                 hist = counts if hist is None else hist.merge(counts)
                 store.write_rows(path, start, block)
                 bar.update(block.numel() * block.element_size())
@@ -282,6 +285,18 @@ def _write_llm(store: Store, catalog, reader, plan, model_id, progress) -> dict[
             if record.vocab_rows and plan.extra_rows:
                 _write_extra_rows(store, reader, source, record, plan.extra_rows, model_id)
     return histograms
+
+
+def _magnitude_histogram(block: torch.Tensor, base: torch.Tensor, block_elems: int = 1 << 20) -> select.SparseCounts:
+    """High-digit histogram of |block - base| (float32), in row blocks of ~1M entries so the
+    float32 temporaries stay small and the allocator keeps reusing them."""
+    step = max(1, block_elems // max(1, block.shape[1]))
+    hist = None
+    for a in range(0, block.shape[0], step):
+        tau = block[a:a + step].float() - base[a:a + step].float()
+        counts = select.counts_from_high_keys(select.high_digit_keys(tau.unsqueeze(0)))
+        hist = counts if hist is None else hist.merge(counts)
+    return hist
 
 
 def _write_extra_rows(store, reader, source, record, n_extra, model_id) -> None:
@@ -330,16 +345,13 @@ def _write_histograms(store: Store, model_id: str, histograms: dict[str, select.
 def read_histograms(store: Store, model_id: str) -> dict[str, select.SparseCounts]:
     """Per tensor: high-digit counts (2, M) of |theta_i - theta_pre| recorded at ingest."""
     table = pq.read_table(io.BytesIO(store.get_bytes(f"{layout.model_meta(model_id)}/{HISTOGRAM}")))
-    out: dict[str, select.SparseCounts] = {}
-    cols = table.to_pydict()
-    by_tensor: dict[str, list[int]] = {}
-    for i, name in enumerate(cols["tensor"]):
-        by_tensor.setdefault(name, []).append(i)
-    for name, idx in by_tensor.items():
-        keys = torch.tensor([cols["key"][i] for i in idx], dtype=torch.int64)
-        counts = torch.tensor([[cols["count"][i] for i in idx], [cols["floor"][i] for i in idx]], dtype=torch.int64)
-        out[name] = select.SparseCounts(keys, counts)
-    return out
+    names = table.column("tensor").to_numpy(zero_copy_only=False)
+    keys = table.column("key").to_numpy()
+    counts = np.stack([table.column("count").to_numpy(), table.column("floor").to_numpy()])
+    # each tensor's rows are contiguous: they were written tensor by tensor
+    cuts = np.flatnonzero(names[1:] != names[:-1]) + 1
+    return {str(names[a]): select.SparseCounts(torch.from_numpy(keys[a:b].copy()), torch.from_numpy(counts[:, a:b].copy()))
+            for a, b in zip(np.r_[0, cuts], np.r_[cuts, len(names)])}
 
 
 def read_keymap(store: Store, model_id: str) -> dict[str, str]:

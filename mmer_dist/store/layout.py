@@ -10,7 +10,7 @@
     <root>/models/<id>/component/             encoder + connector weights and every aux file
     <root>/models/<id>/meta/                  key map and magnitude histograms (for later merges)
     <root>/versions/<v>/tau_star/<tensor>     merged task vector, float32
-    <root>/versions/<v>/masks/<id>/<tensor>   bit-packed masks, uint8 (rows, ceil(cols/8))
+    <root>/versions/<v>/masks/<tensor>        bit-packed masks of all N models, uint8 (N, rows, ceil(cols/8))
     <root>/versions/<v>/_staging/             plan, pass state and per-shard completion marks
 
 Every tensor is viewed as 2-D (rows, cols): 1-D tensors as one row, >2-D as (dim0, rest). Its
@@ -78,8 +78,12 @@ def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
 
 
 def rows_per_chunk(shape: tuple[int, ...], chunk_elems: int = DEFAULT_CHUNK_ELEMS) -> int:
+    """Rows per chunk: about ``chunk_elems`` entries, at least one row, and balanced so that
+    the last chunk is not a small remainder (zarr stores edge chunks padded to full size)."""
     rows, cols = matrix_shape(shape)
-    return max(1, min(rows, chunk_elems // max(1, cols)))
+    n_chunks = -(-rows * cols // max(1, chunk_elems))
+    n_chunks = max(1, min(rows, n_chunks))
+    return -(-rows // n_chunks)
 
 
 def packed_cols(cols: int) -> int:
@@ -121,8 +125,9 @@ def version_tau_star(version: int) -> str:
     return f"{version_root(version)}/tau_star"
 
 
-def version_masks(version: int, model_id: str) -> str:
-    return f"{version_root(version)}/masks/{model_id}"
+def version_masks(version: int) -> str:
+    """Per tensor: an (N, rows, ceil(cols/8)) uint8 array, the version's models in catalog order."""
+    return f"{version_root(version)}/masks"
 
 
 def version_staging(version: int) -> str:
