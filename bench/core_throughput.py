@@ -70,6 +70,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reuse-compile-cache", action="store_true",
                    help="let children use the user's inductor cache (default: a fresh one per child, so the "
                         "cold merge pays a real first compile)")
+    p.add_argument("--device", default="auto",
+                   help="where the kernels run: auto (cuda when visible), cpu, cuda; chunks are read on the host")
+    p.add_argument("--block-elems", type=lambda s: int(float(s)), default=1 << 20,
+                   help="entries per model in one kernel call (run_pass row blocks)")
     p.add_argument("--threads", type=int, default=0, help="torch threads in the child (0: torch default)")
     p.add_argument("--delta-std", type=float, default=2e-4, help="std of fine-tune deltas before bf16 rounding")
     p.add_argument("--seed", type=int, default=0)
@@ -128,7 +132,8 @@ def one_merge(args, layout, chunks, reader, kernels, out_dir: Path, n_models: in
         while (request := driver.next_pass()) is not None:
             r0, w0, g0, k0 = reader.seconds, writer.seconds, compiled_graphs(), compile_seconds()
             c0, t0 = time.process_time(), time.perf_counter()
-            result = run_pass(request, chunks, reader, kernels, writer=writer)
+            result = run_pass(request, chunks, reader, kernels, writer=writer, device=args.device,
+                              block_elems=args.block_elems)
             dt, cpu = time.perf_counter() - t0, time.process_time() - c0
             driver.accept(result)
             passes.append({"pass": type(request).__name__, "seconds": dt, "cpu_s": cpu, "read_s": reader.seconds - r0,
@@ -164,6 +169,9 @@ def child_main(args) -> dict:
     from mmer_dist.method import MergeSettings
     from mmer_dist.method.kernels import ChunkKernels
 
+    from mmer_dist.merge.options import resolve_device
+
+    args.device = resolve_device(args.device)
     n = args.child
     t_setup = time.perf_counter()
     rss_start = rss_bytes()
@@ -186,13 +194,16 @@ def child_main(args) -> dict:
             from mmer_dist.method.streaming import HighPass
 
             t0 = time.perf_counter()
-            cached_high = run_pass(HighPass(), chunks, reader, kernels)
+            cached_high = run_pass(HighPass(), chunks, reader, kernels, device=args.device,
+                                   block_elems=args.block_elems)
             high_s = time.perf_counter() - t0
         # bytes-read bound: the first read also warms the page cache for everyone after it
         reader.read_all(chunks)
         read_once = min(reader.read_all(chunks) for _ in range(2))
 
         reset_peak_rss()
+        if args.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
         runs = []
         for r in range(args.repeats + 1):
             reader.seconds = 0.0
@@ -216,6 +227,10 @@ def child_main(args) -> dict:
             "chunk_elems": args.chunk_elems,
             "max_chunk_elems": max_chunk,
             "compile": args.compile,
+            "device": args.device,
+            "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+            "block_elems": args.block_elems,
+            "peak_gpu_bytes": torch.cuda.max_memory_allocated() if args.device.startswith("cuda") else 0,
             "torch_threads": torch.get_num_threads(),
             "cold_wall_s": cold["wall_s"],
             "steady_wall_s": best["wall_s"],
@@ -269,6 +284,7 @@ def run_child(args, n: int) -> dict:
            "--params", repr(args.params), "--layers", str(args.layers), "--chunk-elems", str(args.chunk_elems),
            "--compile" if args.compile else "--no-compile", "--repeats", str(args.repeats),
            "--topk", repr(args.topk), "--scope", args.scope, "--threads", str(args.threads),
+           "--device", args.device, "--block-elems", str(args.block_elems),
            "--delta-std", repr(args.delta_std), "--seed", str(args.seed), "--cache-dir", str(args.cache_dir)]
     if args.keep_outputs:
         cmd.append("--keep-outputs")
@@ -302,17 +318,20 @@ def print_table(results: list[dict], args, spec: CacheSpec) -> None:
     console = Console(width=max(150, Console().width))
     layout = Layout(spec.shape)
     mode = "compiled (inductor)" if args.compile else "eager"
-    title = (f"MMER streaming core: {layout.numel / 1e6:.1f}M params/model, bf16, {mode}, "
+    devices = sorted({r.get("device_name", "cpu") for r in results if "error" not in r}) or ["?"]
+    title = (f"MMER streaming core on {', '.join(devices)}: {layout.numel / 1e6:.1f}M params/model, bf16, {mode}, "
              f"chunks of {args.chunk_elems:,} entries, K={args.topk}, scope={args.scope}"
              + (", high histograms cached (as after ingest)" if args.cached_high else ""))
     t = Table(title=title)
-    for name in ("N", "passes", "merge s", "cpu s", "Mparam·models/s", "input GB/s", "read bound s", "x bound",
-                 "cold s", "compile s", "warm-up s", "peak RSS", "RSS base"):
-        t.add_column(name, justify="left" if name == "passes" else "right", no_wrap=True)
     ok = [r for r in results if "error" not in r]
+    on_gpu = any(r.get("peak_gpu_bytes") for r in ok)
+    columns = ("N", "passes", "merge s", "cpu s", "Mparam·models/s", "input GB/s", "read bound s", "x bound",
+               "cold s", "compile s", "warm-up s", "peak RSS", "RSS base") + (("peak GPU mem",) if on_gpu else ())
+    for name in columns:
+        t.add_column(name, justify="left" if name == "passes" else "right", no_wrap=True)
     for r in results:
         if "error" in r:
-            t.add_row(str(r["n_models"]), f"[red]{r['error']}[/red]", *[""] * 11)
+            t.add_row(str(r["n_models"]), f"[red]{r['error']}[/red]", *[""] * (len(columns) - 2))
             continue
         t.add_row(
             str(r["n_models"]), "+".join(SHORT.get(p, p) for p in r["passes_run"]), f"{r['steady_wall_s']:.2f}",
@@ -321,6 +340,7 @@ def print_table(results: list[dict], args, spec: CacheSpec) -> None:
             f"{r['read_bound_s']:.2f}", f"{r['steady_wall_s'] / r['read_bound_s']:.1f}",
             f"{r['cold_wall_s']:.2f}", f"{r['compile_s']:.2f}", f"{r['warmup_s']:.2f}",
             fmt_bytes(r["peak_rss_steady"]), fmt_bytes(r["rss_after_setup"]),
+            *((fmt_bytes(r["peak_gpu_bytes"]),) if on_gpu else ()),
         )
     console.print(t)
 

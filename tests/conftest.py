@@ -172,3 +172,17 @@ def stores(tmp_path_factory: pytest.TempPathFactory, ckpts: Checkpoints) -> Stor
 @pytest.fixture(scope="session")
 def merged_store(stores: Stores) -> Path:
     return stores.merged()
+
+
+def pytest_report_header(config):
+    from method_helpers import TEST_DEVICE
+
+    return f"mmer streaming kernels under test run on: {TEST_DEVICE} (MMER_TEST_DEVICE)"
+
+
+def pytest_configure(config):
+    from method_helpers import TEST_DEVICE
+
+    # an asked-for device that is absent is an error, never a silent fall back to the CPU
+    if TEST_DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        raise pytest.UsageError(f"MMER_TEST_DEVICE={TEST_DEVICE}, but torch sees no CUDA device")

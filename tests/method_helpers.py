@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from mmer_dist.method import ChunkSpec, MergeDriver, MergeSettings, run_local
 from mmer_dist.method.kernels import ChunkKernels
 from mmer_dist.method.masks import unpack_bits
+
+# Where the streaming path under test runs its kernels (the reference oracle stays on the CPU):
+# `MMER_TEST_DEVICE=cuda pytest tests/test_method_*.py` checks the GPU path against the CPU oracle.
+TEST_DEVICE = os.environ.get("MMER_TEST_DEVICE", "cpu")
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +77,8 @@ def streaming_merge(base, models, settings: MergeSettings, model_ids, rows_per_c
     kernels = ChunkKernels(settings, list(model_ids), compile=compile)  # validates, naming model ids
     driver = MergeDriver(settings, sizes, len(models), cached_high=cached_high)
     writer = MemoryWriter(base, len(models))
-    stats = run_local(driver, chunks, MemoryReader(base, models), kernels, writer, block_elems=block_elems)
+    stats = run_local(driver, chunks, MemoryReader(base, models), kernels, writer, block_elems=block_elems,
+                      device=TEST_DEVICE)
     ts, ms = writer.result()
     return ts, ms, driver, stats
 
@@ -92,7 +99,7 @@ def split_merge(base, models, settings: MergeSettings, model_ids, rows_per_chunk
     writer = MemoryWriter(base, len(models))
     reader = MemoryReader(base, models)
     while (request := driver.next_pass()) is not None:
-        partials = [run_pass(request, s, reader, kernels, writer=writer) for s in shards]
+        partials = [run_pass(request, s, reader, kernels, writer=writer, device=TEST_DEVICE) for s in shards]
         perm = torch.randperm(len(partials), generator=rng).tolist()
         driver.accept(merge_results([partials[i] for i in perm]))
     ts, ms = writer.result()

@@ -15,6 +15,7 @@ import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from method_helpers import (  # noqa: F401 (one_thread is a fixture)
+    TEST_DEVICE,
     MemoryReader,
     as_2d,
     assert_bit_identical,
@@ -201,10 +202,10 @@ def test_floor_shortcut_in_the_streaming_passes():
         kernels = ChunkKernels(ms, ids)
         driver = MergeDriver(ms, {k: v.numel() for k, v in base.items()}, 3)
         reader, chunks = MemoryReader(base, models), chunk_specs(base, 2)
-        driver.accept(run_pass(driver.next_pass(), chunks, reader, kernels))
+        driver.accept(run_pass(driver.next_pass(), chunks, reader, kernels, device=TEST_DEVICE))
         assert driver.passes_run == ["HighPass"]
         assert driver.bounds.is_exact() == expect_floor
-        low = run_pass(driver.next_pass(), chunks, reader, kernels)
+        low = run_pass(driver.next_pass(), chunks, reader, kernels, device=TEST_DEVICE)
         assert (low.histogram.groups == {}) == expect_floor
         ts, masks, drv, stats = streaming_merge(base, models, ms, ids, rows_per_chunk=2)
         check_against_reference(base, models, ms, ids, ts, masks, drv, stats)

@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 from method_helpers import (  # noqa: F401 (one_thread is a fixture)
+    TEST_DEVICE,
     MemoryReader,
     chunk_specs,
     one_thread,
@@ -118,11 +119,11 @@ def test_non_finite_found_by_the_pass_that_reads_it():
     chunks = chunk_specs(base, 2)
     kernels = ChunkKernels(ok(method="ties"), IDS)
     with pytest.raises(InvalidInputError, match=r"'video', tensor 'a\.weight'.*flat index 34"):
-        run_pass(HighPass(), chunks, reader, kernels)
+        run_pass(HighPass(), chunks, reader, kernels, device=TEST_DEVICE)
     kernels = ChunkKernels(ok(method="ta"), IDS)
     request = FinalPass({"*": torch.zeros(3)}, {"*": 1.0})
     with pytest.raises(InvalidInputError, match=r"'video', tensor 'a\.weight'.*flat index 34"):
-        run_pass(request, chunks, reader, kernels)
+        run_pass(request, chunks, reader, kernels, device=TEST_DEVICE)
 
 
 def test_overflowing_tau_star_is_reported():

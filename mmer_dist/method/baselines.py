@@ -16,7 +16,7 @@ import zlib
 
 import torch
 
-from mmer_dist.method.task_vectors import model_sum
+from mmer_dist.method.task_vectors import exact_div, model_sum
 
 _MASK32 = 0xFFFFFFFF
 
@@ -26,7 +26,7 @@ def task_arithmetic_sum(tau: torch.Tensor) -> torch.Tensor:
 
 
 def naive_mean(tau: torch.Tensor) -> torch.Tensor:
-    return model_sum(tau) / float(tau.shape[0])
+    return exact_div(model_sum(tau), float(tau.shape[0]))
 
 
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mmer_dist.method.task_vectors import model_sum
+from mmer_dist.method.task_vectors import exact_div, model_sum
 
 
 def majority_sign(positive: int, negative: int) -> float:
@@ -42,7 +42,7 @@ def disjoint_mean(trimmed: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
         value, hit = torch.where(agree, trimmed[i], zero), agree.to(trimmed.dtype)
         total = value if total is None else total + value
         count = hit if count is None else count + hit
-    return total / torch.clamp(count, min=1.0)
+    return exact_div(total, torch.clamp(count, min=1.0))
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from mmer_dist.method.task_vectors import exact_div
+
 
 def reconstruct(base: torch.Tensor, mask: torch.Tensor, tau_star: torch.Tensor) -> torch.Tensor:
     return base.float() + torch.where(mask, tau_star, torch.zeros((), dtype=torch.float32, device=tau_star.device))
@@ -17,7 +19,7 @@ def reconstruct(base: torch.Tensor, mask: torch.Tensor, tau_star: torch.Tensor) 
 
 def text_weights(base: torch.Tensor, mask_count: torch.Tensor, n_models: int, tau_star: torch.Tensor) -> torch.Tensor:
     """``mask_count`` is the number of models whose mask is set, per entry."""
-    return base.float() + tau_star * (mask_count.to(torch.float32) / float(n_models))
+    return base.float() + tau_star * exact_div(mask_count.to(torch.float32), float(n_models))
 
 
 def merged_weights(base: torch.Tensor, tau_star: torch.Tensor, alpha: float) -> torch.Tensor:

@@ -30,3 +30,15 @@ def model_sum(x: torch.Tensor) -> torch.Tensor:
     for i in range(1, x.shape[0]):
         acc = acc + x[i]
     return acc
+
+
+def exact_div(numerator: torch.Tensor, denominator: torch.Tensor | float) -> torch.Tensor:
+    """The correctly rounded float32 quotient, the same on every device and in compiled kernels.
+
+    A plain float32 ``/`` is not: PyTorch's CUDA kernels turn division by a scalar into a multiply
+    by its reciprocal, and Triton (torch.compile on GPU) emits approximate float32 division; both
+    were seen to move tau* by one ulp against the CPU. Dividing in float64 and rounding once to
+    float32 gives the correctly rounded float32 quotient (a float64 quotient of float32 operands
+    never rounds onto a float32 tie), and float64 division is IEEE on every backend.
+    """
+    return (numerator.double() / denominator).float()
