@@ -47,6 +47,24 @@ def measured_rate(path: Path) -> tuple[float | None, str]:
                                        f"over the passes ({best['passes_s']:.2f}s), 2-core machine")
 
 
+def measured_gpu_rate(path: Path, passes: int) -> tuple[float | None, str]:
+    """Param x models / s per pass of the streaming core on a GPU (bench/gpu_check.sh's
+    core_throughput JSON), over the passes a store merge runs: LowPass + FinalPass when ingest
+    cached the high histograms, as ``--passes`` assumes."""
+    try:
+        results = json.loads(path.read_text())["results"]
+    except (OSError, ValueError, KeyError):
+        return None, f"no {path}"
+    rows = [r for r in results if "error" not in r and r.get("device", "cpu") != "cpu"]
+    if not rows:
+        return None, f"no GPU row in {path}"
+    r = max(rows, key=lambda r: r["n_models"])
+    timed = [p for p in r["passes"] if p["pass"] in ("LowPass", "FinalPass")]
+    rate = r["params"] * r["n_models"] * len(timed) / sum(p["seconds"] for p in timed)
+    return rate, (f"{r['device_name']}, N={r['n_models']}, {r['params'] / 1e6:.0f}M params, steady L+F passes, "
+                  f"chunks read from the page cache")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -66,11 +84,14 @@ def main(argv=None) -> int:
     p.add_argument("--cpu-rate", type=float, default=None, help="param x models / s of one CPU worker "
                    "(default: measured, from bench/out/merge_bench.json)")
     p.add_argument("--bench-json", type=Path, default=OUT_DIR / "merge_bench.json")
+    p.add_argument("--gpu-json", type=Path, default=OUT_DIR / "gpu" / "core_throughput_cuda.json",
+                   help="core_throughput results from a GPU (bench/gpu_check.sh)")
     args = p.parse_args(argv)
 
     rate, source = (args.cpu_rate, "--cpu-rate") if args.cpu_rate else measured_rate(args.bench_json)
     if rate is None:
         rate, source = 150e6, f"assumed 150M param x models/s ({source})"
+    gpu_rate, gpu_source = measured_gpu_rate(args.gpu_json, args.passes)
     n, nodes = args.models, args.nodes
     per = [LAYERS // nodes + (1 if i < LAYERS % nodes else 0) for i in range(nodes)]
     shard = [k * LAYER_PARAMS + (EMBED if i == 0 else 0) + (EMBED + HIDDEN if i == nodes - 1 else 0)
@@ -85,11 +106,16 @@ def main(argv=None) -> int:
     t_nic = (reads + writes) / nic
     t_store = (reads + writes) / store_share
     t_cpu = args.passes * big * n / rate
+    t_gpu_measured = args.passes * big * n / gpu_rate if gpu_rate else None
     t_gpu = args.passes * big * n * args.gpu_bytes_per_entry / (args.gpu_tbyte * 1e12)
     t_host = (reads + writes) / (args.host_gbyte * 1e9)
     t_pcie = (reads + writes) / (args.pcie_gbyte * 1e9)
     t_read_once = (read_pass + writes) / min(nic, store_share)
 
+    gpu_node = [(t_nic, "network link"), (t_store, "object store share"), (t_host, "host zarr path"),
+                (t_pcie, "host-GPU copies"), (t_gpu, "GPU")]
+    if t_gpu_measured:
+        gpu_node.append((t_gpu_measured, "measured GPU worker"))
     lines = [
         f"# {nodes} GPU nodes, N = {n} models of 7B (Llama-2-7B shapes: {total / 1e9:.2f}B LLM params), bf16",
         f"- shard per node: {per[0]}-{per[-1]} decoder layers, largest shard {big / 1e9:.3f}B params "
@@ -106,10 +132,11 @@ def main(argv=None) -> int:
         f"| CPU worker: kernels + store path | {rate / 1e6:.0f}M param x models/s measured ({source}) | {t_cpu:.1f} |",
         f"| host zarr path (1 read-ahead thread) | {args.host_gbyte:g} GB/s | {t_host:.1f} |",
         f"| host -> GPU copies | {args.pcie_gbyte:g} GB/s | {t_pcie:.1f} |",
+        *([f"| GPU worker: core measured (host reads + copies + kernels) | {gpu_rate / 1e6:.0f}M param x models/s "
+           f"({gpu_source}) | {t_gpu_measured:.1f} |"] if gpu_rate else []),
         f"| GPU compute (memory-bound) | {args.gpu_bytes_per_entry:g} B/entry at {args.gpu_tbyte:g} TB/s | {t_gpu:.2f} |",
         "",
-        f"Bound: the slowest resource, {max(t_nic, t_store, t_host, t_pcie, t_gpu):.1f} s on GPU nodes ("
-        f"{max([(t_nic, 'network link'), (t_store, 'object store share'), (t_host, 'host zarr path'), (t_pcie, 'host-GPU copies'), (t_gpu, 'GPU')])[1]}"
+        f"Bound: the slowest resource, {max(gpu_node)[0]:.1f} s on GPU nodes ({max(gpu_node)[1]}"
         f" bound; GPU compute is {t_gpu:.2f} s), "
         f"{max(t_nic, t_store, t_cpu):.1f} s if the nodes computed on CPU at the measured rate. "
         f"Keeping each node's shard in GPU/host memory between passes (read once: {read_pass / 1e9:.1f} GB, fits an "
