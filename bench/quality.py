@@ -18,10 +18,11 @@ MLLM's own encoder.
 Retention (the paper's Eq. 8) = accuracy / the fine-tuned model's accuracy, per model, and the mean
 over the four. The base LLM (with model i's own rows) is the floor.
 
-Expansion (routing each modality's tokens through theta_hat_i within one forward pass) needs the
-routed forward, which mmer-dist does not have yet: that section is a placeholder. A clearly
-labelled single-weights proxy is reported instead: accuracy on mixed prompts (two task segments
-each) when one set of LLM weights serves every token (theta_bar = ``export_text`` for MMER).
+Expansion (the paper's one-pass multimodal answer): mixed prompts hold two task segments of
+different models; in ONE forward pass (``mmer_dist.routing``) model k's prefix + modality tokens run
+through theta_hat_k and every other token through theta_bar, scored on each model's segments
+against fine-tuned model k on the same prompts. The merged baselines, which have one set of
+weights, appear there as single-weights rows (also in the earlier single-weights proxy table).
 
 Results: printed tables and ``bench/out/quality.json``.
 """
@@ -321,6 +322,7 @@ def _evaluate(args, suite: Suite, ev: Evaluator, w: Weights, prod: Producer, lam
 
     # -- per-model reconstruction --
     versions = {}
+    recon_states: dict[str, dict[str, dict]] = {}  # key -> task -> theta_hat_i (for the expansion table)
 
     vb = suite.vocab.base_size
 
@@ -332,7 +334,8 @@ def _evaluate(args, suite: Suite, ev: Evaluator, w: Weights, prod: Producer, lam
 
     def reconstruct(key, name, group, record, note=""):
         versions[key] = record
-        acc = acc_of({t: own_rows_kept(prod.reconstructed(record.version, t), t) for t in TASKS})
+        recon_states[key] = {t: own_rows_kept(prod.reconstructed(record.version, t), t) for t in TASKS}
+        acc = acc_of(recon_states[key])
         density = {t: round(100 * d, 2) for t, d in zip(record.models, record.mask_density)}
         add(key, name, group, acc, note, mask_density_pct=density, version=record.version,
             lams=dict(zip(record.models, record.lams)))
@@ -376,16 +379,38 @@ def _evaluate(args, suite: Suite, ev: Evaluator, w: Weights, prod: Producer, lam
         proxy.append(Row(key, name, "single-weights", ev.mixed_accuracy(w.with_all_rows(state)), proxy_ref))
     t_eval += time.perf_counter() - t0
 
+    # -- expansion: the routed forward on the same mixed prompts --
+    t0 = time.perf_counter()
+    expansion = [Row("finetuned", "Fine-tuned model i, its weights for all tokens", "reference", proxy_ref, proxy_ref),
+                 Row("originals-routed", "Originals routed: modality k via θ_k, text via θ_pre", "reference",
+                     ev.routed_mixed_accuracy(w.with_all_rows(w.base), {t: w.with_all_rows(w.ft[t]) for t in TASKS}),
+                     proxy_ref, "no merge: the routing itself")]
+    for key, name in (("mmer-lam1", "MMER (TIES), λ=1"), ("mmer-tuned", "MMER (TIES), λ tuned"),
+                      ("mmer-neuro", "MMER (NeuroMerging), λ=1"), ("tall", "TALL-masks (TA)"),
+                      ("no-sign", "MMER − Directional Congruence"), ("no-magnitude", "MMER − Dominant Significance")):
+        text_state = prod.text(versions[key].version)
+        acc = ev.routed_mixed_accuracy(w.with_all_rows(text_state),
+                                       {t: w.with_all_rows(recon_states[key][t]) for t in TASKS})
+        expansion.append(Row(key, name, "routed", acc, proxy_ref, "modality k via θ̂_k, text via θ̄"))
+    for key, name in (("naive", "NaiveMC"), ("ties", "TIES θ*"), ("neuro", "NeuroMerging θ*")):
+        one = next(r for r in proxy if r.key == key)
+        expansion.append(Row(key, name, "single-weights", one.acc, proxy_ref, "one θ for every token"))
+    t_eval += time.perf_counter() - t0
+
     return {
         "rows": [r.as_dict() for r in rows],
         "proxy": [r.as_dict() for r in proxy],
+        "expansion": [r.as_dict() for r in expansion],
         "lambda_sweep_val_accuracy": {str(lam): {t: round(100 * a, 3) for t, a in v.items()}
                                       for lam, v in sweep.items()},
         "lambda_tuned": tuned,
         "settings": {"topk": K, "dare_rate": p, "tall_lam": args.tall_lam, "lam_grid": lam_grid,
-                     "rules": RULES, "expansion": "not measured: needs the routed forward (next milestone)"},
+                     "rules": RULES,
+                     "expansion": "routed forward (mmer_dist.routing): model k's prefix + modality tokens through "
+                                  "theta_hat_k, every other token through theta_bar, one pass; scored on task-k "
+                                  "segments of mixed prompts against fine-tuned model k on the same prompts"},
         "seconds": {**{k: round(v, 2) for k, v in prod.seconds.items()}, "evaluate": round(t_eval, 2)},
-        "_rows": rows, "_proxy": proxy,
+        "_rows": rows, "_proxy": proxy, "_expansion": expansion,
     }
 
 
@@ -444,10 +469,13 @@ def report(result: dict) -> None:
     lam = result["lambda_sweep_val_accuracy"]
     console.print("λ sweep (validation accuracy %, MMER over TIES): " + "; ".join(
         f"λ={k}: " + " ".join(f"{t[0]}={v[t]:.1f}" for t in TASKS) for k, v in lam.items()))
-    console.print(
-        "\n[bold]Expansion (routed forward)[/bold]: NOT MEASURED. Routing the tokens of modality i through "
-        "theta_hat_i within one forward pass needs the routed forward, which mmer-dist does not implement yet "
-        "(next milestone). No number here stands in for it.")
+    console.print(_table(
+        "Expansion: mixed prompts (two task segments of different models each) in ONE routed forward pass; "
+        "retention % (accuracy %) on each model's segments",
+        result["_expansion"], False,
+        "routed rows: model k's prefix + modality tokens run through θ̂_k (export_model), all other tokens "
+        "through θ̄ (export_text), in one pass (mmer_dist.routing). reference: fine-tuned model k's own weights "
+        "for every token, scored on task-k segments. Every model's modality rows are present."))
     console.print(_table(
         "PROXY, not expansion: mixed prompts (two task segments each), ONE set of LLM weights for every token; "
         "retention % (accuracy %)",

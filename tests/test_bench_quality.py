@@ -39,5 +39,13 @@ def test_quality_quick(tmp_path, capsys):
     assert set(data["lambda_tuned"]) == set(TASKS)
     assert {r["key"] for r in data["proxy"]} >= {"finetuned", "mmer-lam1", "ties"}
     assert "routed forward" in data["settings"]["expansion"]
-    assert "NOT MEASURED" in printed and "PROXY" in printed
+    assert "PROXY" in printed and "Expansion" in printed
+    expansion = {r["key"]: r for r in data["expansion"]}
+    assert {"finetuned", "originals-routed", "mmer-lam1", "mmer-tuned", "mmer-neuro", "tall", "no-sign",
+            "no-magnitude", "naive", "ties", "neuro"} <= set(expansion)
+    assert {r["group"] for r in data["expansion"]} == {"reference", "routed", "single-weights"}
+    # the single-weights rows are the proxy's numbers; the routed ones are a different computation
+    proxy = {r["key"]: r for r in data["proxy"]}
+    assert expansion["ties"]["accuracy"] == proxy["ties"]["accuracy"]
+    assert expansion["mmer-lam1"]["accuracy"] != proxy["mmer-lam1"]["accuracy"]
     assert result["wall_seconds"] > 0
