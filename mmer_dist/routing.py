@@ -206,43 +206,47 @@ def route_model(model: nn.Module, group_states: Sequence[Mapping[str, torch.Tens
     context = RoutingContext()
     param = next(model.parameters())
     dtype, device = param.dtype, param.device
-    replaced: set[str] = set()
+    # everything is built and checked first, the model changed only once all of it is valid
+    swaps: dict[str, nn.Module] = {}
+    text_params: dict[int, tuple[nn.Parameter, torch.Tensor, str]] = {}  # by parameter: tied ones once
+    used: set[str] = set()
 
     def stacked(key: str) -> torch.Tensor:
+        used.add(key)
         return _stack(group_states, key, dtype).to(device)
 
-    for name, module in list(model.named_modules()):
-        if any(name.startswith(r + ".") for r in replaced):
+    for name, module in model.named_modules():
+        if any(name.startswith(r + ".") for r in (*swaps, *text_only)):
             continue
         prefix = f"{name}." if name else ""
         if name in text_only:
             for pname, p in module.named_parameters(recurse=False):
                 key = prefix + pname
                 _check(group_states, key)
-                p.data = group_states[TEXT_GROUP][key].to(dtype=dtype, device=device)
-            replaced.add(name)
-            continue
-        if isinstance(module, nn.Linear):
+                used.add(key)
+                value = group_states[TEXT_GROUP][key].to(dtype=dtype, device=device)
+                if id(p) in text_params and not torch.equal(text_params[id(p)][1], value):
+                    raise InvalidInputError(f"route_model: {key!r} and {text_params[id(p)][2]!r} are one tied "
+                                            f"parameter in the model but differ in the text group's weights")
+                text_params[id(p)] = (p, value, key)
+        elif isinstance(module, nn.Linear):
             bias = stacked(prefix + "bias") if module.bias is not None else None
-            new: nn.Module = RoutedLinear(stacked(prefix + "weight"), bias, context)
+            swaps[name] = RoutedLinear(stacked(prefix + "weight"), bias, context)
         elif isinstance(module, nn.Embedding):
-            new = RoutedEmbedding(stacked(prefix + "weight"), module.padding_idx, context)
+            swaps[name] = RoutedEmbedding(stacked(prefix + "weight"), module.padding_idx, context)
         elif _is_rms_norm(module):
-            new = RoutedRMSNorm(stacked(prefix + "weight"), float(module.variance_epsilon), context)
-        else:
-            own = [n for n, _ in module.named_parameters(recurse=False)]
-            if own:
-                raise InvalidInputError(f"route_model: {name or 'the model'} ({type(module).__name__}) holds "
-                                        f"parameters {own} but is not a Linear, Embedding or RMSNorm")
-            continue
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-        replaced.add(name)
-    known = {k for s in group_states for k in s}
-    routed = {n for n, _ in model.named_parameters()}
-    if unused := sorted(known - routed):
+            swaps[name] = RoutedRMSNorm(stacked(prefix + "weight"), float(module.variance_epsilon), context)
+        elif own := [n for n, _ in module.named_parameters(recurse=False)]:
+            raise InvalidInputError(f"route_model: {name or 'the model'} ({type(module).__name__}) holds "
+                                    f"parameters {own} but is not a Linear, Embedding or RMSNorm")
+    if unused := sorted({k for s in group_states for k in s} - used):
         raise InvalidInputError(f"route_model: tensors not used by the model: {unused[:5]}"
                                 + (f" and {len(unused) - 5} more" if len(unused) > 5 else ""))
+    for p, value, _ in text_params.values():
+        p.data = value
+    for name, new in swaps.items():
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
     return RoutedModel(model, context, len(group_states))
 
 

@@ -180,3 +180,33 @@ def test_bad_input_names_the_problem(setup):
     other = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
     with pytest.raises(InvalidInputError, match="LayerNorm"):
         route_model(other, [other.state_dict()])
+
+
+def test_tied_embeddings_and_nothing_changed_on_error():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg).eval().to(TEST_DEVICE)
+    states = group_states(model, 2)
+    assert "lm_head.weight" in states[0]  # state_dict lists the tied head too
+    with pytest.raises(InvalidInputError, match="tied"):  # independent noise untied them
+        route_model(copy.deepcopy(model), states)
+    for s in states:
+        s["lm_head.weight"] = s["model.embed_tokens.weight"]
+    ids = torch.randint(3, VOCAB, (2, 6), generator=torch.Generator().manual_seed(4)).to(TEST_DEVICE)
+    routed = route_model(copy.deepcopy(model), states)
+    with torch.no_grad():
+        got = routed(torch.ones_like(ids), ids).logits
+        want = LlamaForCausalLM(cfg).eval().to(TEST_DEVICE)
+        want.load_state_dict({**states[1], "model.embed_tokens.weight": states[0]["model.embed_tokens.weight"],
+                              "lm_head.weight": states[0]["model.embed_tokens.weight"]})
+        assert torch.equal(got, want(ids).logits)
+
+    # an invalid group set leaves the model as it was: plain modules, original weights
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    bad = [dict(s) for s in states]
+    bad[1]["unknown.weight"] = torch.ones(1)
+    with pytest.raises(InvalidInputError, match="unknown.weight"):
+        route_model(model, bad)
+    assert not any(isinstance(m, (RoutedLinear, RoutedRMSNorm)) for m in model.modules())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
