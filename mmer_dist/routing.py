@@ -49,8 +49,6 @@ def _stack(states: Sequence[Mapping[str, torch.Tensor]], key: str, dtype: torch.
     return torch.stack([s[key].to(dtype) for s in states])
 
 
-
-
 @dataclass(frozen=True)
 class RoutingPlan:
     """How one forward pass's tokens split into groups, computed once per pass (one host sync)
