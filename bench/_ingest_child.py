@@ -52,7 +52,7 @@ def main() -> None:
     argv, out = json.loads(sys.argv[1]), Path(sys.argv[2])
     t_start = time.perf_counter()
     from mmer_dist import cli
-    import mmer_dist.store.ingest  # noqa: F401  (what the CLI imports on its first ingest call)
+    import mmer_dist.ingest  # noqa: F401  (what the CLI imports on its first ingest call)
 
     after = status()
     sampler = Sampler()

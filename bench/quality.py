@@ -142,7 +142,7 @@ class Producer:
     """Every method's weights, through mmer-dist's public API, into one temporary store."""
 
     def __init__(self, work: Path, cache: Path):
-        from mmer_dist.store.ingest import ingest_base, ingest_model
+        from mmer_dist.ingest import ingest_base, ingest_model
 
         self.work = work
         self.url = str(work / "store")

@@ -35,7 +35,7 @@ from mmer_dist.merge.passes import StoreChunkReader
 from mmer_dist.merge.plan import tensor_chunks
 from mmer_dist.store import layout
 from mmer_dist.store.catalog import Catalog, TensorRecord
-from mmer_dist.store.ingest import COMPONENT_WEIGHTS, read_keymap
+from mmer_dist.ingest import COMPONENT_WEIGHTS, read_keymap
 from mmer_dist.store.store import Store
 
 DEFAULT_SHARD_BYTES = 2 * 1024**3

@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file
 from store_helpers import run_cli, split_checkpoint
 
-from mmer_dist import tiny_models
+from mmer_dist.demo import tiny_models
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FORMATS = ("llava-hf", "video-llava-hf", "llava", "generic")

@@ -24,13 +24,13 @@ import numpy as np
 import pytest
 import torch
 
-from mmer_dist import tiny_models
+from mmer_dist.demo import tiny_models
 from mmer_dist.merge.engine import MergeRequest, merge
 from mmer_dist.merge.local import LocalBackend
 from mmer_dist.merge.ray_backend import RayBackend
 from mmer_dist.store import layout
 from mmer_dist.store.catalog import VersionRecord
-from mmer_dist.store.ingest import ingest_base, ingest_model
+from mmer_dist.ingest import ingest_base, ingest_model
 from mmer_dist.store.store import Store
 
 REPO = Path(__file__).resolve().parents[1]

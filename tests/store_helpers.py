@@ -25,7 +25,7 @@ from mmer_dist.formats import FormatMapping
 from mmer_dist.method import MergeSettings
 from mmer_dist.method.reference import ReferenceResult, reference_merge
 from mmer_dist.store.store import Store
-from mmer_dist.tiny_models import GENERIC_MAPPING_FILE
+from mmer_dist.demo.tiny_models import GENERIC_MAPPING_FILE
 
 # the ``mmer`` console script of the running interpreter's environment (else ``python -m``)
 _SCRIPT = Path(sys.executable).parent / "mmer"

@@ -67,7 +67,7 @@ def test_mmer_console_script_is_the_cli():
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["mmer"] == "mmer_dist.cli:main"
     assert callable(cli.main)
-    assert "if __name__ == \"__main__\"" in (REPO / "mmer_dist" / "cli.py").read_text()  # python -m mmer_dist.cli
+    assert "if __name__ == \"__main__\"" in (REPO / "mmer_dist" / "cli" / "__main__.py").read_text()  # python -m mmer_dist.cli
 
 
 @pytest.mark.parametrize("path", DOCS, ids=lambda p: str(p.relative_to(REPO)))

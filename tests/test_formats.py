@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import LlamaForCausalLM
 
-from mmer_dist import tiny_models
+from mmer_dist.demo import tiny_models
 from mmer_dist.errors import FormatError
 from mmer_dist.formats import CheckpointReader, FormatMapping, SafetensorsWriter, builtin_formats, detect_format
 from mmer_dist.formats.checkpoint import INDEX_NAME

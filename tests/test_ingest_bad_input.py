@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from store_helpers import StoreState, run_cli
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from mmer_dist import tiny_models
+from mmer_dist.demo import tiny_models
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from store_helpers import StoreState, run_cli, status_json
 from mmer_dist.errors import StoreError
 from mmer_dist.merge.engine import MergeRequest, merge
 from mmer_dist.merge.local import LocalBackend
-from mmer_dist.store.ingest import ingest_model
+from mmer_dist.ingest import ingest_model
 from mmer_dist.store.store import Store
 
 HOLD_LOCK = """

@@ -26,7 +26,7 @@ from store_helpers import (
     status_json,
 )
 
-from mmer_dist import tiny_models
+from mmer_dist.demo import tiny_models
 from mmer_dist.store import layout
 from mmer_dist.store.store import Store
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaForCausalLM, LlavaForConditionalGeneration, VideoLlavaForConditionalGeneration
 
-from mmer_dist import tiny_models
+from mmer_dist.demo import tiny_models
 from mmer_dist.errors import InvalidInputError
 from mmer_dist.formats import CheckpointReader, FormatMapping, detect_format
 

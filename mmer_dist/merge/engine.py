@@ -24,7 +24,7 @@ from mmer_dist.merge.passes import MergeJob, final_stats_from_record
 from mmer_dist.merge.plan import ShardSpec, plan_shards
 from mmer_dist.store import layout
 from mmer_dist.store.catalog import Catalog, VersionRecord, details_json
-from mmer_dist.store.ingest import read_histograms
+from mmer_dist.ingest import read_histograms
 from mmer_dist.store.store import Store, utc_now
 from mmer_dist.store.versions import Staging, fingerprint, publish_version
 

@@ -17,11 +17,12 @@ from rich.console import Console
 from rich.table import Table
 from safetensors.torch import load_file
 
-from mmer_dist import export, tiny_models
+from mmer_dist import export
+from mmer_dist.demo import tiny_models
 from mmer_dist.formats import FormatMapping
 from mmer_dist.merge.engine import MergeRequest, merge
 from mmer_dist.status import print_status
-from mmer_dist.store import ingest
+from mmer_dist import ingest
 
 MODELS = (  # id, format, modality, seed
     ("llava-image", "llava-hf", "image", 11),

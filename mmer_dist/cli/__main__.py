@@ -1,0 +1,8 @@
+"""``python -m mmer_dist.cli``: the same as the ``mmer`` script (Ray job entrypoints use it)."""
+
+import sys
+
+from mmer_dist.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""Argument types and options shared by several commands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def lam_pair(text: str) -> tuple[str, float]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected ID=VALUE, got {text!r}")
+    model, value = text.rsplit("=", 1)
+    try:
+        return model, float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"lambda of {model!r} is not a number: {value!r}") from None
+
+
+def size(text: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    t = text.strip().lower().removesuffix("b").removesuffix("i")
+    try:
+        return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 2GB, 500MB)") from None
+
+
+def json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+    if not isinstance(value, dict) or not all(isinstance(v, (int, float)) for v in value.values()):
+        raise argparse.ArgumentTypeError(f"expected a JSON object of resource amounts, got {text!r}")
+    return value
+
+
+def store_arg(p: argparse.ArgumentParser, quiet: bool = True) -> None:
+    p.add_argument("--store", required=True, help="store location: a local path or an fsspec URL (s3://...)")
+    if quiet:
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
