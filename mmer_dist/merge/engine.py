@@ -20,6 +20,7 @@ from mmer_dist.method import select, streaming
 from mmer_dist.method.neuro import check_neuron_rank
 from mmer_dist.method.settings import MergeSettings
 from mmer_dist.method.trim import selection_group
+from mmer_dist.merge.kernel_cache import default_cache_dir
 from mmer_dist.merge.passes import MergeJob, final_stats_from_record
 from mmer_dist.merge.plan import ShardSpec, plan_shards
 from mmer_dist.store import layout
@@ -170,7 +171,7 @@ def merge(url: str, request: MergeRequest, backend: Backend, *, workers: int = 1
         if (state := staging.load_state()) is not None:
             driver.restore(state)
         backend.start(MergeJob(url, plan.model_ids, settings, plan.version, plan.fingerprint, compile=compile,
-                               device=device), plan.shards)
+                               device=device, kernel_cache=default_cache_dir()), plan.shards)
         try:
             timings = drive_passes(driver, backend, plan, staging, progress)
         finally:

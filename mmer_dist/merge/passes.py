@@ -34,6 +34,8 @@ class MergeJob:
     fingerprint: str
     compile: bool = False
     device: str = "cpu"
+    # where compiled kernels are kept (resolved on the driver, so every actor on a node shares it)
+    kernel_cache: str | None = None
 
 
 class StoreChunkReader:
@@ -111,7 +113,7 @@ class ShardWorker:
         self.job = job
         self.shard = shard
         self.store = Store.open(job.store_url)
-        self.kernels = ChunkKernels(job.settings, list(job.model_ids), compile=job.compile)
+        self.kernels = make_kernels(job)
 
     def run(self, request: streaming.PassRequest, progress: Callable[[int], None] | None = None):
         """Returns (partial result, seconds). A final pass marks the shard done when finished."""
@@ -130,6 +132,17 @@ class ShardWorker:
             staging = Staging(self.store, self.job.version, self.job.fingerprint, resumed=True)
             staging.mark_shard_done(self.shard.index, final_stats_record(result, seconds))
         return result, seconds
+
+
+def make_kernels(job: MergeJob) -> ChunkKernels:
+    """Compiled kernels on CPU come ahead-of-time compiled from the on-disk cache (no tracing in
+    this process); on GPUs torch.compile (inductor's own caches persist its work)."""
+    fuse = None
+    if job.compile and torch.device(job.device).type == "cpu":
+        from mmer_dist.merge.kernel_cache import aot_fuser
+
+        fuse = aot_fuser(job.kernel_cache)
+    return ChunkKernels(job.settings, list(job.model_ids), compile=job.compile, fuse=fuse)
 
 
 def final_stats_record(stats: streaming.FinalStats, seconds: float) -> dict:
