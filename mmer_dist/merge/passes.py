@@ -46,26 +46,42 @@ class StoreChunkReader:
     stores, decompression) overlaps compute. At most two chunks are held at a time.
     """
 
+    # Buffers cycled through: the chunk being computed on, the one being read ahead, and one
+    # spare for a caller still holding the previous chunk. Reusing them (instead of a fresh
+    # allocation per chunk, which the kernel has to fault in page by page) saves sys time.
+    RING = 3
+
     def __init__(self, store: Store, model_ids: tuple[str, ...], prefetch: Sequence[streaming.ChunkSpec] = ()):
         self.store = store
         self.model_ids = model_ids
         self._next = dict(zip(prefetch, list(prefetch)[1:]))
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmer-prefetch") if prefetch else None
         self._pending: dict[streaming.ChunkSpec, Future] = {}
+        largest = max((c.numel for c in prefetch), default=0) * (len(model_ids) + 1) * 4
+        self._ring = [torch.empty(largest, dtype=torch.uint8) for _ in range(self.RING)] if largest else []
+        self._turn = 0
 
-    def _read_now(self, chunk: streaming.ChunkSpec) -> tuple[torch.Tensor, torch.Tensor]:
-        a, b = chunk.row_start, chunk.row_stop
-        base = self.store.read_rows(f"{layout.BASE_LLM}/{chunk.tensor}", a, b)
-        models = torch.stack([self.store.read_rows(f"{layout.model_llm(m)}/{chunk.tensor}", a, b)
-                              for m in self.model_ids])
-        return models, base
+    def _read_now(self, chunk: streaming.ChunkSpec, buffer: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        # base and models in one buffer: one read per file, no stacking copy; fine-tunes in other
+        # dtypes than the base come back upcast to float32 (exact), as task vectors need anyway
+        paths = [f"{layout.BASE_LLM}/{chunk.tensor}"] + [f"{layout.model_llm(m)}/{chunk.tensor}" for m in self.model_ids]
+        stacked = self.store.read_stacked(paths, chunk.row_start, chunk.row_stop, buffer)
+        return stacked[1:], stacked[0]
+
+    def _buffer(self) -> torch.Tensor | None:
+        """The next ring buffer; called only from the caller's thread, in read order."""
+        if not self._ring:
+            return None
+        self._turn = (self._turn + 1) % len(self._ring)
+        return self._ring[self._turn]
 
     def read(self, chunk: streaming.ChunkSpec) -> tuple[torch.Tensor, torch.Tensor]:
         pending = self._pending.pop(chunk, None)
         following = self._next.get(chunk)
+        now = self._buffer() if pending is None else None
         if self._pool is not None and following is not None and following not in self._pending:
-            self._pending[following] = self._pool.submit(self._read_now, following)
-        return pending.result() if pending is not None else self._read_now(chunk)
+            self._pending[following] = self._pool.submit(self._read_now, following, self._buffer())
+        return pending.result() if pending is not None else self._read_now(chunk, now)
 
     def close(self) -> None:
         if self._pool is not None:
@@ -88,9 +104,8 @@ class VersionWriter:
         self._pending: list[Future] = []
 
     def _write_now(self, chunk: streaming.ChunkSpec, tau_star: torch.Tensor, packed: torch.Tensor) -> None:
-        rows = slice(chunk.row_start, chunk.row_stop)
-        self.store.write(f"{layout.version_tau_star(self.version)}/{chunk.tensor}", tau_star, rows)
-        self.store.write(f"{layout.version_masks(self.version)}/{chunk.tensor}", packed, slice(None), rows)
+        self.store.write_chunk(f"{layout.version_tau_star(self.version)}/{chunk.tensor}", chunk.row_start, tau_star)
+        self.store.write_chunk(f"{layout.version_masks(self.version)}/{chunk.tensor}", chunk.row_start, packed)
 
     def write(self, chunk: streaming.ChunkSpec, tau_star: torch.Tensor, packed: torch.Tensor) -> None:
         while len(self._pending) >= 2:

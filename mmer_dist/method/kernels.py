@@ -63,12 +63,14 @@ def merge_step(settings: MergeSettings, tau: torch.Tensor, thresholds: torch.Ten
 
 
 def final_chunk(models, base, thresholds, majority, lams, flat_offset, *, settings, model_keys, tensor_key, ndim=2):
-    """tau* (rows, cols) float32, packed masks (N, rows, ceil(cols/8)) uint8, set bits per model (N,)."""
+    """tau* (rows, cols) float32, packed masks (N, rows, ceil(cols/8)) uint8, set bits per model
+    (N,), and tau*'s nonzero and non-finite entry counts (0-d): the statistics come out of the
+    same fused loop instead of two more passes over tau*."""
     tau = prepared_task_vectors(models, base, settings, model_keys, tensor_key, flat_offset)
     tau_star = merge_step(settings, tau, thresholds, majority, base, ndim)
     masks = compute_masks(settings.mask_rule, tau, tau_star, lams)
     counts = masks.reshape(masks.shape[0], -1).sum(-1)
-    return tau_star, pack_bits(masks), counts
+    return tau_star, pack_bits(masks), counts, (tau_star != 0).sum(), (~torch.isfinite(tau_star)).sum()
 
 
 def high_key_chunk(models, base, flat_offset, *, settings, model_keys, tensor_key):

@@ -175,12 +175,12 @@ def run_pass(request: PassRequest, chunks: Sequence[ChunkSpec], reader: ChunkRea
             outs = [kernels.final(m, b, info, request.thresholds[g], request.majority[g], lams) for info, m, b in blocks]
             tau_star = torch.cat([o[0] for o in outs]) if len(outs) > 1 else outs[0][0]
             packed = torch.cat([o[1] for o in outs], dim=1) if len(outs) > 1 else outs[0][1]
-            if not bool(torch.isfinite(tau_star).all()):
+            if sum(int(o[4]) for o in outs):
                 _raise_nonfinite(models, base, chunk, kernels)
             if writer is not None:
                 writer.write(chunk, tau_star.cpu(), packed.cpu())
             counts = sum(o[2].cpu().to(torch.int64) for o in outs)
-            stats = stats.merge(FinalStats(counts, int((tau_star != 0).sum()), chunk.numel))
+            stats = stats.merge(FinalStats(counts, sum(int(o[3]) for o in outs), chunk.numel))
         if progress is not None:
             progress(chunk.numel)
     if isinstance(request, HighPass):

@@ -63,6 +63,15 @@ def to_storage(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
+def storage_torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of the stored bits (bf16 as uint16)."""
+    return torch.uint16 if name == "bfloat16" else _STORAGE[name][1]
+
+
+def from_storage_tensor(t: torch.Tensor, name: str) -> torch.Tensor:
+    return t.view(torch.bfloat16) if name == "bfloat16" else t
+
+
 def from_storage(a: np.ndarray, name: str) -> torch.Tensor:
     t = torch.from_numpy(np.ascontiguousarray(a))
     return t.view(torch.bfloat16) if name == "bfloat16" else t
