@@ -255,7 +255,7 @@ def main(argv=None) -> int:
                 # export merges every model of its store: use a store holding exactly these N
                 exact = ensure_store(cs, n, log=log)
                 exp = Path(tempfile.mkdtemp(prefix=f"export-n{n}-", dir=WORK))
-                measure([str(MMER), "export", "--store", str(exact), "--merged", "--method", "ties", "--scope", "per-tensor",
+                measure([str(MMER), "export", "merged", "--store", str(exact), "--method", "ties", "--scope", "per-tensor",
                          "--topk", "0.8", "--out", str(exp), "--overwrite", "--quiet"], env)
                 row["compare"] = compare(mk_out, exp, cs.base)
                 shutil.rmtree(exp, ignore_errors=True)

@@ -163,7 +163,7 @@ class Producer:
         from mmer_dist.merge.local import LocalBackend
 
         t0 = time.perf_counter()
-        record = merge(self.url, MergeRequest(**fields), LocalBackend(), workers=1, compile=False, progress=False)
+        record = merge(self.url, MergeRequest.of(**fields), LocalBackend(), workers=1, compile=False, progress=False)
         self.seconds["merge"] += time.perf_counter() - t0
         return record
 
@@ -189,7 +189,7 @@ class Producer:
         from mmer_dist.export import export_merged
         from mmer_dist.merge.engine import MergeRequest
 
-        return self._load(export_merged, self.url, self._out(), method=method, request=MergeRequest(**fields),
+        return self._load(export_merged, self.url, self._out(), method=method, request=MergeRequest.of(**fields),
                           progress=False)
 
     def text(self, version: int) -> dict[str, torch.Tensor]:

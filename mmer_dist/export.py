@@ -13,6 +13,7 @@ never leaves a directory that looks like a complete checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import tempfile
 import uuid
@@ -212,9 +213,10 @@ def export_merged(url: str, out: str | Path, *, version: int | None = None, meth
 def _export_baseline(store, catalog, out, method, request: MergeRequest, max_shard_bytes, overwrite, compile, progress):
     """Run the streaming merge in-process and write theta_pre + alpha * tau* as it is produced."""
     if method == "dare":
-        request = MergeRequest(**{**request.__dict__, "method": "ta", "dare_rate": request.dare_rate or 0.5})
+        settings = dataclasses.replace(request.settings, method="ta", dare_rate=request.settings.dare_rate or 0.5)
     else:
-        request = MergeRequest(**{**request.__dict__, "method": method})
+        settings = dataclasses.replace(request.settings, method=method)
+    request = dataclasses.replace(request, settings=settings)
     settings, model_ids = resolve_settings(catalog, request)
     use_cache = settings.trims and settings.dare_rate == 0.0
     driver = streaming.MergeDriver(settings, {t.name: t.numel for t in catalog.tensors}, len(model_ids),

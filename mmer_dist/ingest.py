@@ -19,6 +19,7 @@ import json
 import re
 import tempfile
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,8 @@ from mmer_dist.formats.detect import detect_format
 from mmer_dist.formats.mapping import FormatMapping
 from mmer_dist.formats.writer import SafetensorsWriter
 from mmer_dist.method import select
+from mmer_dist.method.kernels import ChunkInfo, ChunkKernels
+from mmer_dist.method.settings import MergeSettings
 from mmer_dist.method.validate import check_finite, check_lam
 from mmer_dist.store import layout
 from mmer_dist.store.catalog import ModelRecord, StoreRecord, TensorRecord
@@ -103,6 +106,7 @@ def ingest_base(url: str, path: str | Path, *, chunk_elems: int = layout.DEFAULT
         store = Store.create(url)
     started = time.time()
     records = []
+    hashing = _hash_in_background(reader)
     with store.writer_lock():
         names = sorted(split.llm, key=lambda n: (_layer_of(n, n_layers), n))
         total = sum(_nbytes(reader.info(split.llm[n])) for n in names)
@@ -121,18 +125,27 @@ def ingest_base(url: str, path: str | Path, *, chunk_elems: int = layout.DEFAULT
                     stop = min(rows, start + record.rows_per_chunk)
                     block = _matrix_rows(reader, split.llm[name], start, stop)
                     check_finite(block, "base", name, offset=start * cols)
-                    store.write_rows(f"{layout.BASE_LLM}/{name}", start, block)
+                    store.write_chunk(f"{layout.BASE_LLM}/{name}", start, block)
                     bar.update(block.numel() * block.element_size())
                 records.append(record)
         _copy_aux_files(store, reader, layout.BASE_FILES)
         catalog = store.catalog()
-        store_record = StoreRecord(layout.STORE_LAYOUT_VERSION, utc_now(), str(path), reader.sha256(),
+        store_record = StoreRecord(layout.STORE_LAYOUT_VERSION, utc_now(), str(path), hashing.result(),
                                    records[0].dtype, json.dumps(config, sort_keys=True), chunk_elems)
         store.commit(catalog.replace(store=store_record, tensors=tuple(records)), catalog.seq)
     if progress:
         print(f"ingested base: {len(records)} tensors, {sum(r.numel for r in records):,} parameters "
               f"in {time.time() - started:.1f}s")
     return store_record
+
+
+def _hash_in_background(reader: CheckpointReader) -> Future:
+    """The checkpoint's digest, computed on a helper thread while the main one streams the
+    tensors (hashlib releases the GIL; the bytes come from the page cache the stream fills)."""
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmer-hash")
+    future = pool.submit(reader.sha256)
+    pool.shutdown(wait=False)
+    return future
 
 
 def _copy_aux_files(store: Store, reader: CheckpointReader, dest: str) -> None:
@@ -164,6 +177,7 @@ def ingest_model(url: str, model_id: str, path: str | Path, modality: str, *, fm
     mapping = _resolve_mapping(reader, fmt, mapping_file)
     plan = _plan_model(catalog, reader, mapping, model_id)
     started = time.time()
+    hashing = _hash_in_background(reader)
     with store.writer_lock():
         store.remove(layout.model_root(model_id))  # an interrupted earlier attempt, never visible
         try:
@@ -175,7 +189,7 @@ def ingest_model(url: str, model_id: str, path: str | Path, modality: str, *, fm
             record = ModelRecord(
                 id=model_id, modality=modality, format=mapping.name, source=str(path), dtype=plan.dtype,
                 params=sum(t.numel for t in catalog.tensors), extra_rows=plan.extra_rows,
-                component_params=component_params, sha256=reader.sha256(), lam=float(lam),
+                component_params=component_params, sha256=hashing.result(), lam=float(lam),
                 ingested_at=utc_now(), ingest_seconds=round(time.time() - started, 3))
         except BaseException:
             # NaN/Inf found while streaming, a read error, Ctrl-C: the model was never visible;
@@ -185,9 +199,6 @@ def ingest_model(url: str, model_id: str, path: str | Path, modality: str, *, fm
         latest = store.catalog()
         if latest.has_model(model_id):
             raise InvalidInputError(f"model id {model_id!r} was added by another writer meanwhile")
-        if latest.models and latest.models[0].dtype != plan.dtype:  # a model committed since `catalog`
-            raise FormatError(f"model {model_id!r}: dtype {plan['dtype']} differs from the store's models' "
-                              f"{latest.models[0].dtype} (e.g. {latest.models[0].id!r}); convert the checkpoint first")
         store.commit(latest.replace(models=latest.models + (record,)), latest.seq)
     if progress:
         print(f"ingested {model_id!r} ({mapping.name}, {modality}): {record.params:,} LLM parameters, "
@@ -254,49 +265,65 @@ def _plan_model(catalog, reader: CheckpointReader, mapping: FormatMapping, model
             raise FormatError(f"{where}, tensor {name!r}: shape {tuple(shape)} differs from the base's {tuple(record.shape)}")
     if len(dtypes) > 1:
         raise FormatError(f"{where}: LLM tensors mix dtypes {sorted(map(str, dtypes))}")
+    # fine-tunes may differ in dtype from the base and from each other (each is stored as it
+    # came, losslessly); a merge reads them upcast to float32, which holds every value exactly
     dtype = layout.dtype_name(dtypes.pop())
-    if catalog.models and catalog.models[0].dtype != dtype:
-        raise FormatError(f"{where}: dtype {dtype} differs from the store's models' {catalog.models[0].dtype} "
-                          f"(e.g. {catalog.models[0].id!r}); convert the checkpoint first")
     return ModelPlan(split.llm, split.component, dtype, extra_rows)
+
+
+def _histogram_kernels(params: int, model_id: str) -> ChunkKernels:
+    """The high-digit key kernel of |theta_i - theta_pre|: compiled (ahead of time, cached on
+    disk, like the merge's) for models where that pays, eager for small ones."""
+    from mmer_dist.merge.options import COMPILE_THRESHOLD
+
+    fuse = None
+    if params >= COMPILE_THRESHOLD:
+        from mmer_dist.merge.kernel_cache import aot_fuser
+
+        fuse = aot_fuser()
+    return ChunkKernels(MergeSettings(lams=(1.0,)), [model_id], fuse=fuse)
 
 
 def _write_llm(store: Store, catalog, reader, plan, model_id, progress) -> dict[str, select.SparseCounts]:
     histograms = {}
     total = sum(t.numel for t in catalog.tensors) * layout.torch_dtype(plan.dtype).itemsize
+    kernels = _histogram_kernels(sum(t.numel for t in catalog.tensors), model_id)
+    # one buffer for the base's rows, reused chunk after chunk
+    buffer = torch.empty(max(t.rows_per_chunk * t.cols for t in catalog.tensors) * 4, dtype=torch.uint8)
     with _progress(total, f"ingest {model_id}", progress) as bar:
         for record in catalog.tensors:
             source = plan.llm[record.name]
             path = f"{layout.model_llm(model_id)}/{record.name}"
             store.create_array(path, record.rows, record.cols, record.rows_per_chunk, plan.dtype)
-            hist = None
+            dense = torch.zeros(2 * select.HIGH_BINS, dtype=torch.int64)
             for start in range(0, record.rows, record.rows_per_chunk):
                 stop = min(record.rows, start + record.rows_per_chunk)
                 block = _matrix_rows(reader, source, start, stop)
-                base = store.read_rows(f"{layout.BASE_LLM}/{record.name}", start, stop)
-                counts = _magnitude_histogram(block, base)
-                if counts.keys.numel() and int(counts.keys[-1]) >= select.NONFINITE_HIGH:
+                base = store.read_stacked([f"{layout.BASE_LLM}/{record.name}"], start, stop, buffer)[0]
+                if _add_magnitude_counts(dense, kernels, record, start, block, base):
                     # |theta_i - theta_pre| is not finite (the base is): locate the bad entry
                     check_finite(block, model_id, record.name, offset=start * record.cols)
-                hist = counts if hist is None else hist.merge(counts)
-                store.write_rows(path, start, block)
+                store.write_chunk(path, start, block)
                 bar.update(block.numel() * block.element_size())
-            histograms[record.name] = hist
+            histograms[record.name] = select.sparse_high_counts(dense, 1)
             if record.vocab_rows and plan.extra_rows:
                 _write_extra_rows(store, reader, source, record, plan.extra_rows, model_id)
     return histograms
 
 
-def _magnitude_histogram(block: torch.Tensor, base: torch.Tensor, block_elems: int = 1 << 20) -> select.SparseCounts:
-    """High-digit histogram of |block - base| (float32), in row blocks of ~1M entries so the
-    float32 temporaries stay small and the allocator keeps reusing them."""
+def _add_magnitude_counts(dense: torch.Tensor, kernels: ChunkKernels, record: TensorRecord, start: int,
+                          block: torch.Tensor, base: torch.Tensor, block_elems: int = 1 << 20) -> bool:
+    """Add the high-digit counts of |block - base| (float32) to ``dense``, in row blocks of ~1M
+    entries (kernel temporaries stay in cache); True if any |delta| is not finite. Counts are
+    accumulated dense per tensor and sparsified once (not per block)."""
     step = max(1, block_elems // max(1, block.shape[1]))
-    hist = None
+    nonfinite = False
     for a in range(0, block.shape[0], step):
-        tau = block[a:a + step].float() - base[a:a + step].float()
-        counts = select.counts_from_high_keys(select.high_digit_keys(tau.unsqueeze(0)))
-        hist = counts if hist is None else hist.merge(counts)
-    return hist
+        info = ChunkInfo(record.name, record.name, (start + a) * record.cols, len(record.shape))
+        counts = select.dense_high_counts(kernels.high_keys(block[None, a:a + step], base[a:a + step], info))
+        nonfinite = nonfinite or bool(counts[2 * select.NONFINITE_HIGH:].any())
+        dense += counts
+    return nonfinite
 
 
 def _write_extra_rows(store, reader, source, record, n_extra, model_id) -> None:

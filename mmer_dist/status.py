@@ -51,6 +51,6 @@ def print_status(url: str, as_json: bool = False) -> None:
         density = "\n".join(f"{m} {d:.3f} (lambda {lam:g})" for m, d, lam in zip(v["models"], v["mask_density"], v["lams"]))
         dare = f"+dare {v['dare_rate']:g}" if v["dare_rate"] else ""
         versions.add_row(str(v["version"]), v["created_at"].replace("T", " ")[:19], v["method"] + dare, v["mask_rule"],
-                         f"{v['topk']:g}", v["scope"], f"{v['alpha']:g}", density, f"{v['tau_star_density']:.3f}",
+                         "-" if v["topk"] is None else f"{v['topk']:g}", v["scope"] or "-", f"{v['alpha']:g}", density, f"{v['tau_star_density']:.3f}",
                          v["backend"], f"{v['seconds']:.1f}")
     console.print(versions)

@@ -291,29 +291,29 @@ def test_merge_with_bad_settings(victim, args, expect):
 
 def test_export_of_unknown_model(victim, tmp_path):
     out = tmp_path / "out"
-    refused(victim, "export", "--store", victim, "--model", "nope", "--out", out, "--quiet",
+    refused(victim, "export", "model", "--store", victim, "--model", "nope", "--out", out, "--quiet",
             expect=("'nope'", "llava-hf"))
     assert not out.exists() and not any(p.name.startswith(".out") for p in tmp_path.iterdir())
 
 
 def test_export_of_model_not_in_version(victim, tmp_path):
     out = tmp_path / "out"
-    refused(victim, "export", "--store", victim, "--model", "video-llava-hf", "--version", "3", "--out", out,
+    refused(victim, "export", "model", "--store", victim, "--model", "video-llava-hf", "--version", "3", "--out", out,
             expect=("'video-llava-hf'", "version 3"))
     assert not out.exists()
 
 
 def test_export_of_unknown_version(victim, tmp_path):
     out = tmp_path / "out"
-    refused(victim, "export", "--store", victim, "--merged", "--version", "9", "--out", out, expect=("version 9",))
+    refused(victim, "export", "merged", "--store", victim, "--version", "9", "--out", out, expect=("version 9",))
     assert not out.exists()
 
 
 def test_export_before_any_merge(stores, tmp_path):
     store = stores.fresh(tmp_path / "store", models=True)
     out = tmp_path / "out"
-    refused(store, "export", "--store", store, "--model", "llava", "--out", out, expect=("mmer merge",))
-    refused(store, "export", "--store", store, "--text", "--out", out, expect=("mmer merge",))
+    refused(store, "export", "model", "--store", store, "--model", "llava", "--out", out, expect=("mmer merge",))
+    refused(store, "export", "text", "--store", store, "--out", out, expect=("mmer merge",))
     assert not out.exists()
 
 
@@ -349,7 +349,7 @@ def test_store_path_that_is_not_a_store(ckpts, tmp_path, kind, command):
     args = {
         "ingest": ingest_args(store, "m", ckpts.finetuned("llava", "bf16"), "llava"),
         "merge": ["merge", "--store", store, "--quiet"],
-        "export": ["export", "--store", store, "--merged", "--out", out, "--quiet"],
+        "export": ["export", "merged", "--store", store, "--out", out, "--quiet"],
         "status": ["status", "--store", store],
     }[command]
     refused(store, *args, expect=(str(store), "not an mmer store"))
@@ -388,6 +388,6 @@ def test_a_failed_ingest_does_not_block_a_good_one(stores, ckpts, tmp_path):
     good = ckpts.finetuned("generic", "bf16")
     run_cli(*ingest_args(victim, "aud2", good, "generic"))
     out = tmp_path / "out"
-    run_cli("export", "--store", victim, "--model", "aud2", "--original", "--out", out, "--quiet")
+    run_cli("export", "original", "--store", victim, "--model", "aud2", "--out", out, "--quiet")
     assert_state_dicts_identical(load_dir(out), load_dir(good))
     assert json.loads((out / "mmer_mapping.json").read_text())["name"] == "tiny-audio-llm"

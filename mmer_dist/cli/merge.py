@@ -6,9 +6,7 @@ import argparse
 
 from mmer_dist.cli.args import json_object, lam_pair, store_arg
 from mmer_dist.errors import InvalidInputError
-from mmer_dist.method.masks import MASK_RULES
-from mmer_dist.method.settings import MERGE_METHODS
-from mmer_dist.method.trim import SCOPES
+from mmer_dist.method.settings import SETTINGS
 
 
 def register(sub) -> None:
@@ -26,42 +24,50 @@ def register(sub) -> None:
                    help='with --backend ray: custom Ray resources each shard actor needs, e.g. \'{"merge_node": 1}\' '
                    "to place one actor per node that offers one")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="fuse the per-chunk kernels with torch.compile (default: on for models above 50M parameters)")
+                   help="fused per-chunk kernels: compiled once ahead of time and cached on disk on CPU, torch.compile on GPUs "
+                   "(default: on for models above 50M parameters)")
     p.add_argument("--device", default="auto", help="torch device for --backend local: auto, cpu, cuda (default auto; "
                    "Ray workers use the GPU Ray assigns them, if any)")
     p.set_defaults(run=run)
 
 
+def add_settings_options(p: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
+    """One option per merge setting (``settings.SETTINGS``), default None = not given, so that
+    ``settings_from_args`` can refuse options the chosen method does not use."""
+    for name, s in SETTINGS.items():
+        if name in exclude:
+            continue
+        if s.switch:
+            p.add_argument(s.flag, dest=name, action="store_const", const=True, default=None, help=s.help)
+        else:
+            p.add_argument(s.flag, dest=name, type=s.type, choices=s.choices, default=None, help=s.help)
+
+
+def settings_from_args(args, **fixed):
+    from mmer_dist.method.settings import MergeSettings
+
+    given = {name: getattr(args, name, None) for name in SETTINGS}
+    given.update(fixed)
+    if given.get("method") is None and given.get("mask_rule") == "tall":
+        given["method"] = "ta"  # TALL-masks are defined over task arithmetic
+    return MergeSettings.from_options(**given)
+
+
 def add_merge_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--merge", choices=MERGE_METHODS, default=None,
-                   help="merge step producing tau* (default ties; ta with --mask tall)")
-    p.add_argument("--topk", type=float, default=0.8, help="K: fraction of each task vector kept by the trim (default 0.8)")
-    p.add_argument("--scope", choices=SCOPES, default="global", help="trim over all LLM parameters of a model "
-                   "(global, default) or within each tensor")
-    p.add_argument("--alpha", type=float, default=1.0, help="theta* = theta_pre + alpha * tau* (default 1.0)")
-    p.add_argument("--mask", choices=MASK_RULES, default="mmer", help="mask rule (default mmer)")
+    add_settings_options(p)
     p.add_argument("--lam", type=lam_pair, action="append", default=[], metavar="ID=VALUE",
                    help="mask lambda of one model (repeatable; default: the model's ingest --lam)")
-    p.add_argument("--dare-rate", type=float, default=0.0, help="DARE drop rate applied to every task vector (default 0)")
-    p.add_argument("--dare-seed", type=int, default=0, help="DARE seed (default 0)")
-    p.add_argument("--neuro-energy", type=float, default=1.0,
-                   help="with --merge neuro: keep the leading singular directions holding this fraction of each "
-                   "row's energy (rank cut; default 1.0 = all)")
-    p.add_argument("--neuro-keep-parallel", action="store_true",
-                   help="with --merge neuro: keep the task vector's part parallel to the pre-trained row (default: drop)")
     p.add_argument("--models", nargs="+", metavar="ID", default=None, help="merge only these models (default: all)")
 
 
 def merge_request(args):
     from mmer_dist.merge.engine import MergeRequest
 
-    method = args.merge or ("ta" if args.mask == "tall" else "ties")
-    if method != "neuro" and (args.neuro_energy != 1.0 or args.neuro_keep_parallel):
-        raise InvalidInputError("--neuro-energy / --neuro-keep-parallel apply to --merge neuro only")
-    return MergeRequest(method=method, topk=args.topk, scope=args.scope, alpha=args.alpha, mask_rule=args.mask,
-                        lam=dict(args.lam), dare_rate=args.dare_rate, dare_seed=args.dare_seed,
-                        neuro_energy=args.neuro_energy, neuro_keep_parallel=args.neuro_keep_parallel,
-                        models=tuple(args.models) if args.models else None)
+    lams = [m for m, _ in args.lam]
+    repeated = sorted({m for m in lams if lams.count(m) > 1})
+    if repeated:
+        raise InvalidInputError(f"--lam gives model {', '.join(map(repr, repeated))} more than once")
+    return MergeRequest(settings_from_args(args), dict(args.lam), tuple(args.models) if args.models else None)
 
 
 def run(args) -> None:

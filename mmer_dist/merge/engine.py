@@ -32,19 +32,17 @@ from mmer_dist.store.versions import Staging, fingerprint, publish_version
 
 @dataclass(frozen=True)
 class MergeRequest:
-    """What the user asks for; unset fields come from the catalog (models, their lambda)."""
+    """What the user asks for: the settings (their ``lams`` filled in from the catalog), lambda
+    overrides per model, and which models (default: all, in catalog order)."""
 
-    method: str = "ties"
-    topk: float = 0.8
-    scope: str = "global"
-    alpha: float = 1.0
-    mask_rule: str = "mmer"
+    settings: MergeSettings = field(default_factory=MergeSettings)
     lam: dict[str, float] = field(default_factory=dict)
-    dare_rate: float = 0.0
-    dare_seed: int = 0
-    neuro_energy: float = 1.0
-    neuro_keep_parallel: bool = False
     models: tuple[str, ...] | None = None
+
+    @classmethod
+    def of(cls, *, lam: dict[str, float] | None = None, models=None, **settings) -> MergeRequest:
+        """A request from settings fields given as keywords (``MergeRequest.of(method="ta")``)."""
+        return cls(MergeSettings(**settings), dict(lam or {}), tuple(models) if models else None)
 
 
 class Backend(Protocol):
@@ -61,6 +59,10 @@ class Backend(Protocol):
 def resolve_settings(catalog: Catalog, request: MergeRequest) -> tuple[MergeSettings, tuple[str, ...]]:
     known = [m.id for m in catalog.models]
     model_ids = tuple(request.models) if request.models else tuple(known)
+    repeated = sorted({m for m in model_ids if model_ids.count(m) > 1})
+    if repeated:
+        raise InvalidInputError(f"--models names {', '.join(map(repr, repeated))} more than once; "
+                                "each model can be merged once")
     for m in model_ids:
         catalog.model(m)  # raises naming the unknown id
     if not model_ids:
@@ -69,9 +71,7 @@ def resolve_settings(catalog: Catalog, request: MergeRequest) -> tuple[MergeSett
         if m not in model_ids:
             raise InvalidInputError(f"--lam names model {m!r}, which is not in this merge ({', '.join(model_ids)})")
     lams = tuple(float(request.lam.get(m, catalog.model(m).lam)) for m in model_ids)
-    settings = MergeSettings(request.method, request.topk, request.scope, request.alpha, request.mask_rule,
-                             lams, request.dare_rate, request.dare_seed, request.neuro_energy,
-                             request.neuro_keep_parallel).validated(list(model_ids))
+    settings = request.settings.with_lams(lams).validated(list(model_ids))
     if settings.method == "neuro":
         for t in catalog.tensors:
             check_neuron_rank(t.name, len(t.shape))
@@ -132,7 +132,7 @@ def drive_passes(driver: streaming.MergeDriver, backend: Backend, plan: MergePla
     state = staging.load_state()
     while (req := driver.next_pass()) is not None:
         name = type(req).__name__
-        done = staging.done_shards() if isinstance(req, streaming.FinalPass) else {}
+        done = staging.done_shards() if req.writes else {}  # finished shards of an earlier run
         todo = [s for s in plan.shards if s.index not in done]
         t0 = time.perf_counter()
         with tqdm(total=sum(s.numel for s in todo), desc=f"{name} ({len(todo)} shards)", unit="param",
@@ -191,12 +191,8 @@ def version_record(catalog: Catalog, plan: MergePlan, driver: streaming.MergeDri
         thresholds={g: v.tolist() for g, v in driver.thresholds().items()} if global_scope else "per-tensor",
         majority=driver.majority if global_scope else _majority_summary(driver.majority),
         resumed=resumed, shards=[s.describe() for s in plan.shards], **timings)
-    if settings.method == "neuro":
-        details["neuro"] = {"energy": settings.neuro_energy, "keep_parallel": settings.neuro_keep_parallel}
     return VersionRecord(
-        version=plan.version, created_at=utc_now(), method=settings.method, mask_rule=settings.mask_rule,
-        topk=settings.topk, scope=settings.scope, alpha=settings.alpha, dare_rate=settings.dare_rate,
-        dare_seed=settings.dare_seed, models=list(plan.model_ids), lams=list(settings.lams),
+        version=plan.version, created_at=utc_now(), **settings.record(), models=list(plan.model_ids),
         mask_density=[int(c) / params for c in stats.mask_counts],
         tau_star_density=stats.nonzero / max(1, stats.entries), backend=backend,
         passes=list(driver.passes_run), seconds=round(seconds, 3), details=details_json(**details))

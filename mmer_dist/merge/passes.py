@@ -133,7 +133,7 @@ class ShardWorker:
     def run(self, request: streaming.PassRequest, progress: Callable[[int], None] | None = None):
         """Returns (partial result, seconds). A final pass marks the shard done when finished."""
         started = time.perf_counter()
-        writer = VersionWriter(self.store, self.job.version) if isinstance(request, streaming.FinalPass) else None
+        writer = VersionWriter(self.store, self.job.version) if request.writes else None
         reader = StoreChunkReader(self.store, self.job.model_ids, prefetch=self.shard.chunks)
         try:
             result = streaming.run_pass(request, self.shard.chunks, reader, self.kernels, writer=writer,
@@ -143,7 +143,7 @@ class ShardWorker:
             if writer is not None:
                 writer.close()
         seconds = time.perf_counter() - started
-        if isinstance(request, streaming.FinalPass):
+        if request.writes:
             staging = Staging(self.store, self.job.version, self.job.fingerprint, resumed=True)
             staging.mark_shard_done(self.shard.index, final_stats_record(result, seconds))
         return result, seconds

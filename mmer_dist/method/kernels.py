@@ -111,6 +111,10 @@ def _task_vectors_only(models, base, flat_offset, *, settings, model_keys, tenso
     return (prepared_task_vectors(models, base, settings, model_keys, tensor_key, flat_offset),)
 
 
+def _high_keys_only(models, base, flat_offset, *, settings, model_keys, tensor_key):
+    return (high_key_chunk(models, base, flat_offset, settings=settings, model_keys=model_keys, tensor_key=tensor_key),)
+
+
 class ChunkKernels:
     """The kernels of one merge, bound to its settings and models: eager, ``torch.compile``d
     (``compile=True``), or built by a ``fuse`` strategy.
@@ -141,6 +145,7 @@ class ChunkKernels:
                 self._fused["final"] = fuse("final", final_chunk, {**consts, "ndim": 2}, tag, FINAL_DIMS)
             self._fused["signs"] = fuse("signs", sign_count_chunk, consts, tag, SIGN_DIMS)
             self._fused["tau"] = fuse("tau", _task_vectors_only, consts, tag, TASK_DIMS)
+            self._fused["high"] = fuse("high", _high_keys_only, consts, tag, TASK_DIMS)
         elif compile:
             # dynamic from the start: chunk shapes vary by tensor, one graph serves them all
             fuse_ = functools.partial(torch.compile, dynamic=True)
@@ -166,10 +171,15 @@ class ChunkKernels:
         return self._prepare(models, base, self.settings, self.model_keys,
                              baselines.stable_key(info.tensor), self._offset(info, models.device))
 
-    def high_counts(self, models, base, info: ChunkInfo) -> select.SparseCounts:
-        keys = self._high_keys(models, base, self._offset(info, models.device), settings=self.settings,
+    def high_keys(self, models, base, info: ChunkInfo) -> torch.Tensor:
+        """``select.high_digit_keys`` of the chunk's task vectors, int32 (N, n)."""
+        if (fused := self._fused_for("high", models)) is not None:
+            return fused(models, base, self._offset(info, models.device))[0]
+        return self._high_keys(models, base, self._offset(info, models.device), settings=self.settings,
                                model_keys=self.model_keys, tensor_key=baselines.stable_key(info.tensor))
-        return select.counts_from_high_keys(keys)
+
+    def high_counts(self, models, base, info: ChunkInfo) -> select.SparseCounts:
+        return select.counts_from_high_keys(self.high_keys(models, base, info))
 
     def low_counts(self, models, base, info: ChunkInfo, lower, upper) -> select.SparseCounts:
         return select.low_digit_counts(self.task_vectors(models, base, info), lower, upper)

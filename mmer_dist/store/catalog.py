@@ -76,13 +76,16 @@ class TensorRecord:
 class VersionRecord:
     version: int
     created_at: str
+    # the merge settings (``MergeSettings.record()``; null where a field does not apply to the method)
     method: str
     mask_rule: str
-    topk: float
-    scope: str
+    topk: float | None
+    scope: str | None
     alpha: float
     dare_rate: float
-    dare_seed: int
+    dare_seed: int | None
+    neuro_energy: float | None
+    neuro_keep_parallel: bool | None
     models: list[str]
     lams: list[float]
     mask_density: list[float]
@@ -104,9 +107,17 @@ _ARROW = {int: pa.int64(), float: pa.float64(), str: pa.string(), bool: pa.bool_
           list[int]: pa.list_(pa.int64()), list[float]: pa.list_(pa.float64()), list[str]: pa.list_(pa.string())}
 
 
+def _arrow_type(hint) -> pa.DataType:
+    """Arrow type of a field's annotation; ``X | None`` is X (Arrow columns are nullable)."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if type(None) in typing.get_args(hint) and len(args) == 1:
+        hint = args[0]
+    return _ARROW[hint]
+
+
 def _schema(record_type) -> pa.Schema:
     hints = typing.get_type_hints(record_type)
-    return pa.schema([(f.name, _ARROW[hints[f.name]]) for f in dataclasses.fields(record_type)])
+    return pa.schema([(f.name, _arrow_type(hints[f.name])) for f in dataclasses.fields(record_type)])
 
 
 def _to_table(records: list, record_type) -> pa.Table:
@@ -114,7 +125,11 @@ def _to_table(records: list, record_type) -> pa.Table:
 
 
 def _from_table(table: pa.Table, record_type) -> list:
-    return [record_type(**row) for row in table.to_pylist()]
+    # a column added later as ``X | None`` reads as null from snapshots written before it
+    hints = typing.get_type_hints(record_type)
+    absent = {f.name: None for f in dataclasses.fields(record_type)
+              if f.name not in table.column_names and type(None) in typing.get_args(hints[f.name])}
+    return [record_type(**absent, **row) for row in table.to_pylist()]
 
 
 @dataclass(frozen=True)
