@@ -57,8 +57,10 @@ def test_variant_versions_match_the_reference(variant_store, tmp_path, index):
     version = status["versions"][index]
     assert (version["method"], version["mask_rule"]) == (method, rule)
     if method == "neuro":
-        assert version["details"]["neuro"] == {"energy": 0.9 if "--neuro-energy" in args else 1.0,
-                                               "keep_parallel": "--neuro-keep-parallel" in args}
+        assert (version["neuro_energy"], version["neuro_keep_parallel"]) == \
+            (0.9 if "--neuro-energy" in args else 1.0, "--neuro-keep-parallel" in args)
+    else:
+        assert version["neuro_energy"] is None and version["neuro_keep_parallel"] is None
     ref = reference_for_version(version, base, models)
     out = tmp_path / "merged"
     run_cli("export", "merged", "--store", path, "--version", version["version"], "--out", out, "--quiet")

@@ -130,7 +130,7 @@ class ChunkFiles:
         if self.checksum:
             import google_crc32c
 
-            crc = google_crc32c.extend(google_crc32c.value(view), bytes(tail[:-4]))
+            crc = google_crc32c.extend(google_crc32c.value(out.reshape(-1).view(np.uint8)), bytes(tail[:-4]))
             if np.uint32(crc).tobytes() != bytes(tail[-4:]):
                 raise StoreError(f"chunk file {file}: checksum mismatch (corrupt chunk)")
 
@@ -139,7 +139,7 @@ class ChunkFiles:
             raw = _strip_checksum(raw, file)
         from numcodecs import Zstd
 
-        data = Zstd.decode(raw)
+        data = Zstd().decode(raw)
         if len(data) != self._padded_bytes:
             raise StoreError(f"chunk file {file} decodes to {len(data)} bytes, expected {self._padded_bytes}")
         out.reshape(-1).view(np.uint8)[:] = np.frombuffer(data, dtype=np.uint8, count=out.nbytes)
