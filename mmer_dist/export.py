@@ -22,11 +22,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from mmer_dist.errors import InvalidInputError
-from mmer_dist.formats.checkpoint import SAFETENSORS_DTYPES, read_header
+from mmer_dist.formats.checkpoint import SAFETENSORS_DTYPES, CheckpointReader, read_header
 from mmer_dist.formats.writer import SafetensorsWriter
 from mmer_dist.method import reconstruct, streaming
 from mmer_dist.method.kernels import ChunkKernels
@@ -133,9 +132,9 @@ def export_model(url: str, model_id: str, out: str | Path, *, version: int | Non
                         extra = store.read_rows(f"{layout.model_extra(model_id)}/{t.name}", 0, model.extra_rows)
                         writer.write(keymap[t.name], t.rows, extra)
             if component:
-                with safe_open(component, "pt") as src:
+                with CheckpointReader(component.parent) as src:  # the one safetensors reader
                     for key, _, _ in component_entries:
-                        writer.write(key, 0, src.get_tensor(key))
+                        writer.write(key, 0, src.read(key))
         _copy_store_files(store, f"{layout.model_component(model_id)}/files", tmp)
     return Path(out)
 

@@ -27,13 +27,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from tqdm.auto import tqdm
 
 from mmer_dist.errors import FormatError, InvalidInputError, StoreError
 from mmer_dist.formats.checkpoint import CheckpointReader
 from mmer_dist.formats.detect import detect_format
 from mmer_dist.formats.mapping import FormatMapping
 from mmer_dist.formats.writer import SafetensorsWriter
+from mmer_dist.merge.progress import progress_bar
 from mmer_dist.method import select
 from mmer_dist.method.kernels import ChunkInfo, ChunkKernels
 from mmer_dist.method.settings import MergeSettings
@@ -77,7 +77,7 @@ def _nbytes(info) -> int:
 
 
 def _progress(total: int, desc: str, enabled: bool):
-    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, disable=not enabled, leave=False)
+    return progress_bar(desc, total, enabled, unit="B")
 
 
 # -- base ---------------------------------------------------------------------------------------
@@ -110,7 +110,7 @@ def ingest_base(url: str, path: str | Path, *, chunk_elems: int = layout.DEFAULT
     with store.writer_lock():
         names = sorted(split.llm, key=lambda n: (_layer_of(n, n_layers), n))
         total = sum(_nbytes(reader.info(split.llm[n])) for n in names)
-        with _progress(total, "ingest base", progress) as bar:
+        with _progress(total, "ingest base", progress) as update:
             for name in names:
                 info = reader.info(split.llm[name])
                 dtype = layout.dtype_name(info.dtype) if info.dtype.is_floating_point else None
@@ -126,7 +126,7 @@ def ingest_base(url: str, path: str | Path, *, chunk_elems: int = layout.DEFAULT
                     block = _matrix_rows(reader, split.llm[name], start, stop)
                     check_finite(block, "base", name, offset=start * cols)
                     store.write_chunk(f"{layout.BASE_LLM}/{name}", start, block)
-                    bar.update(block.numel() * block.element_size())
+                    update(block.numel() * block.element_size())
                 records.append(record)
         _copy_aux_files(store, reader, layout.BASE_FILES)
         catalog = store.catalog()
@@ -290,7 +290,7 @@ def _write_llm(store: Store, catalog, reader, plan, model_id, progress) -> dict[
     kernels = _histogram_kernels(sum(t.numel for t in catalog.tensors), model_id)
     # one buffer for the base's rows, reused chunk after chunk
     buffer = torch.empty(max(t.rows_per_chunk * t.cols for t in catalog.tensors) * 4, dtype=torch.uint8)
-    with _progress(total, f"ingest {model_id}", progress) as bar:
+    with _progress(total, f"ingest {model_id}", progress) as update:
         for record in catalog.tensors:
             source = plan.llm[record.name]
             path = f"{layout.model_llm(model_id)}/{record.name}"
@@ -304,7 +304,7 @@ def _write_llm(store: Store, catalog, reader, plan, model_id, progress) -> dict[
                     # |theta_i - theta_pre| is not finite (the base is): locate the bad entry
                     check_finite(block, model_id, record.name, offset=start * record.cols)
                 store.write_chunk(path, start, block)
-                bar.update(block.numel() * block.element_size())
+                update(block.numel() * block.element_size())
             histograms[record.name] = select.sparse_high_counts(dense, 1)
             if record.vocab_rows and plan.extra_rows:
                 _write_extra_rows(store, reader, source, record, plan.extra_rows, model_id)
@@ -343,7 +343,7 @@ def _write_component(store: Store, reader: CheckpointReader, keys: list[str], mo
     entries = [(k, tuple(reader.info(k).shape), reader.info(k).dtype) for k in keys]
     with tempfile.TemporaryDirectory() as tmp:
         with SafetensorsWriter(tmp, entries, max_shard_bytes=1 << 62) as writer:
-            for key in tqdm(keys, desc=f"component {model_id}", disable=not progress, leave=False):
+            for key in keys:
                 tensor = reader.read(key)
                 check_finite(tensor, model_id, key)
                 writer.write(key, 0, tensor)

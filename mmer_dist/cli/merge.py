@@ -83,7 +83,8 @@ def run(args) -> None:
     store = Store.open(args.store)
     compile = resolve_compile(args.compile, store.catalog())
     device = resolve_device(args.device) if args.backend == "local" else "cpu"
-    backend, workers = choose_backend(args.backend, args.address, args.workers, args.worker_resources)
+    backend, workers = choose_backend(args.backend, args.address, args.workers, args.worker_resources,
+                                      progress=not args.quiet)
     record = merge(args.store, request, backend, workers=workers, compile=compile, device=device,
                    progress=not args.quiet)
     densities = ", ".join(f"{m}={d:.3f}" for m, d in zip(record.models, record.mask_density))

@@ -13,8 +13,6 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
-from tqdm.auto import tqdm
-
 from mmer_dist.errors import InvalidInputError
 from mmer_dist.method import select, streaming
 from mmer_dist.method.neuro import check_neuron_rank
@@ -23,6 +21,7 @@ from mmer_dist.method.trim import selection_group
 from mmer_dist.merge.kernel_cache import default_cache_dir
 from mmer_dist.merge.passes import MergeJob, final_stats_from_record
 from mmer_dist.merge.plan import ShardSpec, plan_shards
+from mmer_dist.merge.progress import progress_bar
 from mmer_dist.store import layout
 from mmer_dist.store.catalog import Catalog, VersionRecord, details_json
 from mmer_dist.ingest import read_histograms
@@ -135,9 +134,8 @@ def drive_passes(driver: streaming.MergeDriver, backend: Backend, plan: MergePla
         done = staging.done_shards() if req.writes else {}  # finished shards of an earlier run
         todo = [s for s in plan.shards if s.index not in done]
         t0 = time.perf_counter()
-        with tqdm(total=sum(s.numel for s in todo), desc=f"{name} ({len(todo)} shards)", unit="param",
-                  unit_scale=True, disable=not progress, leave=False) as bar:
-            results = backend.run_pass(req, todo, bar.update)
+        with progress_bar(f"{name} ({len(todo)} shards)", sum(s.numel for s in todo), progress) as update:
+            results = backend.run_pass(req, todo, update)
         pass_seconds[name] = round(time.perf_counter() - t0, 3)
         shard_seconds[name] = {s.index: round(sec, 3) for s, (_, sec) in zip(todo, results)}
         partials = [r for r, _ in results] + [final_stats_from_record(d) for d in done.values()]

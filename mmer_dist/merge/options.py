@@ -31,7 +31,7 @@ def resolve_device(name: str) -> str:
 
 
 def choose_backend(name: str, address: str | None, workers: int | None,
-                   worker_resources: dict[str, float] | None = None):
+                   worker_resources: dict[str, float] | None = None, progress: bool = False):
     """(backend, number of shards)."""
     if name == "local":
         from mmer_dist.merge.local import LocalBackend
@@ -39,5 +39,6 @@ def choose_backend(name: str, address: str | None, workers: int | None,
         return LocalBackend(), workers or 1
     from mmer_dist.merge.ray_backend import RayBackend
 
-    backend = RayBackend(address or os.environ.get("RAY_ADDRESS") or "local", worker_resources=worker_resources)
+    backend = RayBackend(address or os.environ.get("RAY_ADDRESS") or "local", worker_resources=worker_resources,
+                         bars=progress)
     return backend, workers or backend.default_workers()

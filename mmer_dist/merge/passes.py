@@ -174,7 +174,8 @@ def worker_memory_bytes(job: MergeJob, shard: ShardSpec) -> int:
     """What one shard worker needs: its largest chunk for N models plus float32 temporaries
     (the working set is bounded by a chunk, not by the shard), and the interpreter and torch."""
     largest = max((c.numel for c in shard.chunks), default=0)
-    per_entry = (len(job.model_ids) + 1) * (2 + 4 * 4) + 4 * 3
+    # the reader's ring of buffers (fine-tunes in other dtypes than the base are read as float32)
+    per_entry = (len(job.model_ids) + 1) * (StoreChunkReader.RING * 4 + 4 * 4) + 4 * 3
     return int(largest * per_entry + (1 << 30))
 
 
