@@ -46,9 +46,10 @@ class PlainLines:
 
     def update(self, n: int) -> None:
         self.done += n
-        while self.next_quarter < 4 and self.done * 4 >= self.next_quarter * self.total:
-            self._line(f"{25 * self.next_quarter}%")
-            self.next_quarter += 1
+        reached = min(3, self.done * 4 // self.total)  # the quarters crossed (one line for several)
+        if reached >= self.next_quarter:
+            self._line(f"{25 * reached}%")
+            self.next_quarter = reached + 1
 
     def finish(self) -> None:
         self._line("done")
