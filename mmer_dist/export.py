@@ -29,7 +29,6 @@ from mmer_dist.formats.checkpoint import SAFETENSORS_DTYPES, read_header
 from mmer_dist.formats.writer import SafetensorsWriter
 from mmer_dist.method import reconstruct, streaming
 from mmer_dist.method.kernels import ChunkKernels
-from mmer_dist.method.masks import unpack_bits
 from mmer_dist.merge.engine import MergeRequest, cached_high_histogram, resolve_settings
 from mmer_dist.merge.passes import StoreChunkReader
 from mmer_dist.merge.plan import tensor_chunks
@@ -37,6 +36,7 @@ from mmer_dist.store import layout
 from mmer_dist.store.catalog import Catalog, TensorRecord
 from mmer_dist.ingest import COMPONENT_WEIGHTS, read_keymap
 from mmer_dist.store.store import Store
+from mmer_dist.store.weights import StoreWeights, VersionWeights
 
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 BASELINES = ("ties", "ta", "naive", "dare", "neuro")
@@ -97,22 +97,17 @@ def export_model(url: str, model_id: str, out: str | Path, *, version: int | Non
     dtype = layout.torch_dtype(model.dtype)
     keymap = read_keymap(store, model_id)
     tensors = catalog.tensor_map()
+    store_weights = StoreWeights(store, catalog)
 
     if original:
         def block_fn(t, a, b):
-            return store.read_rows(f"{layout.model_llm(model_id)}/{t.name}", a, b)
+            return store_weights.original(t.name, model_id, (a, b))
     else:
-        ver = catalog.version(version)
-        if model_id not in ver.models:
-            raise InvalidInputError(f"model {model_id!r} is not part of version {ver.version} "
-                                    f"(models: {', '.join(ver.models)}); merge again to include it")
-        index = ver.models.index(model_id)
+        weights = VersionWeights(store, version, catalog)
+        weights.model_index(model_id)  # refuses a model the version does not hold
 
         def block_fn(t, a, b):
-            base = store.read_rows(f"{layout.BASE_LLM}/{t.name}", a, b)
-            tau_star = store.read_rows(f"{layout.version_tau_star(ver.version)}/{t.name}", a, b)
-            packed = store.read(f"{layout.version_masks(ver.version)}/{t.name}", index, slice(a, b))
-            return reconstruct.reconstruct(base, unpack_bits(packed, t.cols), tau_star)
+            return weights.theta_hat(t.name, model_id, (a, b))
 
     entries = []
     for name, source in keymap.items():
@@ -126,11 +121,10 @@ def export_model(url: str, model_id: str, out: str | Path, *, version: int | Non
         component_entries = _safetensors_entries(component) if component else []
         with SafetensorsWriter(tmp, entries + component_entries, max_shard_bytes=max_shard_bytes) as writer:
             _stream_llm(store, catalog, writer, keymap, dtype, block_fn, f"export {model_id}", progress)
-            if model.extra_rows:
-                for t in catalog.tensors:
-                    if t.vocab_rows:
-                        extra = store.read_rows(f"{layout.model_extra(model_id)}/{t.name}", 0, model.extra_rows)
-                        writer.write(keymap[t.name], t.rows, extra)
+            for t in catalog.tensors:
+                extra = store_weights.extra_rows(t.name, model_id)
+                if extra is not None:
+                    writer.write(keymap[t.name], t.rows, extra)
             if component:
                 with safe_open(component, "pt") as src:
                     for key, _, _ in component_entries:
@@ -175,14 +169,10 @@ def export_text(url: str, out: str | Path, *, version: int | None = None, max_sh
                 overwrite: bool = False, progress: bool = True) -> Path:
     store = Store.open(url)
     catalog = store.catalog()
-    ver = catalog.version(version)
+    weights = VersionWeights(store, version, catalog)
 
     def block_fn(t, a, b):
-        base = store.read_rows(f"{layout.BASE_LLM}/{t.name}", a, b)
-        tau_star = store.read_rows(f"{layout.version_tau_star(ver.version)}/{t.name}", a, b)
-        packed = store.read(f"{layout.version_masks(ver.version)}/{t.name}", slice(None), slice(a, b))
-        count = unpack_bits(packed, t.cols).sum(0, dtype=torch.int32)
-        return reconstruct.text_weights(base, count, len(ver.models), tau_star)
+        return weights.theta_bar(t.name, (a, b))
 
     return _export_llama(store, catalog, out, block_fn, "export text weights", max_shard_bytes, overwrite, progress)
 
@@ -194,12 +184,11 @@ def export_merged(url: str, out: str | Path, *, version: int | None = None, meth
     store = Store.open(url)
     catalog = store.catalog()
     if method is None:
-        ver = catalog.version(version)
+        weights = VersionWeights(store, version, catalog)
+        ver = weights.record
 
         def block_fn(t, a, b):
-            base = store.read_rows(f"{layout.BASE_LLM}/{t.name}", a, b)
-            tau_star = store.read_rows(f"{layout.version_tau_star(ver.version)}/{t.name}", a, b)
-            return reconstruct.merged_weights(base, tau_star, ver.alpha)
+            return weights.theta_star(t.name, (a, b))
 
         return _export_llama(store, catalog, out, block_fn, f"export merged v{ver.version}", max_shard_bytes,
                              overwrite, progress)
