@@ -51,8 +51,6 @@ def run(args) -> None:
     from serve.app import build
 
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     # logical CPUs: the replicas need little, each stage one (torch threads are set per stage)
     ray.init(num_cpus=max(os.cpu_count() or 1, options.stages + 2), include_dashboard=False, log_to_driver=False,
              logging_level="ERROR", configure_logging=False)
@@ -60,6 +58,8 @@ def run(args) -> None:
         serve.start(http_options={"host": args.host, "port": args.port},
                     logging_config={"log_level": "WARNING", "enable_access_log": False})
         serve.run(build(app_args(args)), name="mmer", route_prefix="/", blocking=False)
+        for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own
+            signal.signal(sig, lambda *_: stop.set())
         url = f"http://{args.host}:{args.port}/v1"
         print(f"serving {options.store} at {url} (models: GET {url}/models); Ctrl-C to stop", flush=True)
         while not stop.wait(0.5):
