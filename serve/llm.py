@@ -20,6 +20,7 @@ import binascii
 import hashlib
 import logging
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -104,6 +105,8 @@ class LLMServer:
         self._cache = Path(cache_dir or tempfile.mkdtemp(prefix="mmer-serve-"))
         self.current: ServedVersion | None = None
         self._retiring: list[ServedVersion] = []
+        self._lock = threading.RLock()  # versions change from the follower thread and the event loop
+        self._switching = threading.Lock()
 
     # -- versions --------------------------------------------------------------------------------
 
@@ -123,16 +126,44 @@ class LLMServer:
         engine = AsyncEngine(Engine(pipeline, limits), name=f"mmer-engine-v{weights.version}")
         return ServedVersion(weights.version, weights, pipeline, engine, base, models, modalities)
 
+    def target_version(self, pinned: int | None) -> int:
+        """The version to serve: the pinned one, else the store's serving pointer (the latest
+        published version while no pointer is set)."""
+        if pinned is not None:
+            return pinned
+        catalog = Store.open(self.options.store).catalog()
+        return catalog.serving_version()
+
+    def follow(self, pinned: int | None, max_versions: int = 2, drain_timeout_s: float = 600.0) -> bool:
+        """Load and switch to the target version if it is not the one served; True if it switched.
+        Blocking (the new version's stages load beside the old one): call it off the event loop.
+        At most ``max_versions`` versions are held at once: a switch waits for older versions'
+        last requests first."""
+        with self._switching:
+            target = self.target_version(pinned)
+            if self.current is not None and self.current.version == target:
+                return False
+            deadline = time.monotonic() + drain_timeout_s
+            while len(self._retiring) + 1 >= max_versions and time.monotonic() < deadline:
+                time.sleep(0.1)
+                self._drop_idle()
+            log.info("switching to version %d", target)
+            self.switch_to(self.load(target))
+            return True
+
     def switch_to(self, served: ServedVersion) -> None:
         """New requests go to ``served`` from now on; the previous version finishes what it has."""
-        old, self.current = self.current, served
-        if old is not None and old is not served:
-            self._retiring.append(old)
-            self._drop_idle()
+        with self._lock:
+            old, self.current = self.current, served
+            if old is not None and old is not served:
+                self._retiring.append(old)
+        self._drop_idle()
 
     def _drop_idle(self) -> None:
-        for v in [v for v in self._retiring if v.active == 0]:
-            self._retiring.remove(v)
+        with self._lock:
+            idle = [v for v in self._retiring if v.active == 0]
+            self._retiring = [v for v in self._retiring if v.active != 0]
+        for v in idle:
             v.engine.shutdown()
             shutdown = getattr(v.pipeline, "shutdown", None)
             if shutdown is not None:
@@ -187,15 +218,17 @@ class LLMServer:
     async def chat(self, request: dict, request_id: str | None = None) -> AsyncIterator[dict]:
         """Events: ``accepted`` (once the prompt is built), ``token`` per generated token (text delta,
         logprobs), and ``done`` (finish reason, usage). Errors before ``accepted`` raise ApiError."""
-        served = self.current
-        if served is None:
-            raise ApiError(503, "no version is loaded yet")
-        served.active += 1
+        with self._lock:  # the version is pinned here, at admission, for the request's whole life
+            served = self.current
+            if served is None:
+                raise ApiError(503, "no version is loaded yet")
+            served.active += 1
         try:
             async for event in self._chat(served, request, request_id or uuid.uuid4().hex):
                 yield event
         finally:
-            served.active -= 1
+            with self._lock:
+                served.active -= 1
             self._drop_idle()
 
     async def _chat(self, served: ServedVersion, request: dict, request_id: str) -> AsyncIterator[dict]:
