@@ -180,8 +180,6 @@ def test_config_overrides_fit_the_apps_deployments(which):
     assert deployments(app)["LLMEngine"]["max_ongoing_requests"] == engine.max_ongoing_requests
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="serve/engine.py's LLMEngine has no reconfigure method yet (issue 15: "
-                   "user_config {'version': N} switches versions in place); drop this mark when it has one")
 def test_the_rayservices_user_config_goes_to_a_reconfigure_method():
     """Serve fails a replica whose deployment gets a user_config and has no `reconfigure`."""
     app = the_app(rayservice_serve_config(load_yaml(RAYSERVICE)))
