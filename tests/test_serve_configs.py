@@ -166,15 +166,27 @@ def built_deployments(app: dict) -> dict:
     return _built(app["import_path"], json.dumps(app["args"], sort_keys=True))
 
 
+def override_problems(app: dict) -> list[str]:
+    """What Serve's deploy step refuses in the config's deployment overrides: a deployment the app
+    does not have, a value its DeploymentConfig does not take."""
+    built, problems = built_deployments(app), []
+    for name, override in deployments(app).items():
+        if name not in built:
+            problems.append(f"{name}: no such deployment (the app has {sorted(built)})")
+            continue
+        try:
+            built[name].options(**{k: v for k, v in override.items() if k != "name"})
+        except (pydantic.ValidationError, ValueError, TypeError) as e:
+            problems.append(f"{name}: {e}")
+    return problems
+
+
 @pytest.mark.parametrize("which", SERVE_CONFIGS)
 def test_config_overrides_fit_the_apps_deployments(which):
     app = the_app(SERVE_CONFIGS[which]())
     built = built_deployments(app)
     assert set(built) == DEPLOYMENTS
-    for name, override in deployments(app).items():
-        assert name in built, f"Serve refuses an override of a deployment the app lacks: {name}"
-        options = {k: v for k, v in override.items() if k != "name"}
-        built[name].options(**options)  # Serve's own DeploymentConfig checks on the values
+    assert override_problems(app) == []
     # the engine's concurrency is what serve.app derives from these args, stated where operators look
     engine = built["LLMEngine"]._deployment_config
     assert deployments(app)["LLMEngine"]["max_ongoing_requests"] == engine.max_ongoing_requests
@@ -248,10 +260,11 @@ def test_serve_checks_reject_broken_copies():
     assert serve_config_problems({**good, "http_option": {}}) == ["http_option: not an option of ServeDeploySchema"]
 
     # what the application's deployments take
-    built = built_deployments(good["applications"][0])
-    assert "LLMEngin" not in built
-    with pytest.raises(pydantic.ValidationError):
-        built["LLMEngine"].options(max_ongoing_requests=0)
+    misnamed = broken(lambda app: engine(app).update(name="LLMEngin"))["applications"][0]
+    assert serve_config_problems({"applications": [misnamed]}) == []  # fine to Serve's schema ...
+    assert [p.split(":")[0] for p in override_problems(misnamed)] == ["LLMEngin"]  # ... not to the app
+    negative = broken(lambda app: engine(app).update(graceful_shutdown_timeout_s=-1))["applications"][0]
+    assert [p.split(":")[0] for p in override_problems(negative)] == ["LLMEngine"]
 
     # the application's args
     args = good["applications"][0]["args"]
