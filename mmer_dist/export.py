@@ -34,7 +34,7 @@ from mmer_dist.merge.passes import StoreChunkReader
 from mmer_dist.merge.plan import tensor_chunks
 from mmer_dist.store import layout
 from mmer_dist.store.catalog import Catalog, TensorRecord
-from mmer_dist.ingest import COMPONENT_WEIGHTS, read_keymap
+from mmer_dist.ingest import read_keymap
 from mmer_dist.store.store import Store
 from mmer_dist.store.weights import StoreWeights, VersionWeights
 
@@ -57,14 +57,6 @@ def _staged_output(out: str | Path, overwrite: bool) -> Iterator[Path]:
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
-
-
-def _copy_store_files(store: Store, prefix: str, dest: Path) -> None:
-    for rel in store.list_files(prefix):
-        target = dest / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with store.open_file(f"{prefix}/{rel}") as src, open(target, "wb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 20)
 
 
 def _stream_llm(store: Store, catalog: Catalog, writer: SafetensorsWriter, names: dict[str, str], dtype: torch.dtype,
@@ -117,7 +109,7 @@ def export_model(url: str, model_id: str, out: str | Path, *, version: int | Non
             shape[0] += model.extra_rows
         entries.append((source, tuple(shape), dtype))
     with _staged_output(out, overwrite) as tmp, tempfile.TemporaryDirectory() as scratch:
-        component = _fetch_component(store, model_id, Path(scratch))
+        component = store_weights.fetch_component_weights(model_id, scratch)
         component_entries = _safetensors_entries(component) if component else []
         with SafetensorsWriter(tmp, entries + component_entries, max_shard_bytes=max_shard_bytes) as writer:
             _stream_llm(store, catalog, writer, keymap, dtype, block_fn, f"export {model_id}", progress)
@@ -129,19 +121,8 @@ def export_model(url: str, model_id: str, out: str | Path, *, version: int | Non
                 with safe_open(component, "pt") as src:
                     for key, _, _ in component_entries:
                         writer.write(key, 0, src.get_tensor(key))
-        _copy_store_files(store, f"{layout.model_component(model_id)}/files", tmp)
+        store_weights.fetch_files(model_id, tmp, weights=False)
     return Path(out)
-
-
-def _fetch_component(store: Store, model_id: str, scratch: Path) -> Path | None:
-    """A local copy of the model's component weights (the store may be remote), or None."""
-    path = f"{layout.model_component(model_id)}/{COMPONENT_WEIGHTS}"
-    if not store.exists_path(path):
-        return None
-    local = scratch / COMPONENT_WEIGHTS
-    with store.open_file(path) as src, open(local, "wb") as dst:
-        shutil.copyfileobj(src, dst, 1 << 20)
-    return local
 
 
 def _safetensors_entries(path: Path) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
@@ -161,7 +142,7 @@ def _export_llama(store: Store, catalog: Catalog, out, block_fn, desc, max_shard
     with _staged_output(out, overwrite) as tmp:
         with SafetensorsWriter(tmp, entries, max_shard_bytes=max_shard_bytes) as writer:
             _stream_llm(store, catalog, writer, names, dtype, block_fn, desc, progress)
-        _copy_store_files(store, layout.BASE_FILES, tmp)
+        StoreWeights(store, catalog).fetch_files(None, tmp)
     return Path(out)
 
 
@@ -221,7 +202,7 @@ def _export_baseline(store, catalog, out, method, request: MergeRequest, max_sha
                                     sink, progress_factory=_tqdm_factory(progress))
             finally:
                 reader.close()
-        _copy_store_files(store, layout.BASE_FILES, tmp)
+        StoreWeights(store, catalog).fetch_files(None, tmp)
     return Path(out)
 
 

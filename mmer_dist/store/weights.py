@@ -24,13 +24,15 @@ the base vocabulary is ``VocabularyLayout``.
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 
 import torch
 
-from mmer_dist.errors import InvalidInputError
+from mmer_dist.errors import InvalidInputError, StoreError
 from mmer_dist.method import reconstruct
 from mmer_dist.method.masks import unpack_bits
 from mmer_dist.store import layout
@@ -151,6 +153,52 @@ class StoreWeights:
     def as_shape(self, name: str, block: torch.Tensor) -> torch.Tensor:
         """A whole tensor's (rows, cols) block in the tensor's own shape."""
         return block.reshape(self._record(name).shape)
+
+    # -- files: the base's, and each model's modality component -----------------------------------
+
+    def fetch_files(self, model_id: str | None, dest: str | Path, *, weights: bool = True) -> Path:
+        """Copy the base's files (``model_id`` None) or model ``model_id``'s component (its encoder
+        + connector weights as ``component.safetensors`` when ``weights``, and its configs,
+        tokenizer, processor and chat template) into the local directory ``dest``: a checkpoint
+        folder without the LLM weights, which transformers' ``from_pretrained`` of a tokenizer or
+        processor reads. Names read from the store never leave ``dest``."""
+        dest = Path(dest)
+        if model_id is None:
+            prefix, weights_path = layout.BASE_FILES, None
+        else:
+            self.catalog.model(model_id)
+            prefix = f"{layout.model_component(model_id)}/files"
+            weights_path = f"{layout.model_component(model_id)}/{layout.COMPONENT_WEIGHTS}"
+        dest.mkdir(parents=True, exist_ok=True)
+        for rel in self.store.list_files(prefix):
+            self._copy(f"{prefix}/{rel}", safe_join(dest, rel))
+        if weights and weights_path is not None and self.store.exists_path(weights_path):
+            self._copy(weights_path, dest / layout.COMPONENT_WEIGHTS)
+        return dest
+
+    def fetch_component_weights(self, model_id: str, dest: str | Path) -> Path | None:
+        """Model ``model_id``'s encoder + connector tensors as a local safetensors file in ``dest``
+        (the store may be remote), or None when it has no component weights."""
+        path = f"{layout.model_component(model_id)}/{layout.COMPONENT_WEIGHTS}"
+        if not self.store.exists_path(path):
+            return None
+        local = Path(dest) / layout.COMPONENT_WEIGHTS
+        self._copy(path, local)
+        return local
+
+    def _copy(self, src: str, target: Path) -> None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with self.store.open_file(src) as f, open(target, "wb") as out:
+            shutil.copyfileobj(f, out, 1 << 20)
+
+
+def safe_join(root: Path, rel: str) -> Path:
+    """``root / rel`` for a relative name read from a store, refusing anything that would land
+    outside ``root`` (absolute names, ``..``): a store may be shared, its names are not trusted."""
+    parts = Path(rel).parts
+    if not rel or Path(rel).is_absolute() or any(p in ("..", "") for p in parts) or "\\" in rel:
+        raise StoreError(f"the store names a file {rel!r} that would leave the output directory; refusing it")
+    return root.joinpath(*parts)
 
 
 class VersionWeights(StoreWeights):
