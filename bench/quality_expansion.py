@@ -31,7 +31,7 @@ import torch
 
 from mmer_dist.model import Expansion, LocalPipeline, MediaPart, Prompt, TextPart, plan_prompt
 from mmer_dist.model.batch import RequestSlice, StepBatch
-from mmer_dist.model.dense import EMBED, DenseWeights, build_dense
+from mmer_dist.model.dense import EMBED
 from mmer_dist.model.stage import DecoderStage
 from mmer_dist.store.weights import StoreWeights, VersionWeights
 from mmer_dist.store.weightsets import WeightSet
@@ -137,24 +137,16 @@ def pipeline(weights: VersionWeights, device: str) -> LocalPipeline:
     return LocalPipeline.build(weights, 1, device=device, dtype=torch.float32, slot_budget_bytes=SLOT_BUDGET)
 
 
-class OriginalsStage(DecoderStage):
-    """A stage that serves theta_hat_k as model k's ingested theta_k (``base`` stays theta_pre):
-    the routed forward with no merge at all, the expansion table's reference row. Everything else
-    (routing, embedding, attention, the base-vocabulary head) is the engine's own."""
-
-    def __init__(self, weights: VersionWeights, device: str):
-        self._store = weights  # set before DecoderStage.__init__ builds its pinned set
-        n_layers = int(weights.base_config["num_hidden_layers"])
-        super().__init__(weights, 0, n_layers, device=device, dtype=torch.float32, slot_budget_bytes=SLOT_BUDGET)
-
-    def _build(self, key: WeightSet) -> DenseWeights:
-        if key.kind != "hat":
-            return super()._build(key)
-        model = key.models[0]
-        return build_dense(lambda name: self._store.original(name, model).float(), range(self.first, self.stop),
-                           self.biases, embed=self.has_embed, head=self.has_head, tied=self.config.tie_embeddings,
-                           weight_dtype=self.weight_dtype, dtype=self.dtype)
-
-
 def originals_pipeline(weights: VersionWeights, device: str) -> LocalPipeline:
-    return LocalPipeline([OriginalsStage(weights, device)])
+    """theta_hat_k served as model k's ingested theta_k (``base`` stays theta_pre): the routed
+    forward with no merge at all, the expansion table's reference row; everything else (routing,
+    embedding, attention, the base-vocabulary head) is the engine's own."""
+
+    def originals(key: WeightSet):
+        if key.kind == "hat":
+            return lambda name: weights.original(name, key.models[0]).float()
+        return None
+
+    n_layers = int(weights.base_config["num_hidden_layers"])
+    return LocalPipeline([DecoderStage(weights, 0, n_layers, device=device, dtype=torch.float32,
+                                       slot_budget_bytes=SLOT_BUDGET, fetcher=originals)])
