@@ -55,7 +55,7 @@ class KitSize:
 SIZES: dict[str, KitSize] = {
     "demo": KitSize(
         base_steps=300,
-        steps={"digits": 300, "tones": 120, "shapes": 120, "motion": 150, "parity": 250},
+        steps={"digits": 450, "tones": 120, "shapes": 120, "motion": 150, "parity": 250},
         n_train={"digits": 1437, "tones": 1500, "shapes": 1500, "motion": 1500, "parity": 1437},
         n_test={"digits": 360, "tones": 300, "shapes": 300, "motion": 300, "parity": 360}),
     "test": KitSize(
