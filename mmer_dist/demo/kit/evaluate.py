@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from safetensors.torch import load_file
@@ -47,7 +48,7 @@ def predict(checkpoint_dir: str | Path, task: str | Task, samples: list[Sample],
             batch_size: int = 128) -> list[str]:
     """The checkpoint's greedy reply (special tokens removed, stripped) to each sample's prompt."""
     task = get_task(task) if isinstance(task, str) else task
-    model, processor, adapter = load(checkpoint_dir, llm=llm)
+    model, processor, adapter = load_checkpoint(checkpoint_dir, llm=llm)
     replies: dict[int, str] = {}
     tokenizer = getattr(processor, "tokenizer", processor)
     by_length = defaultdict(list)  # prompts of the same token count batch without padding
@@ -64,13 +65,14 @@ def predict(checkpoint_dir: str | Path, task: str | Task, samples: list[Sample],
     return [replies[i] for i in range(len(samples))]
 
 
-def load(checkpoint_dir: str | Path, *, llm: str | Path | None = None) -> tuple[Any, Any, Any]:
+def load_checkpoint(checkpoint_dir: str | Path, *, llm: str | Path | None = None) -> tuple[Any, Any, Any]:
     """(model in eval mode, its processor or tokenizer, its adapter or None)."""
     checkpoint_dir = Path(checkpoint_dir)
     model_type = _json(checkpoint_dir / "config.json").get("model_type")
     if model_type not in MODEL_CLASSES:
         raise FormatError(f"{checkpoint_dir}: model_type {model_type!r}; the evaluator reads {sorted(MODEL_CLASSES)}")
-    model = MODEL_CLASSES[model_type].from_pretrained(checkpoint_dir, dtype=torch.float32).eval()
+    with quiet_transformers():
+        model = MODEL_CLASSES[model_type].from_pretrained(checkpoint_dir, dtype=torch.float32).eval()
     if llm is not None:
         _swap_llm(model, FORMATS[model_type], Path(llm))
     if model_type == "llama":
@@ -78,6 +80,20 @@ def load(checkpoint_dir: str | Path, *, llm: str | Path | None = None) -> tuple[
     else:
         processor = load_processor(checkpoint_dir)
     return model, processor, load_adapter(checkpoint_dir)
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """No transformers progress bars (weights loading, shards writing) inside; as before after."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _swap_llm(model: torch.nn.Module, fmt: str, llm_dir: Path) -> None:
