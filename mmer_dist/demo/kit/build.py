@@ -132,6 +132,7 @@ def build_kit(cache_dir: str | Path | None = None, size: str = "demo", seed: int
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
         try:
             _build(tmp, size, seed, log or (lambda message: None))
+            os.chmod(tmp, 0o755)  # mkdtemp's 0700 is for while it is being written
             os.rename(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
