@@ -48,6 +48,10 @@ class LLMEngine:
             await asyncio.sleep(self.options.follow_interval_s)
             try:
                 await loop.run_in_executor(None, self.server.follow, self.pinned)
+            except RuntimeError as e:
+                if "shutdown" in str(e):  # the replica is going away
+                    return
+                log.exception("could not switch versions")
             except Exception:  # a bad version (or a store hiccup) must not take the endpoint down
                 log.exception("could not switch versions; still serving version %s",
                               self.server.current.version if self.server.current else None)
@@ -73,4 +77,7 @@ class LLMEngine:
             raise RuntimeError("the engine's step loop is not running")
 
     def __del__(self):
+        follower = getattr(self, "_follower", None)
+        if follower is not None:
+            follower.cancel()
         self.server.shutdown()

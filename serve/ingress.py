@@ -24,7 +24,7 @@ from pydantic import ValidationError
 
 from serve.config import ServeOptions
 from serve.errors import ApiError
-from serve.protocol import ChatCompletionRequest
+from serve.protocol import ChatCompletionRequest, check_part_types
 
 def _cause(e: BaseException) -> BaseException:
     """The exception a deployment raised, out of Ray's wrapper."""
@@ -67,10 +67,12 @@ class OpenAIIngress:
             raise ApiError(400, f"the request body is not valid JSON: {e}") from None
         if not isinstance(payload, dict):
             raise ApiError(400, "the request body must be a JSON object")
+        check_part_types(payload)
         try:
             parsed = ChatCompletionRequest.model_validate(payload)
         except ValidationError as e:
-            first = e.errors()[0]
+            # of a union's alternatives, the deepest error names the real problem
+            first = max(e.errors(), key=lambda err: len(err["loc"]))
             where = ".".join(str(x) for x in first["loc"])
             raise ApiError(400, f"{where}: {first['msg']}" if where else first["msg"],
                            param=str(first["loc"][0]) if first["loc"] else None) from None
