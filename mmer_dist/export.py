@@ -8,22 +8,22 @@
 - ``export_text``: theta_bar = theta_pre + mean(m) * tau*, the weights text tokens run through.
 
 Output goes to a sibling temporary directory renamed into place at the end, so a failed export
-never leaves a directory that looks like a complete checkpoint.
+never leaves a directory that looks like a complete checkpoint (``mmer_dist/outputs.py``: what
+``--overwrite`` may replace, and how file names from the store are checked).
 """
 
 from __future__ import annotations
 
 import shutil
 import tempfile
-import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
+from mmer_dist import outputs
 from mmer_dist.errors import InvalidInputError
 from mmer_dist.formats.checkpoint import SAFETENSORS_DTYPES, read_header
 from mmer_dist.formats.writer import SafetensorsWriter
@@ -42,29 +42,9 @@ DEFAULT_SHARD_BYTES = 2 * 1024**3
 BASELINES = ("ties", "ta", "naive", "dare", "neuro")
 
 
-@contextmanager
-def _staged_output(out: str | Path, overwrite: bool) -> Iterator[Path]:
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise InvalidInputError(f"output directory {out} exists and is not empty (use --overwrite)")
-    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-
-
-def _copy_store_files(store: Store, prefix: str, dest: Path) -> None:
-    for rel in store.list_files(prefix):
-        target = dest / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with store.open_file(f"{prefix}/{rel}") as src, open(target, "wb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 20)
+# output directories and store file names: mmer_dist/outputs.py (what may be written or replaced)
+_staged_output = outputs.staged_output
+_copy_store_files = outputs.copy_store_files
 
 
 def _stream_llm(store: Store, catalog: Catalog, writer: SafetensorsWriter, names: dict[str, str], dtype: torch.dtype,
