@@ -14,6 +14,7 @@ so that merges (and later additions) can pick exact top-K thresholds without tha
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import re
@@ -108,7 +109,8 @@ def ingest_base(url: str, path: str | Path, *, chunk_elems: int = layout.DEFAULT
             records = _write_base(store, reader, split, n_layers, chunk_elems, progress)
             _copy_aux_files(store, files, "base", layout.BASE_FILES.removeprefix("base/")).close()
         except BaseException:
-            store.remove("base")  # a failed or interrupted ingest leaves nothing behind
+            with contextlib.suppress(OSError):  # else `mmer gc` removes it later
+                store.remove("base")  # a failed or interrupted ingest leaves nothing behind
             raise
         store_record = StoreRecord(layout.STORE_LAYOUT_VERSION, utc_now(), str(path), reader.sha256(),
                                    records[0].dtype, json.dumps(config, sort_keys=True), chunk_elems)
@@ -210,7 +212,10 @@ def _discard_uncommitted(store: Store, model_id: str) -> None:
     except Exception:  # an unreadable catalog: keep the files, `mmer gc` decides later
         return
     if not committed:
-        store.remove(layout.model_root(model_id))
+        try:
+            store.remove(layout.model_root(model_id))
+        except OSError:
+            pass  # the original error matters more; `mmer gc` removes the leftovers later
 
 
 def _write_model(store: Store, catalog, reader: CheckpointReader, plan: ModelPlan, files: CheckpointFiles,
