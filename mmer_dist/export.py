@@ -14,7 +14,6 @@ never leaves a directory that looks like a complete checkpoint (``mmer_dist/outp
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -29,22 +28,21 @@ from mmer_dist.formats.checkpoint import SAFETENSORS_DTYPES, read_header
 from mmer_dist.formats.writer import SafetensorsWriter
 from mmer_dist.method import reconstruct, streaming
 from mmer_dist.method.kernels import ChunkKernels
-from mmer_dist.method.masks import unpack_bits
 from mmer_dist.merge.engine import MergeRequest, cached_high_histogram, resolve_settings
 from mmer_dist.merge.passes import StoreChunkReader
 from mmer_dist.merge.plan import tensor_chunks
 from mmer_dist.store import layout
 from mmer_dist.store.catalog import Catalog, TensorRecord
-from mmer_dist.ingest import COMPONENT_WEIGHTS, read_keymap
+from mmer_dist.ingest import read_keymap
 from mmer_dist.store.store import Store
+from mmer_dist.store.weights import StoreWeights, VersionWeights
 
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 BASELINES = ("ties", "ta", "naive", "dare", "neuro")
 
 
-# output directories and store file names: mmer_dist/outputs.py (what may be written or replaced)
+# what an export may write and replace: mmer_dist/outputs.py
 _staged_output = outputs.staged_output
-_copy_store_files = outputs.copy_store_files
 
 
 def _stream_llm(store: Store, catalog: Catalog, writer: SafetensorsWriter, names: dict[str, str], dtype: torch.dtype,
@@ -77,22 +75,17 @@ def export_model(url: str, model_id: str, out: str | Path, *, version: int | Non
     dtype = layout.torch_dtype(model.dtype)
     keymap = read_keymap(store, model_id)
     tensors = catalog.tensor_map()
+    store_weights = StoreWeights(store, catalog)
 
     if original:
         def block_fn(t, a, b):
-            return store.read_rows(f"{layout.model_llm(model_id)}/{t.name}", a, b)
+            return store_weights.original(t.name, model_id, (a, b))
     else:
-        ver = catalog.version(version)
-        if model_id not in ver.models:
-            raise InvalidInputError(f"model {model_id!r} is not part of version {ver.version} "
-                                    f"(models: {', '.join(ver.models)}); merge again to include it")
-        index = ver.models.index(model_id)
+        weights = VersionWeights(store, version, catalog)
+        weights.model_index(model_id)  # refuses a model the version does not hold
 
         def block_fn(t, a, b):
-            base = store.read_rows(f"{layout.BASE_LLM}/{t.name}", a, b)
-            tau_star = store.read_rows(f"{layout.version_tau_star(ver.version)}/{t.name}", a, b)
-            packed = store.read(f"{layout.version_masks(ver.version)}/{t.name}", index, slice(a, b))
-            return reconstruct.reconstruct(base, unpack_bits(packed, t.cols), tau_star)
+            return weights.theta_hat(t.name, model_id, (a, b))
 
     entries = []
     for name, source in keymap.items():
@@ -102,32 +95,20 @@ def export_model(url: str, model_id: str, out: str | Path, *, version: int | Non
             shape[0] += model.extra_rows
         entries.append((source, tuple(shape), dtype))
     with _staged_output(out, overwrite) as tmp, tempfile.TemporaryDirectory() as scratch:
-        component = _fetch_component(store, model_id, Path(scratch))
+        component = store_weights.fetch_component_weights(model_id, scratch)
         component_entries = _safetensors_entries(component) if component else []
         with SafetensorsWriter(tmp, entries + component_entries, max_shard_bytes=max_shard_bytes) as writer:
             _stream_llm(store, catalog, writer, keymap, dtype, block_fn, f"export {model_id}", progress)
-            if model.extra_rows:
-                for t in catalog.tensors:
-                    if t.vocab_rows:
-                        extra = store.read_rows(f"{layout.model_extra(model_id)}/{t.name}", 0, model.extra_rows)
-                        writer.write(keymap[t.name], t.rows, extra)
+            for t in catalog.tensors:
+                extra = store_weights.extra_rows(t.name, model_id)
+                if extra is not None:
+                    writer.write(keymap[t.name], t.rows, extra)
             if component:
                 with safe_open(component, "pt") as src:
                     for key, _, _ in component_entries:
                         writer.write(key, 0, src.get_tensor(key))
-        _copy_store_files(store, f"{layout.model_component(model_id)}/files", tmp)
+        store_weights.fetch_files(model_id, tmp, weights=False)
     return Path(out)
-
-
-def _fetch_component(store: Store, model_id: str, scratch: Path) -> Path | None:
-    """A local copy of the model's component weights (the store may be remote), or None."""
-    path = f"{layout.model_component(model_id)}/{COMPONENT_WEIGHTS}"
-    if not store.exists_path(path):
-        return None
-    local = scratch / COMPONENT_WEIGHTS
-    with store.open_file(path) as src, open(local, "wb") as dst:
-        shutil.copyfileobj(src, dst, 1 << 20)
-    return local
 
 
 def _safetensors_entries(path: Path) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
@@ -147,7 +128,7 @@ def _export_llama(store: Store, catalog: Catalog, out, block_fn, desc, max_shard
     with _staged_output(out, overwrite) as tmp:
         with SafetensorsWriter(tmp, entries, max_shard_bytes=max_shard_bytes) as writer:
             _stream_llm(store, catalog, writer, names, dtype, block_fn, desc, progress)
-        _copy_store_files(store, layout.BASE_FILES, tmp)
+        StoreWeights(store, catalog).fetch_files(None, tmp)
     return Path(out)
 
 
@@ -155,14 +136,10 @@ def export_text(url: str, out: str | Path, *, version: int | None = None, max_sh
                 overwrite: bool = False, progress: bool = True) -> Path:
     store = Store.open(url)
     catalog = store.catalog()
-    ver = catalog.version(version)
+    weights = VersionWeights(store, version, catalog)
 
     def block_fn(t, a, b):
-        base = store.read_rows(f"{layout.BASE_LLM}/{t.name}", a, b)
-        tau_star = store.read_rows(f"{layout.version_tau_star(ver.version)}/{t.name}", a, b)
-        packed = store.read(f"{layout.version_masks(ver.version)}/{t.name}", slice(None), slice(a, b))
-        count = unpack_bits(packed, t.cols).sum(0, dtype=torch.int32)
-        return reconstruct.text_weights(base, count, len(ver.models), tau_star)
+        return weights.theta_bar(t.name, (a, b))
 
     return _export_llama(store, catalog, out, block_fn, "export text weights", max_shard_bytes, overwrite, progress)
 
@@ -174,12 +151,11 @@ def export_merged(url: str, out: str | Path, *, version: int | None = None, meth
     store = Store.open(url)
     catalog = store.catalog()
     if method is None:
-        ver = catalog.version(version)
+        weights = VersionWeights(store, version, catalog)
+        ver = weights.record
 
         def block_fn(t, a, b):
-            base = store.read_rows(f"{layout.BASE_LLM}/{t.name}", a, b)
-            tau_star = store.read_rows(f"{layout.version_tau_star(ver.version)}/{t.name}", a, b)
-            return reconstruct.merged_weights(base, tau_star, ver.alpha)
+            return weights.theta_star(t.name, (a, b))
 
         return _export_llama(store, catalog, out, block_fn, f"export merged v{ver.version}", max_shard_bytes,
                              overwrite, progress)
@@ -212,7 +188,7 @@ def _export_baseline(store, catalog, out, method, request: MergeRequest, max_sha
                                     sink, progress_factory=_tqdm_factory(progress))
             finally:
                 reader.close()
-        _copy_store_files(store, layout.BASE_FILES, tmp)
+        StoreWeights(store, catalog).fetch_files(None, tmp)
     return Path(out)
 
 

@@ -45,7 +45,7 @@ from mmer_dist.store.store import Store, check_model_id, utc_now
 ARCH_FIELDS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size")
 VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
-COMPONENT_WEIGHTS = "component.safetensors"
+from mmer_dist.store.layout import COMPONENT_WEIGHTS  # noqa: E402  (re-exported for readers)
 KEYMAP = "keymap.json"
 HISTOGRAM = "magnitude_histogram.parquet"
 

@@ -15,52 +15,24 @@ directory only when it stays inside it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from mmer_dist.errors import InvalidInputError, StoreError
-from mmer_dist.store.files import check_entry, files_under, owner_of
-from mmer_dist.store.store import Store
+from mmer_dist.errors import InvalidInputError
+from mmer_dist.store.files import copy_files, safe_join  # noqa: F401  (safe_join: the name check, re-exported)
 
 EXPORT_MARKER = ".mmer-export.json"
 _STAGING_LOCK = ".mmer-staging.lock"
 
 
-def safe_join(dest: Path, name: str) -> Path:
-    """``dest / name`` for a relative, '/'-separated file name that stays inside ``dest``."""
-    parts = PurePosixPath(name).parts
-    if (not name or "\\" in name or "\0" in name or name.startswith("/") or PurePosixPath(name).is_absolute()
-            or any(p in ("", ".", "..") for p in parts) or ":" in parts[0]):
-        raise StoreError(f"the store names a file {name!r}, which is not a plain relative name inside the output "
-                         "directory; refusing to write it (the store may be damaged or hostile: `mmer verify`)")
-    target = dest.joinpath(*parts)
-    if not target.resolve().is_relative_to(dest.resolve()):
-        raise StoreError(f"the store's file {name!r} would be written outside {dest} (through a link); refusing")
-    return target
-
-
-def copy_store_files(store: Store, prefix: str, dest: Path) -> None:
-    """Copy the manifest's files under store path ``prefix`` into ``dest``, each name checked
-    and each file's bytes checked against its recorded sha256."""
-    owner = owner_of(prefix)[0]
-    for name, entry in files_under(store, prefix):
-        target = safe_join(dest, name)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        digest, size = hashlib.sha256(), 0
-        with store.open_file(f"{prefix}/{name}") as src, open(target, "wb") as dst:
-            while block := src.read(1 << 20):
-                digest.update(block)
-                size += len(block)
-                dst.write(block)
-        check_entry(store, owner, entry, digest.hexdigest(), size)
+copy_store_files = copy_files  # store file names checked, bytes checked (mmer_dist/store/files.py)
 
 
 def _check_out(out: Path) -> None:

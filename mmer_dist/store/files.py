@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
 
 from mmer_dist.errors import StoreError
 from mmer_dist.store.store import Store
@@ -79,3 +80,45 @@ def check_entry(store: Store, owner: str, entry: FileEntry, data_sha256: str, si
     if data_sha256 != entry.sha256 or size != entry.size:
         raise StoreError(f"store {store.url!r}: file {owner}/{entry.path} is damaged ({size} bytes, sha256 "
                          f"{data_sha256[:12]}…; its manifest records {entry.size} bytes, {entry.sha256[:12]}…)")
+
+
+def safe_join(dest: Path, name: str) -> Path:
+    """``dest / name`` for a relative, '/'-separated file name read from a store, refusing
+    anything that would land outside ``dest`` (absolute names, ``..``, links): a store may be
+    shared, its names are not trusted."""
+    parts = PurePosixPath(name).parts
+    if (not name or "\\" in name or "\0" in name or name.startswith("/")
+            or any(p in ("", ".", "..") for p in parts) or ":" in parts[0]):
+        raise StoreError(f"the store names a file {name!r}, which is not a plain relative name inside the output "
+                         "directory; refusing to write it (the store may be damaged or hostile: `mmer verify`)")
+    target = Path(dest).joinpath(*parts)
+    if not target.resolve().is_relative_to(Path(dest).resolve()):
+        raise StoreError(f"the store's file {name!r} would be written outside {dest} (through a link); refusing")
+    return target
+
+
+def copy_file(store: Store, path: str, target: Path, entry: FileEntry | None = None) -> None:
+    """Copy one plain file of the store to a local path, its bytes checked against the manifest."""
+    owner, rel = owner_of(path)
+    if entry is None:
+        entry = read_manifest(store, owner).get(rel)
+        if entry is None:
+            raise StoreError(f"store {store.url!r}: {path} is not in {owner}/{MANIFEST}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    digest, size = hashlib.sha256(), 0
+    try:
+        with store.open_file(path) as src, open(target, "wb") as dst:
+            while block := src.read(1 << 20):
+                digest.update(block)
+                size += len(block)
+                dst.write(block)
+    except FileNotFoundError:
+        raise StoreError(f"store {store.url!r}: file {path} is missing (listed in {owner}/{MANIFEST})") from None
+    check_entry(store, owner, entry, digest.hexdigest(), size)
+
+
+def copy_files(store: Store, prefix: str, dest: Path) -> None:
+    """Copy the manifest's files under store path ``prefix`` into ``dest`` (names checked, bytes
+    checked against their sha256)."""
+    for name, entry in files_under(store, prefix):
+        copy_file(store, f"{prefix}/{name}", safe_join(Path(dest), name), entry)

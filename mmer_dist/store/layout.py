@@ -98,6 +98,7 @@ def packed_cols(cols: int) -> int:
 # -- paths (relative to the store root) --------------------------------------------------------
 
 CATALOG = "catalog"
+COMPONENT_WEIGHTS = "component.safetensors"  # a model's encoder + connector tensors, one file
 BASE_LLM = "base/llm"
 BASE_FILES = "base/files"
 
