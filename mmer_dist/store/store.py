@@ -64,6 +64,11 @@ class Store:
         fs, root = connect(url)
         if is_local(fs):
             zstore = zarr.storage.LocalStore(root)
+        elif getattr(fs, "async_impl", False):
+            # zarr runs its I/O on its own event loop: it needs an instance made for async use
+            # (the sync one is bound to fsspec's loop); same options, a separate instance
+            zstore = zarr.storage.FsspecStore(fs=type(fs)(**fs.storage_options, asynchronous=True,
+                                                          skip_instance_cache=True), path=root)
         else:
             zstore = zarr.storage.FsspecStore(fs=_async_fs(fs), path=root)
         return fs, root, zstore
