@@ -29,9 +29,9 @@ from mmer_dist.merge.local import LocalBackend
 from mmer_dist.store.catalog import ModelRecord
 from mmer_dist.store.store import Store
 
-pytest.importorskip("s3fs", reason="s3fs is in the dev extra")
-moto_server = pytest.importorskip("moto.server", reason="moto[server] is in the dev extra")
+import moto.server as moto_server  # noqa: E402  (moto[server] and s3fs are in the dev extra)
 
+pytestmark = pytest.mark.slow
 MERGE = ("--quiet", "--no-compile", "--device", "cpu")
 
 
@@ -56,23 +56,24 @@ def s3(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def slow_ckpts(ckpts):
-    base = ckpts.custom("obj-base", lambda p: tiny_models.save_base(p, dtype=torch.bfloat16, num_hidden_layers=4))
+def small_ckpts(ckpts):
+    """One decoder layer: few arrays, so few requests (a request to moto costs ~20 ms here)."""
+    base = ckpts.custom("obj-base", lambda p: tiny_models.save_base(p, dtype=torch.bfloat16, num_hidden_layers=1))
     models = [ckpts.custom(f"obj-{i}", lambda p, i=i: tiny_models.save_finetuned(base, p, "llava", dtype=torch.bfloat16,
                                                                                   seed=50 + i)) for i in range(2)]
     return base, models
 
 
-def _ingested(url, slow_ckpts):
-    base, models = slow_ckpts
-    run_cli("ingest", "--store", url, "--base", base, "--chunk-elems", 1024, "--quiet")
+def _ingested(url, small_ckpts):
+    base, models = small_ckpts
+    run_cli("ingest", "--store", url, "--base", base, "--quiet")
     for i, path in enumerate(models):
         run_cli("ingest", "--store", url, "--model", f"m{i}", "--path", path, "--modality", "image", "--quiet")
     return url
 
 
-def test_two_merges_at_once_on_s3(s3, slow_ckpts):
-    url = _ingested(f"{s3}/two-merges", slow_ckpts)
+def test_two_merges_at_once_on_s3(s3, small_ckpts):
+    url = _ingested(f"{s3}/two-merges", small_ckpts)
     procs = [mmer_subprocess("merge", "--store", url, *MERGE) for _ in range(2)]
     results = [(p.wait(timeout=600), p.communicate()) for p in procs]
     ok = [out for rc, (out, err) in results if rc == 0]
@@ -88,7 +89,7 @@ def test_two_merges_at_once_on_s3(s3, slow_ckpts):
     assert [v.version for v in Store.open(url).catalog().versions] == [1, 2]
 
 
-def _commit_race(url: str, rounds: int = 10) -> None:
+def _commit_race(url: str, rounds: int) -> None:
     """Two writers commit from the same snapshot at the same moment: exactly one lands."""
     store = Store.open(url)
     record = ModelRecord("m", "image", "llava", "/src", "bfloat16", 10, 0, 3, "ab" * 32, 1.0, "t", 0.1)
@@ -122,18 +123,18 @@ def _commit_race(url: str, rounds: int = 10) -> None:
 def test_concurrent_commits_on_s3(s3):
     url = f"{s3}/commits-{uuid.uuid4().hex[:6]}"
     Store.create(url)
-    _commit_race(url)
+    _commit_race(url, rounds=4)
 
 
 def test_concurrent_commits_on_memory():
     url = f"memory://commits-{uuid.uuid4().hex[:6]}/store"
     Store.create(url)
-    _commit_race(url)
+    _commit_race(url, rounds=20)
 
 
-def test_two_merges_at_once_on_memory(slow_ckpts):
+def test_two_merges_at_once_on_memory(small_ckpts):
     """memory:// lives in one process: two merges on two threads."""
-    url = _ingested(f"memory://merges-{uuid.uuid4().hex[:6]}/store", slow_ckpts)
+    url = _ingested(f"memory://merges-{uuid.uuid4().hex[:6]}/store", small_ckpts)
     outcomes: list = []
     barrier = threading.Barrier(2)
 
