@@ -380,7 +380,8 @@ def _write_histograms(manifest: ManifestWriter, histograms: dict[str, select.Spa
 
 def read_histograms(store: Store, model_id: str) -> dict[str, select.SparseCounts]:
     """Per tensor: high-digit counts (2, M) of |theta_i - theta_pre| recorded at ingest."""
-    table = pq.read_table(io.BytesIO(store.get_bytes(f"{layout.model_meta(model_id)}/{HISTOGRAM}")))
+    table = pq.read_table(pa.BufferReader(store.get_bytes(f"{layout.model_meta(model_id)}/{HISTOGRAM}")),
+                          use_threads=False)  # no Arrow thread calling back into Python (see catalog.py)
     names = table.column("tensor").to_numpy(zero_copy_only=False)
     keys = table.column("key").to_numpy()
     counts = np.stack([table.column("count").to_numpy(), table.column("floor").to_numpy()])

@@ -11,6 +11,7 @@ import errno
 import sys
 
 from mmer_dist.cli import demo, export, gc, ingest, merge, status, verify
+from mmer_dist.cli.shutdown import release_background_threads
 from mmer_dist.errors import MmerError
 
 COMMAND_MODULES = (demo, ingest, merge, export, status, verify, gc)
@@ -39,6 +40,15 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         return _fail(args.command, f"error: {describe_os_error(e)}", 1)
     return 0
+
+
+def console_main() -> int:
+    """The ``mmer`` script: run one command, then stop the background threads it left running
+    so that the process exits with the command's status, never an abort at finalization."""
+    try:
+        return main()
+    finally:
+        release_background_threads()
 
 
 def _fail(command: str, message: str, code: int) -> int:

@@ -238,7 +238,9 @@ def read_snapshot_tables(fs: fsspec.AbstractFileSystem, root: str, commit: Commi
             raise StoreError(f"catalog snapshot {commit.seq}: {path} is damaged (its sha256 differs from the one "
                              f"recorded at commit; {len(data)} bytes)")
         try:
-            tables[name] = _from_table(pq.read_table(io.BytesIO(data)), record_type)
+            # from an Arrow buffer, on this thread: no Arrow I/O thread calls back into Python (one
+            # still doing so at interpreter exit aborts the process: exit 134)
+            tables[name] = _from_table(pq.read_table(pa.BufferReader(data), use_threads=False), record_type)
         except (pa.ArrowException, TypeError, ValueError) as e:
             raise StoreError(f"catalog snapshot {commit.seq}: {path} does not parse ({e})") from None
     return tables
