@@ -10,7 +10,6 @@ reported as skipped with the reason.
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import signal
 import subprocess
@@ -21,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import copy_store, ingest_args
-from store_helpers import MMER, StoreState, mmer_subprocess, run_cli, status_json
+from store_helpers import StoreState, mmer_subprocess, run_cli, status_json
 
 from mmer_dist.demo import tiny_models
 
