@@ -1,10 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks of the merge engine, in one go (for a lent CUDA machine without Ray):
-#   1. the method's exactness tests with the streaming kernels on CUDA (the oracle stays on CPU),
-#      and the routed forward's tests on CUDA;
+#   1. the method's exactness tests with the streaming kernels on CUDA (the oracle stays on CPU);
 #   2. the core throughput benchmark on CUDA;
-#   3. the routed forward's cost (bench/routed_forward.py);
-#   4. the store tests that need no Ray, whose merges pick `--device auto` = cuda.
+#   3. the store tests that need no Ray, whose merges pick `--device auto` = cuda.
 # Wheels missing there (zarr and its needs) can be carried in .whl/ and are installed first.
 # Logs and JSON go to ${OUT:-bench/out/gpu}.
 #   bash bench/gpu_check.sh [core bench args...]
@@ -21,14 +19,12 @@ python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.i
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$out/env.log"
 
 status=0
-echo "== method and routing tests on cuda"
-MMER_TEST_DEVICE=cuda timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_method_*.py tests/test_routing.py 2>&1 \
+echo "== method tests on cuda"
+MMER_TEST_DEVICE=cuda timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_method_*.py 2>&1 \
     | tee "$out/method_tests.log" || status=1
 echo "== core throughput on cuda"
 timeout 600 python3 bench/core_throughput.py --device cuda --cache-dir /tmp/mmer-core-cache --out "$out/core_throughput_cuda.json" "$@" 2>&1 \
     | tee "$out/core_bench.log" || status=1
-echo "== routed forward: one 7B-shaped decoder layer, G groups vs plain"
-timeout 200 python3 bench/routed_forward.py --device cuda 2>&1 | tee "$out/routed_forward.log" || status=1
 echo "== store tests without Ray (merges on --device auto)"
 timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_merge_methods_store.py tests/test_export_merge.py 2>&1 \
     | tee "$out/store_tests.log" || status=1

@@ -7,22 +7,29 @@
 A tiny Llama base is pre-trained on a synthetic language and four copies are really fine-tuned on
 four synthetic "modality" tasks (``bench/quality_tasks.py`` explains the tasks and why they look
 the way they do). The checkpoints (bf16, ``save_pretrained``) are cached under
-``bench/out/quality-cache/``. Each run then ingests them into a fresh mmer-dist store and produces
-every method's weights through mmer-dist's public API only (``merge``, ``export_model``,
-``export_merged``, ``export_text``), loads the exported checkpoints and measures next-token
-accuracy on held-out task sequences (answer positions only; weights bf16 as exported, compute
-float32). Every method is evaluated with model i's own extra vocabulary rows (its prefix and
-modality tokens, the stand-in for its encoder + connector, never merged), as NaiveMC keeps each
-MLLM's own encoder.
+``bench/out/quality-cache/``. Each run then ingests them into a fresh mmer-dist store; every
+method, the baselines included, is a published version of it (``merge``), and its weights are
+read straight from the store (``mmer_dist.store.weights.VersionWeights``: theta_hat_i, theta_bar,
+theta* in float32, cast to the checkpoints' bf16 as an export would write them; no exports on
+disk). Retention is next-token accuracy of plain HF models on held-out task sequences (answer
+positions only; weights bf16, compute float32). Every method is evaluated with model i's own
+extra vocabulary rows (its prefix and modality tokens, the stand-in for its encoder + connector,
+never merged), as NaiveMC keeps each MLLM's own encoder.
 
 Retention (the paper's Eq. 8) = accuracy / the fine-tuned model's accuracy, per model, and the mean
 over the four. The base LLM (with model i's own rows) is the floor.
 
-Expansion (the paper's one-pass multimodal answer): mixed prompts hold two task segments of
-different models; in ONE forward pass (``mmer_dist.routing``) model k's prefix + modality tokens run
-through theta_hat_k and every other token through theta_bar, scored on each model's segments
-against fine-tuned model k on the same prompts. The merged baselines, which have one set of
-weights, appear there as single-weights rows (also in the earlier single-weights proxy table).
+Expansion (the paper's one-pass multimodal answer) runs through the serving engine
+(``mmer_dist.model``; ``bench/quality_expansion.py``): mixed prompts hold two task segments of
+different models; model k's prefix + modality tokens are its media (its own extra embedding rows),
+routed through theta_hat_k, and the text tokens through each text policy's weights
+(``mean-mask`` = theta_bar, the paper; ``request-modality``; ``present-mean``), teacher-forced in
+one prefill, scored on each model's segments against fine-tuned model k on the same prompts. The
+engine's expansion LM head is the base vocabulary only. The merged baselines, one set of weights,
+appear there as single-weights rows (theta* of their version for every token, through the engine;
+the proxy table has the same weights in plain HF models). A second table runs the single-model
+retention test sets as expansion requests, where the policies differ most (``request-modality``
+then equals retention).
 
 Results: printed tables and ``bench/out/quality.json``.
 """
@@ -45,9 +52,19 @@ import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from bench.common import OUT_DIR, environment, write_json  # noqa: E402
+from bench.quality_expansion import (  # noqa: E402
+    Sequences, originals_pipeline, text_through, through,
+)
+from bench.quality_expansion import pipeline as engine_pipeline  # noqa: E402
 from bench.quality_tasks import (  # noqa: E402
     RULES, TASKS, VOCAB_TENSORS, Evaluator, Size, Suite, build_checkpoints, cache_key,
 )
+from mmer_dist.model import TEXT_POLICIES  # noqa: E402
+from mmer_dist.store import layout  # noqa: E402
+from mmer_dist.store.catalog import VersionRecord  # noqa: E402
+from mmer_dist.store.store import Store  # noqa: E402
+from mmer_dist.store.weights import VersionWeights, compose  # noqa: E402
+from mmer_dist.store.weightsets import WeightSet  # noqa: E402
 
 CACHE_DIR = OUT_DIR / "quality-cache"
 LAM_GRID = (0.5, 0.7, 0.9, 1.0, 1.2, 1.5)
@@ -77,9 +94,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--finetune-lr", type=float,
                    help="override the fine-tuning learning rate (default 6e-4; --quick 2e-3)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (keep it light on shared machines)")
+    p.add_argument("--device", default="cpu",
+                   help="device of the serving engine's stages (expansion tables): cpu, cuda, or auto")
     p.add_argument("--cache", type=Path, default=CACHE_DIR, help="where trained checkpoints are kept")
     p.add_argument("--json", type=Path, default=OUT_DIR / "quality.json", help="where results go")
-    p.add_argument("--keep-store", action="store_true", help="keep the temporary store and exports")
+    p.add_argument("--keep-store", action="store_true", help="keep the temporary store")
     return p.parse_args(argv)
 
 
@@ -139,26 +158,25 @@ class Weights:
 
 
 class Producer:
-    """Every method's weights, through mmer-dist's public API, into one temporary store."""
+    """Every method's weights, through mmer-dist's public API, in one temporary store: each method
+    is a published version (``merge``), and its weights are read straight from the store with
+    ``VersionWeights`` (the reader the exports and the serving engine share), never through
+    exports on disk."""
 
     def __init__(self, work: Path, cache: Path):
         from mmer_dist.ingest import ingest_base, ingest_model
 
-        self.work = work
         self.url = str(work / "store")
-        self.n = 0
-        self.seconds = {"ingest": 0.0, "merge": 0.0, "export": 0.0}
+        self.seconds = {"ingest": 0.0, "merge": 0.0, "read": 0.0}
+        self._versions: dict[int, VersionWeights] = {}
+        self._read: tuple[int | None, dict] = (None, {})
         t0 = time.perf_counter()
         ingest_base(self.url, cache / "base", progress=False)
         for task in TASKS:
             ingest_model(self.url, task, cache / f"ft-{task}", task, fmt="llama", progress=False)
         self.seconds["ingest"] += time.perf_counter() - t0
 
-    def _out(self) -> Path:
-        self.n += 1
-        return self.work / f"export-{self.n}"
-
-    def merge(self, **fields):
+    def merge(self, **fields) -> VersionRecord:
         from mmer_dist.merge.engine import MergeRequest, merge
         from mmer_dist.merge.local import LocalBackend
 
@@ -167,35 +185,52 @@ class Producer:
         self.seconds["merge"] += time.perf_counter() - t0
         return record
 
-    def _load(self, fn, *args, **kw) -> dict[str, torch.Tensor]:
+    def weights(self, version: int) -> VersionWeights:
+        if version not in self._versions:
+            self._versions[version] = VersionWeights(Store.open(self.url), version)
+        return self._versions[version]
+
+    def _arrays(self, version: int) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """theta_pre, tau* and the packed masks of every tensor of a version, read once for all
+        its weight sets (the last version read is kept: its models are read one after another)."""
+        if self._read[0] != version:
+            w = self.weights(version)
+            self._read = (version, {n: (w.base(n), w.tau_star(n), w.packed_masks(n)) for n in w.tensors})
+        return self._read[1]
+
+    def _state(self, version: int, key: WeightSet, dtype: torch.dtype,
+               task: str | None = None) -> dict[str, torch.Tensor]:
+        """Weight set ``key`` of a version, every LLM tensor in float32 by ``compose`` (the one
+        reconstruction path of exports and the serving engine), cast to ``dtype`` as an export
+        writes it; with ``task``, that model's own extra vocabulary rows appended."""
         t0 = time.perf_counter()
-        out = fn(*args, **kw)
-        state = load_dir(out)
-        shutil.rmtree(out)
-        self.seconds["export"] += time.perf_counter() - t0
+        w = self.weights(version)
+        state = {}
+        for name, (base, tau, packed) in self._arrays(version).items():
+            value = compose(key, base, tau, packed, w.tensors[name].cols, w.model_index, w.record.alpha)
+            value = w.as_shape(name, value.to(dtype))
+            extra = w.extra_rows(name, task) if task is not None else None
+            state[name] = value if extra is None else torch.cat([value, extra])
+        self.seconds["read"] += time.perf_counter() - t0
         return state
 
     def reconstructed(self, version: int, task: str) -> dict[str, torch.Tensor]:
-        from mmer_dist.export import export_model
-
-        return self._load(export_model, self.url, task, self._out(), version=version, progress=False)
+        """theta_hat_i in model i's checkpoint dtype, with its own extra rows (``export --model``)."""
+        dtype = layout.torch_dtype(self.weights(version).catalog.model(task).dtype)
+        return self._state(version, WeightSet.hat(task), dtype, task)
 
     def merged(self, version: int) -> dict[str, torch.Tensor]:
-        from mmer_dist.export import export_merged
-
-        return self._load(export_merged, self.url, self._out(), version=version, progress=False)
-
-    def baseline(self, method: str, **fields) -> dict[str, torch.Tensor]:
-        from mmer_dist.export import export_merged
-        from mmer_dist.merge.engine import MergeRequest
-
-        return self._load(export_merged, self.url, self._out(), method=method, request=MergeRequest(**fields),
-                          progress=False)
+        """theta* = theta_pre + alpha * tau* in the base's dtype (``export --merged``)."""
+        return self._state(version, WeightSet.star(), self.weights(version).dtype)
 
     def text(self, version: int) -> dict[str, torch.Tensor]:
-        from mmer_dist.export import export_text
+        """theta_bar = theta_pre + mean_i(m_i) * tau* in the base's dtype (``export --text``)."""
+        return self._state(version, WeightSet.bar(), self.weights(version).dtype)
 
-        return self._load(export_text, self.url, self._out(), version=version, progress=False)
+    def baseline(self, method: str, **fields) -> tuple[VersionRecord, dict[str, torch.Tensor]]:
+        """A baseline merge published as a version of the store, and its theta*."""
+        record = self.merge(method=method, **fields)
+        return record, self.merged(record.version)
 
 
 # -- the benchmark ----------------------------------------------------------------------------------
@@ -257,12 +292,12 @@ def run(args) -> dict:
     weights = Weights(cache, suite)
     lam_grid = [float(x) for x in args.lam_grid.split(",") if x]
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="quality-work-", dir=Path(args.json).parent))  # store + exports
+    work = Path(tempfile.mkdtemp(prefix="quality-work-", dir=Path(args.json).parent))  # the store
     try:
         result = _evaluate(args, suite, evaluator, weights, Producer(work, cache), lam_grid)
     finally:
         if args.keep_store:
-            print(f"store and exports kept in {work}")
+            print(f"store kept in {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
     result.update(
@@ -298,44 +333,38 @@ def _evaluate(args, suite: Suite, ev: Evaluator, w: Weights, prod: Producer, lam
     add("trim-only", "θ_pre + trim_K(τ_i) (diagnostic)", "diagnostic",
         acc_of({t: w.trimmed(t, args.topk) for t in TASKS}), f"TIES trim alone, K={args.topk}")
 
-    # -- one merged set of weights for every model (NaiveMC framework) --
+    # -- one merged set of weights for every model (NaiveMC framework); each a version of the store --
     K, p = args.topk, args.dare_rate
-    merged_states = {}
+    merged_states, merged_versions = {}, {}
 
     def baseline(key, name, method, note="", **fields):
-        state = prod.baseline(method, topk=K, **fields)
-        merged_states[key] = state
-        add(key, name, "merged", acc_of(per_model(state)), note)
+        record, state = prod.baseline(method, topk=K, **fields)
+        merged_states[key], merged_versions[key] = state, record
+        add(key, name, "merged", acc_of(per_model(state)), note, version=record.version)
 
     baseline("naive", "NaiveMC (average)", "naive")
     baseline("naive+dare", "NaiveMC w/ DARE", "naive", f"p={p}", dare_rate=p)
     baseline("ta-0.3", "Task Arithmetic α=0.3", "ta", "α=0.3", alpha=0.3)
     baseline("ta", "Task Arithmetic α=1.0", "ta", "α=1.0", alpha=1.0)
     baseline("ta+dare", "Task Arithmetic α=0.3 w/ DARE", "ta", f"α=0.3, p={p}", alpha=0.3, dare_rate=p)
-    ties = prod.merge(topk=K)  # also MMER over TIES, lambda 1
-    merged_states["ties"] = prod.merged(ties.version)
-    add("ties", "TIES (θ*)", "merged", acc_of(per_model(merged_states["ties"])), f"K={K}, α=1")
+    baseline("ties", "TIES (θ*)", "ties", f"K={K}, α=1")  # also MMER over TIES, λ=1
     baseline("ties+dare", "TIES w/ DARE", "ties", f"K={K}, p={p}", dare_rate=p)
-    neuro = prod.merge(method="neuro", topk=K)
-    merged_states["neuro"] = prod.merged(neuro.version)
-    add("neuro", "NeuroMerging (θ*)", "merged", acc_of(per_model(merged_states["neuro"])), f"K={K}")
+    baseline("neuro", "NeuroMerging (θ*)", "neuro", f"K={K}")  # also MMER over NeuroMerging
+    ties, neuro = merged_versions["ties"], merged_versions["neuro"]
 
     # -- per-model reconstruction --
     versions = {}
-    recon_states: dict[str, dict[str, dict]] = {}  # key -> task -> theta_hat_i (for the expansion table)
-
     vb = suite.vocab.base_size
 
-    def own_rows_kept(state, task):  # export_model gives model i its own, unmerged extra rows back
+    def own_rows_kept(state, task):  # model i keeps its own, unmerged extra rows
         for k in VOCAB_TENSORS:
             if not torch.equal(state[k][vb:], w.extra[task][k]):
-                raise AssertionError(f"export_model({task!r}): {k} extra rows differ from the fine-tuned model's")
+                raise AssertionError(f"model {task!r}: {k} extra rows in the store differ from the fine-tuned model's")
         return state
 
     def reconstruct(key, name, group, record, note=""):
         versions[key] = record
-        recon_states[key] = {t: own_rows_kept(prod.reconstructed(record.version, t), t) for t in TASKS}
-        acc = acc_of(recon_states[key])
+        acc = acc_of({t: own_rows_kept(prod.reconstructed(record.version, t), t) for t in TASKS})
         density = {t: round(100 * d, 2) for t, d in zip(record.models, record.mask_density)}
         add(key, name, group, acc, note, mask_density_pct=density, version=record.version,
             lams=dict(zip(record.models, record.lams)))
@@ -360,7 +389,7 @@ def _evaluate(args, suite: Suite, ev: Evaluator, w: Weights, prod: Producer, lam
     reconstruct("no-magnitude", "MMER − Dominant Significance", "ablation",
                 prod.merge(topk=K, mask_rule="mmer-no-magnitude"), "mask rule mmer-no-magnitude, λ=1")
 
-    # -- single-weights proxy on mixed prompts (NOT the routed forward) --
+    # -- single-weights proxy on mixed prompts (NOT the routed forward; plain HF models) --
     t0 = time.perf_counter()
     proxy_ref = {t: ev.mixed_accuracy(w.with_all_rows(w.ft[t]))[t] for t in TASKS}
     proxy_states = {
@@ -370,7 +399,7 @@ def _evaluate(args, suite: Suite, ev: Evaluator, w: Weights, prod: Producer, lam
         "ties": ("TIES θ*", merged_states["ties"]),
         "ties+dare": ("TIES w/ DARE θ*", merged_states["ties+dare"]),
         "neuro": ("NeuroMerging θ*", merged_states["neuro"]),
-        "mmer-lam1": ("MMER (TIES) λ=1: θ̄ = export_text", prod.text(versions["mmer-lam1"].version)),
+        "mmer-lam1": ("MMER (TIES) λ=1: θ̄", prod.text(versions["mmer-lam1"].version)),
         "mmer-tuned": ("MMER (TIES) λ tuned: θ̄", prod.text(versions["mmer-tuned"].version)),
         "mmer-neuro": ("MMER (NeuroMerging): θ̄", prod.text(versions["mmer-neuro"].version)),
     }
@@ -379,39 +408,86 @@ def _evaluate(args, suite: Suite, ev: Evaluator, w: Weights, prod: Producer, lam
         proxy.append(Row(key, name, "single-weights", ev.mixed_accuracy(w.with_all_rows(state)), proxy_ref))
     t_eval += time.perf_counter() - t0
 
-    # -- expansion: the routed forward on the same mixed prompts --
     t0 = time.perf_counter()
-    expansion = [Row("finetuned", "Fine-tuned model i, its weights for all tokens", "reference", proxy_ref, proxy_ref),
-                 Row("originals-routed", "Originals routed: modality k via θ_k, text via θ_pre", "reference",
-                     ev.routed_mixed_accuracy(w.with_all_rows(w.base), {t: w.with_all_rows(w.ft[t]) for t in TASKS}),
-                     proxy_ref, "no merge: the routing itself")]
-    for key, name in (("mmer-lam1", "MMER (TIES), λ=1"), ("mmer-tuned", "MMER (TIES), λ tuned"),
-                      ("mmer-neuro", "MMER (NeuroMerging), λ=1"), ("tall", "TALL-masks (TA)"),
-                      ("no-sign", "MMER − Directional Congruence"), ("no-magnitude", "MMER − Dominant Significance")):
-        text_state = prod.text(versions[key].version)
-        acc = ev.routed_mixed_accuracy(w.with_all_rows(text_state),
-                                       {t: w.with_all_rows(recon_states[key][t]) for t in TASKS})
-        expansion.append(Row(key, name, "routed", acc, proxy_ref, "modality k via θ̂_k, text via θ̄"))
-    for key, name in (("naive", "NaiveMC"), ("ties", "TIES θ*"), ("neuro", "NeuroMerging θ*")):
-        one = next(r for r in proxy if r.key == key)
-        expansion.append(Row(key, name, "single-weights", one.acc, proxy_ref, "one θ for every token"))
-    t_eval += time.perf_counter() - t0
+    expansion, single = _expansion(args, suite, ev, prod, versions, merged_versions, rows, ft_acc, proxy_ref)
+    t_engine = time.perf_counter() - t0
 
     return {
         "rows": [r.as_dict() for r in rows],
         "proxy": [r.as_dict() for r in proxy],
         "expansion": [r.as_dict() for r in expansion],
+        "expansion_single_model": [r.as_dict() for r in single],
         "lambda_sweep_val_accuracy": {str(lam): {t: round(100 * a, 3) for t, a in v.items()}
                                       for lam, v in sweep.items()},
         "lambda_tuned": tuned,
         "settings": {"topk": K, "dare_rate": p, "tall_lam": args.tall_lam, "lam_grid": lam_grid,
                      "rules": RULES,
-                     "expansion": "routed forward (mmer_dist.routing): model k's prefix + modality tokens through "
-                                  "theta_hat_k, every other token through theta_bar, one pass; scored on task-k "
-                                  "segments of mixed prompts against fine-tuned model k on the same prompts"},
-        "seconds": {**{k: round(v, 2) for k, v in prod.seconds.items()}, "evaluate": round(t_eval, 2)},
-        "_rows": rows, "_proxy": proxy, "_expansion": expansion,
+                     "expansion": "serving engine (mmer_dist.model), teacher-forced prefill with logits at every "
+                                  "position: model k's prefix + modality tokens as MediaPart(k, its own extra "
+                                  "embedding rows) through theta_hat_k, text tokens by the text policy; LM head "
+                                  "on the base vocabulary (request-modality with one model: that model's); scored "
+                                  "on task-k segments of mixed prompts against fine-tuned model k on the same "
+                                  "prompts", "device": args.device},
+        "seconds": {**{k: round(v, 2) for k, v in prod.seconds.items()}, "evaluate": round(t_eval, 2),
+                    "engine": round(t_engine, 2)},
+        "_rows": rows, "_proxy": proxy, "_expansion": expansion, "_single": single,
     }
+
+
+POLICY_NOTES = {"mean-mask": "text via θ̄ (the paper)", "request-modality": "text via θ̂_k if one model, else θ̄",
+                "present-mean": "text via mean of present models' masks"}
+
+
+def _expansion(args, suite: Suite, ev: Evaluator, prod: Producer, versions: dict, merged_versions: dict,
+               rows: list[Row], ft_acc: dict, proxy_ref: dict) -> tuple[list[Row], list[Row]]:
+    """The expansion tables, through the serving engine: mixed prompts, then single-model ones."""
+    any_version = prod.weights(merged_versions["ties"].version)  # the media rows are the same in every version
+    mixed = Sequences(*ev.mixed, TASKS, any_version, suite.vocab)
+    pipes = {}
+
+    def acc(version: int, prompts, sequences=mixed, originals=False) -> dict[str, float]:
+        if (version, originals) not in pipes:
+            build = originals_pipeline if originals else engine_pipeline
+            pipes[version, originals] = build(prod.weights(version), args.device)
+        return sequences.accuracy(pipes[version, originals], prompts)
+
+    v = merged_versions["ties"].version
+    base_text = [text_through(q, WeightSet.base()) for q in mixed.expansion("mean-mask", prod.weights(v))]
+    expansion = [Row("finetuned", "Fine-tuned model i, its weights for all tokens", "reference", proxy_ref, proxy_ref),
+                 Row("originals-routed", "Originals routed: modality k via θ_k, text via θ_pre", "reference",
+                     acc(v, base_text, originals=True), proxy_ref, "no merge: the routing itself")]
+    variants = (("mmer-lam1", "MMER (TIES), λ=1", TEXT_POLICIES),
+                ("mmer-tuned", "MMER (TIES), λ tuned", TEXT_POLICIES),
+                ("mmer-neuro", "MMER (NeuroMerging), λ=1", ("mean-mask",)),
+                ("tall", "TALL-masks (TA)", ("mean-mask",)),
+                ("no-sign", "MMER − Directional Congruence", ("mean-mask",)),
+                ("no-magnitude", "MMER − Dominant Significance", ("mean-mask",)))
+    for key, name, policies in variants:
+        v = versions[key].version
+        for policy in policies:
+            expansion.append(Row(key if policy == "mean-mask" else f"{key}:{policy}",
+                                 name if len(policies) == 1 else f"{name}, {policy}", "routed",
+                                 acc(v, mixed.expansion(policy, prod.weights(v))), proxy_ref,
+                                 "modality k via θ̂_k, " + POLICY_NOTES[policy], {"text_policy": policy}))
+    for key, name in (("naive", "NaiveMC"), ("ties", "TIES θ*"), ("neuro", "NeuroMerging θ*")):
+        v = merged_versions[key].version
+        one = [through(q, WeightSet.star()) for q in mixed.expansion("mean-mask", prod.weights(v))]
+        expansion.append(Row(key, name, "single-weights", acc(v, one), proxy_ref, "one θ* for every token"))
+
+    # the retention test sets as expansion requests (one model's media each): where the policies differ most
+    tests = {t: Sequences(ev.test[t][0], {t: ev.test[t][1]}, (t,), any_version, suite.vocab) for t in TASKS}
+    single = []
+    for key, name in (("mmer-lam1", "MMER (TIES), λ=1"), ("mmer-tuned", "MMER (TIES), λ tuned")):
+        v = versions[key].version
+        retention = next(r for r in rows if r.key == key)
+        single.append(Row(key, f"{name}: retention (θ̂_k for every token, HF)", "reference", retention.acc, ft_acc))
+        for policy in TEXT_POLICIES:
+            got = {}
+            for t, seqs in tests.items():
+                got.update(acc(v, seqs.expansion(policy, prod.weights(v)), seqs))
+            single.append(Row(f"{key}:{policy}", f"{name}, {policy}", "routed", got, ft_acc, POLICY_NOTES[policy],
+                              {"text_policy": policy}))
+    return expansion, single
 
 
 # -- output -----------------------------------------------------------------------------------------
@@ -461,8 +537,8 @@ def report(result: dict) -> None:
         "retention = accuracy / fine-tuned accuracy (paper Eq. 8). 'paper': the paper's retention on accuracy "
         "(Table 2 trimmed avg, whose TA scale is not stated; Table 5 ablations; MMER λ=1 row = Table 5 "
         "'− Scaling Factor λ').\n"
-        "MMER rows are theta_hat_i = theta_pre + m_i∘τ* exported per model (export_model); merged rows use one "
-        "theta for all models (export_merged)."))
+        "MMER rows are theta_hat_i = theta_pre + m_i∘τ* of their version per model; merged rows use one theta for "
+        "all models (θ* of the baseline's version); weights read from the store (VersionWeights), bf16."))
     console.print("mask density (% of the shared LLM parameters): " + "; ".join(
         f"{r.name}: " + " ".join(f"{t[0]}={r.extra['mask_density_pct'][t]:.1f}" for t in TASKS)
         for r in result["_rows"] if "mask_density_pct" in r.extra))
@@ -470,12 +546,20 @@ def report(result: dict) -> None:
     console.print("λ sweep (validation accuracy %, MMER over TIES): " + "; ".join(
         f"λ={k}: " + " ".join(f"{t[0]}={v[t]:.1f}" for t in TASKS) for k, v in lam.items()))
     console.print(_table(
-        "Expansion: mixed prompts (two task segments of different models each) in ONE routed forward pass; "
-        "retention % (accuracy %) on each model's segments",
+        "Expansion: mixed prompts (two task segments of different models each), ONE routed prefill through the "
+        "serving engine; retention % (accuracy %) on each model's segments",
         result["_expansion"], False,
-        "routed rows: model k's prefix + modality tokens run through θ̂_k (export_model), all other tokens "
-        "through θ̄ (export_text), in one pass (mmer_dist.routing). reference: fine-tuned model k's own weights "
-        "for every token, scored on task-k segments. Every model's modality rows are present."))
+        "routed rows: model k's prefix + modality tokens are its media (own extra embedding rows) through θ̂_k, "
+        "text tokens through the text policy's weights (mmer_dist.model). With two models' media in every prompt, "
+        "request-modality is θ̄ (= mean-mask) and present-mean is θ_pre + mean of the two models' masks ∘ τ*.\n"
+        "Engine rows score over the base vocabulary (its expansion LM head); reference: fine-tuned model k's own "
+        "weights for every token (plain HF, whole vocabulary), scored on task-k segments."))
+    console.print(_table(
+        "Expansion on single-model prompts (the retention test sets, one model's media each) through the serving "
+        "engine; retention % (accuracy %)",
+        result["_single"], False,
+        "one model present: request-modality and present-mean run θ̂_k for every token (request-modality answers "
+        "with model k's vocabulary, present-mean with the base's), mean-mask runs the text through θ̄."))
     console.print(_table(
         "PROXY, not expansion: mixed prompts (two task segments each), ONE set of LLM weights for every token; "
         "retention % (accuracy %)",
@@ -486,8 +570,8 @@ def report(result: dict) -> None:
     console.print(
         f"wall {result['wall_seconds']:.1f}s (training {result['train_seconds']}s, "
         f"{'this run' if result['trained_now'] else 'cached from an earlier run'}; ingest {secs['ingest']}s, "
-        f"merges {secs['merge']}s, exports "
-        f"{secs['export']}s, evaluation {secs['evaluate']}s); JSON: {result.get('json_path')}")
+        f"merges {secs['merge']}s, weights read from the store {secs['read']}s, HF evaluation {secs['evaluate']}s, "
+        f"engine (expansion) {secs['engine']}s on {result['settings']['device']}); JSON: {result.get('json_path')}")
 
 
 def main(argv=None) -> dict:

@@ -119,7 +119,7 @@ class Vocab:
 
     def prefix(self, slot: int = 0) -> int:
         """Id of a model's prefix token; ``slot`` > 0 places model ``slot``'s extra rows after the
-        others' (the combined vocabulary of the mixed-prompt proxy)."""
+        others' (the combined vocabulary of the mixed prompts)."""
         return self.base_size + slot * self.extra_rows
 
     def modality0(self, slot: int = 0) -> int:
@@ -199,8 +199,9 @@ class Suite:
         return _join([(pre, n_pre + 2, None), (body, None, ans)])
 
     def mixed(self, batch: int, g: torch.Generator, pairs: int | None = None):
-        """Mixed prompts for the single-weights proxy: ``<bos> <style> [preamble] seg_a seg_b``,
-        two segments of different tasks, each in its model's slot of the combined vocabulary.
+        """Mixed prompts (the expansion table and the single-weights proxy): ``<bos> <style>
+        [preamble] seg_a seg_b``, two segments of different tasks, each in its model's slot of the
+        combined vocabulary.
         Returns (tokens, answer per task: {task: bool mask})."""
         pairs = pairs or max(2, self.size.pairs // 2)
         n_pre = torch.randint(self.size.preamble + 1, (batch,), generator=g)
@@ -332,18 +333,13 @@ def round_to_bf16(model: LlamaForCausalLM) -> LlamaForCausalLM:
 
 
 @torch.no_grad()
-def accuracy(model, tokens: torch.Tensor, answer: torch.Tensor, batch: int = 256,
-             groups: torch.Tensor | None = None) -> float:
-    """Next-token argmax accuracy over the positions marked in ``answer`` (float32 compute).
-    With ``groups``, ``model`` is a ``mmer_dist.routing.RoutedModel`` and token t runs with the
-    weights of group ``groups[t]``."""
+def accuracy(model, tokens: torch.Tensor, answer: torch.Tensor, batch: int = 256) -> float:
+    """Next-token argmax accuracy of a plain HF model over the positions marked in ``answer``
+    (float32 compute); ``bench/quality_expansion.py`` scores the serving engine the same way."""
     hits = total = 0
     for a in range(0, tokens.shape[0], batch):
         tok, ans = tokens[a:a + batch], answer[a:a + batch]
-        mask = (tok != PAD).long()
-        with torch.no_grad():
-            out = model(tok, attention_mask=mask) if groups is None else model(groups[a:a + batch], tok, attention_mask=mask)
-        logits = out.logits[:, :-1]
+        logits = model(tok, attention_mask=(tok != PAD).long()).logits[:, :-1]
         mask = ans[:, 1:]
         hits += int((logits.argmax(-1)[mask] == tok[:, 1:][mask]).sum())
         total += int(mask.sum())
@@ -380,29 +376,6 @@ class Evaluator:
         tokens, answers = self.mixed
         model = self.model(state)
         return {t: accuracy(model, tokens, answers[t]) for t in TASKS}
-
-    def mixed_groups(self) -> torch.Tensor:
-        """MMER's routing of the mixed prompts: model k's prefix and modality tokens (its slot of
-        the combined vocabulary) -> group k + 1, every other token (text) -> group 0."""
-        from mmer_dist.routing import groups_by_token_range
-
-        v = self.suite.vocab
-        return groups_by_token_range(self.mixed[0], {k + 1: (v.prefix(k), v.prefix(k) + v.extra_rows)
-                                                      for k in range(len(TASKS))})
-
-    def routed_mixed_accuracy(self, text_state, model_states: dict[str, dict]) -> dict[str, float]:
-        """Expansion: the mixed prompts in ONE routed forward pass, text tokens through
-        ``text_state`` and model k's modality tokens through ``model_states[TASKS[k]]``."""
-        from mmer_dist.routing import route_model
-
-        tokens, answers = self.mixed
-        states = [text_state] + [model_states[t] for t in TASKS]
-        with torch.random.fork_rng():
-            vocab = states[0]["model.embed_tokens.weight"].shape[0]
-            skeleton = LlamaForCausalLM(llama_config(self.suite.size, vocab)).eval()
-        routed = route_model(skeleton, [{k: v.float() for k, v in s.items()} for s in states])
-        groups = self.mixed_groups()
-        return {t: accuracy(routed, tokens, answers[t], groups=groups) for t in TASKS}
 
 
 # -- checkpoints ------------------------------------------------------------------------------------

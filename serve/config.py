@@ -53,7 +53,8 @@ class ServeOptions(BaseModel):
     stage_gpus: float = Field(0.0, ge=0, description="GPUs per stage actor (0: CPU stages)")
     device: str = Field("auto", description="torch device of the stages: auto (CUDA when the actor has a GPU), cpu, cuda")
     dtype: str = Field("auto", description="compute dtype: auto (the store's), bfloat16, float16, float32")
-    slot_budget: int | str = Field("2GB", description="bytes per stage for dense theta_hat slots (LRU)")
+    slot_budget: int | str = Field("2GB", validate_default=True,
+                                   description="bytes per stage for dense theta_hat slots (LRU)")
     text_policy: str = Field(DEFAULT_TEXT_POLICY, description=f"default text policy of 'merged': {', '.join(TEXT_POLICIES)}")
     default_part_models: dict[str, str] = Field(default_factory=dict, description="part type -> model id for "
                                                 "expansion requests where several models take the part type")

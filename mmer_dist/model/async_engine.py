@@ -32,6 +32,10 @@ class AsyncEngine:
         self._thread.start()
 
     @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
     def active(self) -> int:
         """Requests admitted or waiting (a version is dropped once this is 0)."""
         with self._lock:

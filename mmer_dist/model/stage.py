@@ -14,7 +14,7 @@ refused before anything changes, and the stage keeps serving the other requests.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
@@ -42,7 +42,11 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 class DecoderStage:
     def __init__(self, weights: VersionWeights, first: int, stop: int, *, device: str | torch.device | None = "cpu",
-                 dtype: torch.dtype | None = None, slot_budget_bytes: int = 0):
+                 dtype: torch.dtype | None = None, slot_budget_bytes: int = 0,
+                 fetcher: Callable[[WeightSet], Callable[[str], torch.Tensor] | None] | None = None):
+        """``fetcher(key)`` may give ``name -> float32 tensor`` for weight set ``key`` in place of
+        ``compose`` on the resident theta_pre / tau* / masks (None: the resident way); benchmarks
+        use it to serve other weights, e.g. the ingested originals, through the same engine."""
         self.config = DecoderConfig.from_base_config(weights.base_config)
         cfg = self.config
         self.version = weights.version
@@ -60,13 +64,16 @@ class DecoderStage:
             raise InvalidInputError(f"the base has no {HEAD!r} and does not tie its embeddings")
         self.biases = {layer: check_layer_tensors(set(names), layer) for layer in range(first, stop)}
         self.resident = ResidentTensors(weights, names, self.device, self.dtype)
+        self._fetcher = fetcher
         self.rope = LlamaRotaryEmbedding(cfg.hf_config()).to(self.device)
         self.caches = KVCacheTable(stop - first, cfg.n_kv_heads, cfg.head_dim, self.device, self.dtype)
         self.slots = SlotPool(self._build, slot_budget_bytes, pinned=[WeightSet.bar()])
         self.slot_bytes = self.slots.pinned[WeightSet.bar()].nbytes
 
     def _build(self, key: WeightSet) -> DenseWeights:
-        return build_dense(self.resident.fetcher(key), range(self.first, self.stop), self.biases,
+        self.resident.check(key)
+        fetch = (self._fetcher(key) if self._fetcher else None) or self.resident.fetcher(key)
+        return build_dense(fetch, range(self.first, self.stop), self.biases,
                            embed=self.has_embed, head=self.has_head, tied=self.config.tie_embeddings,
                            weight_dtype=self.weight_dtype, dtype=self.dtype)
 
@@ -179,13 +186,16 @@ class DecoderStage:
         ids = batch.token_ids.to(self.device, torch.int64)
         x = torch.empty((ids.numel(), self.config.hidden), device=self.device, dtype=self.dtype)
         vocab = self.vocabulary
-        start = 0
-        for key, n in batch.embed_route:
-            block = ids[start:start + n]
-            base = (block >= 0) & (block < vocab.base)
-            if bool(base.any()):
-                x[start:start + n][base] = sets[key].embed[block[base]]
-            start += n
+        keys = list(dict.fromkeys(k for k, _ in batch.embed_route))
+        if len(keys) == 1:
+            group = torch.zeros_like(ids)
+        else:  # each token's weight set, by index into ``keys``: one gather per set, not per run
+            runs = torch.tensor([keys.index(k) for k, _ in batch.embed_route], device=self.device)
+            group = torch.repeat_interleave(runs, torch.tensor([n for _, n in batch.embed_route], device=self.device))
+        base = (ids >= 0) & (ids < vocab.base)
+        for g, key in enumerate(keys):
+            rows = base & (group == g) if len(keys) > 1 else base
+            x[rows] = sets[key].embed[ids[rows]]
         extra = ids >= vocab.base
         if bool(extra.any()):
             for m in self.models:

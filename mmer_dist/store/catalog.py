@@ -145,6 +145,13 @@ class Catalog:
     def latest_version(self) -> VersionRecord | None:
         return max(self.versions, key=lambda v: v.version) if self.versions else None
 
+    def serving_version(self) -> int:
+        """The version a server should serve: the latest published one."""
+        latest = self.latest_version()
+        if latest is None:
+            raise StoreError("the store has no published merge version yet; run `mmer merge` first")
+        return latest.version
+
     def version(self, number: int | None) -> VersionRecord:
         if number is None:
             latest = self.latest_version()

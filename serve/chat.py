@@ -1,0 +1,219 @@
+"""Chat messages -> the engine's prompt parts, the way each model was trained to see them.
+
+Retention (``model`` = one model id): that model's own tokenizer and chat template, as saved with
+its checkpoint, render the conversation; each media part becomes the content item its template
+renders (``{"type": "image"}`` for LLaVA), which the template turns into the model's placeholder
+token; each placeholder is then filled with that media part's encoder rows (however many the
+encoder gives, e.g. 576 for LLaVA-1.5). The BOS token is added once: by the template when it
+writes it, else by the tokenizer.
+
+Expansion (``model`` = ``merged``): the base's template renders the text, with each media part
+replaced by a sentinel; at each sentinel go the part's model's wrapper tokens (``wrap`` in its
+``mmer_adapter.json``, e.g. ``<audio_start>`` / ``<audio_end>``; none by default: LLaVA puts only
+``<image>``), tokenized by that model's tokenizer and embedded with its own rows, and between
+them the encoder rows. A checkpoint without a chat template gets ``DEFAULT_CHAT_TEMPLATE``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from mmer_dist.errors import InvalidInputError
+from mmer_dist.model.prompt import MediaPart, TextPart
+from serve.config import MODALITY_PART_TYPES
+
+SENTINEL = "\u0000mmer-media-{}\u0000"
+ADAPTER_FILE = "mmer_adapter.json"
+# Used only for a checkpoint that has no chat template: role markers and media placeholders.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'].upper() + ': ' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'text' %}{{ part['text'] }}{% else %}{{ '<' + part['type'] + '>' }}{% endif %}"
+    "{% endfor %}{% endif %}{{ '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+_PROCESSOR_TOKENS = {"image": "image_token", "video": "video_token", "audio": "audio_token"}
+
+
+@dataclass(frozen=True)
+class MediaSpec:
+    """How a model takes media: the request part type, the content type its chat template
+    renders, the placeholder token its template writes, and expansion-mode wrapper text."""
+
+    part_type: str
+    template_type: str
+    placeholder: str
+    wrap: tuple[str, str] = ("", "")
+
+
+@dataclass
+class ChatAssets:
+    """One model's (or the base's, ``model_id`` None) tokenizer, template and media spec."""
+
+    model_id: str | None
+    tokenizer: object
+    chat_template: str
+    stop_token_ids: tuple[int, ...]
+    media: MediaSpec | None = None
+
+    @classmethod
+    def load(cls, directory: str | Path, model_id: str | None, modality: str | None) -> ChatAssets:
+        from transformers import AutoTokenizer
+
+        directory = Path(directory)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(directory)
+        except Exception as e:
+            who = f"model {model_id!r}" if model_id else "the base"
+            raise InvalidInputError(f"{who} has no tokenizer the server can load ({type(e).__name__}: {e})") from None
+        template = getattr(tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
+        return cls(model_id, tokenizer, template, _stop_ids(directory, tokenizer),
+                   _media_spec(directory, model_id, modality, tokenizer) if model_id else None)
+
+    def encode(self, text: str, first: bool) -> list[int]:
+        """Token ids of rendered text; the BOS token only at the start and only once."""
+        bos = getattr(self.tokenizer, "bos_token", None)
+        special = first and not (bos and text.startswith(bos))
+        return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
+
+    def render(self, conversation: list[dict]) -> str:
+        return self.tokenizer.apply_chat_template(conversation, chat_template=self.chat_template, tokenize=False,
+                                                  add_generation_prompt=True)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def token_text(self, token: int) -> str:
+        return self.tokenizer.convert_ids_to_tokens(int(token)) or ""
+
+
+def _stop_ids(directory: Path, tokenizer) -> tuple[int, ...]:
+    ids = set()
+    gen = directory / "generation_config.json"
+    if gen.exists():
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+        ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(tokenizer.eos_token_id)
+    return tuple(sorted(int(i) for i in ids))
+
+
+def _media_spec(directory: Path, model_id: str, modality: str | None, tokenizer) -> MediaSpec | None:
+    adapter = json.loads((directory / ADAPTER_FILE).read_text()) if (directory / ADAPTER_FILE).exists() else {}
+    processor = {}
+    for name in ("processor_config.json", "preprocessor_config.json"):
+        if (directory / name).exists():
+            processor = {**json.loads((directory / name).read_text()), **processor}
+    part_type = adapter.get("part_type") or MODALITY_PART_TYPES.get(modality or "")
+    if part_type is None:
+        return None
+    template_type = adapter.get("template_type") or ("video" if part_type == "video_url" else
+                                                     "image" if "image_token" in processor else modality)
+    placeholder = adapter.get("placeholder") or processor.get(_PROCESSOR_TOKENS.get(template_type, ""))
+    if placeholder is None:
+        placeholder = f"<{template_type}>"
+    if tokenizer.convert_tokens_to_ids(placeholder) in (None, tokenizer.unk_token_id):
+        raise InvalidInputError(f"model {model_id!r}: its media placeholder {placeholder!r} is not a token "
+                                "of its tokenizer")
+    wrap = tuple(adapter.get("wrap", ("", "")))
+    return MediaSpec(part_type, template_type, placeholder, (wrap[0], wrap[1]))
+
+
+@dataclass(frozen=True)
+class Media:
+    """One media part of a request, resolved to its model and encoded to embeddings."""
+
+    model: str
+    embeds: object  # torch.Tensor (tokens, hidden)
+
+
+def conversation(messages: Sequence[dict], media_item) -> list[dict]:
+    """OpenAI messages (parsed dicts) as the HF conversation a chat template renders; media part k
+    becomes ``media_item(k)``."""
+    out, k = [], 0
+    for m in messages:
+        role = "system" if m["role"] == "developer" else m["role"]
+        content = m.get("content")
+        if content is None:
+            content = ""
+        if isinstance(content, list):
+            items = []
+            for part in content:
+                if part["type"] == "text":
+                    items.append({"type": "text", "text": part["text"]})
+                else:
+                    items.append(media_item(k))
+                    k += 1
+            content = items
+        out.append({"role": role, "content": content})
+    return out
+
+
+def _check_text(messages: Sequence[dict]) -> None:
+    for m in messages:
+        texts = [m["content"]] if isinstance(m.get("content"), str) else \
+            [p["text"] for p in m.get("content") or [] if p["type"] == "text"]
+        if any("\u0000" in t for t in texts):
+            raise InvalidInputError("message text may not contain NUL characters")
+
+
+def retention_parts(assets: ChatAssets, messages: Sequence[dict], media: Sequence[Media]) -> list:
+    """The prompt of a request to one model (see the module docstring)."""
+    _check_text(messages)
+    spec = assets.media
+    if media and spec is None:
+        raise InvalidInputError(f"model {assets.model_id!r} takes no media parts")
+    rendered = assets.render(conversation(messages, lambda k: {"type": spec.template_type}))
+    ids = assets.encode(rendered, first=True)
+    parts: list = []
+    if not media:
+        return [TextPart(tuple(ids), tokenizer=assets.model_id)]
+    placeholder = assets.tokenizer.convert_tokens_to_ids(spec.placeholder)
+    at = [i for i, t in enumerate(ids) if t == placeholder]
+    if len(at) != len(media):
+        raise InvalidInputError(f"the chat template of model {assets.model_id!r} placed {len(at)} media placeholders "
+                                f"({spec.placeholder}) for {len(media)} media parts")
+    start = 0
+    for i, m in zip(at, media):
+        if i > start:
+            parts.append(TextPart(tuple(ids[start:i]), tokenizer=assets.model_id))
+        parts.append(MediaPart(m.model, m.embeds))
+        start = i + 1
+    if start < len(ids):
+        parts.append(TextPart(tuple(ids[start:]), tokenizer=assets.model_id))
+    return parts
+
+
+def expansion_parts(base: ChatAssets, models: dict[str, ChatAssets], messages: Sequence[dict],
+                    media: Sequence[Media]) -> list:
+    """The prompt of a request to the merged model (see the module docstring)."""
+    _check_text(messages)
+    conv = conversation(messages, lambda k: {"type": "text", "text": SENTINEL.format(k)})
+    rendered = base.render(conv)
+    if media and SENTINEL.format(0) not in rendered:  # a template that reads string content only
+        flat = [{**m, "content": "".join(p["text"] for p in m["content"]) if isinstance(m["content"], list)
+                 else m["content"]} for m in conv]
+        rendered = base.render(flat)
+    pieces = [rendered]
+    for k in range(len(media)):
+        head, sep, tail = pieces[-1].partition(SENTINEL.format(k))
+        if not sep:
+            raise InvalidInputError("the base's chat template dropped a media part")
+        pieces[-1:] = [head, tail]
+    parts: list = []
+    for k, text in enumerate(pieces):
+        if text or k == 0:
+            ids = base.encode(text, first=k == 0)
+            if ids:
+                parts.append(TextPart(tuple(ids)))
+        if k < len(media):
+            m = media[k]
+            before, after = models[m.model].media.wrap
+            if before:
+                parts.append(TextPart(tuple(models[m.model].encode(before, first=False)), m.model, m.model))
+            parts.append(MediaPart(m.model, m.embeds))
+            if after:
+                parts.append(TextPart(tuple(models[m.model].encode(after, first=False)), m.model, m.model))
+    return parts

@@ -1,0 +1,182 @@
+"""Modality components: raw media -> embeddings in the LLM's hidden size, each model's own way.
+
+A ``ComponentEncoder`` is one model's encoder + connector, loaded from its component in the store
+(``VersionWeights.fetch_files``) with transformers' own classes, and its own processor:
+
+    raw bytes --decode (mmer_dist.media: limits enforced)--> array
+              --adapter (mmer_adapter.json: audio -> spectrogram image, points -> projections)-->
+              --the model's HF processor--> pixel values --vision tower + projector--> (tokens, hidden)
+
+``ENCODERS`` maps a checkpoint format to its class; a model of another format is refused with a
+message naming it. Adding one (an audio tower that is not a vision tower, say) is a subclass with
+``load`` and ``embed``; the ``MediaEncoders`` deployment needs no change.
+
+``MediaEncoders`` hosts any model's component, loaded the first time a request needs it and kept
+(LRU), so models added to a live endpoint are served with no redeploy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import tempfile
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+
+from mmer_dist.errors import InvalidInputError
+from serve.config import Limits
+
+
+class ComponentEncoder:
+    part_types: tuple[str, ...] = ()
+
+    def __init__(self, model_id: str, directory: Path):
+        self.model_id, self.directory = model_id, directory
+
+    def decode(self, part_type: str, payload: bytes, limits: Limits):
+        from mmer_dist.media import adapters, decode
+
+        if part_type == "image_url":
+            raw = decode.decode_image(payload, max_pixels=limits.max_image_pixels)
+        elif part_type == "input_audio":
+            raw = decode.decode_wav(payload, max_seconds=limits.max_audio_seconds)
+        elif part_type == "point_cloud":
+            raw = decode.decode_points(payload, max_points=limits.max_points)
+        else:
+            raise InvalidInputError(f"model {self.model_id!r} does not take {part_type} parts")
+        adapter = adapters.load_adapter(self.directory)
+        if adapter is not None:
+            if adapter.part_type != part_type:
+                raise InvalidInputError(f"model {self.model_id!r} takes {adapter.part_type} parts, not {part_type}")
+            raw = adapter(raw)
+        elif part_type != "image_url":
+            raise InvalidInputError(f"model {self.model_id!r} reads images; it has no adapter for {part_type}")
+        return raw
+
+    def encode(self, part_type: str, payload: bytes, limits: Limits) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def _tower_model(model_class, directory: Path):
+    """The checkpoint's class with only its encoders and connector loaded: the text model is shrunk
+    to nothing (its weights live in the store, merged), so a 7B LLaVA does not allocate its LLM."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(directory)
+    config = copy.deepcopy(config)
+    config.text_config.num_hidden_layers = 0
+    config.text_config.vocab_size = 1
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "model.safetensors").symlink_to((directory / "component.safetensors").resolve())
+        config.save_pretrained(tmp)
+        model = model_class.from_pretrained(tmp, dtype=torch.float32)
+    return model.eval()
+
+
+class LlavaEncoder(ComponentEncoder):
+    """``LlavaForConditionalGeneration``: CLIP tower, feature layer / selection, projector."""
+
+    part_types = ("image_url", "input_audio", "point_cloud")
+
+    def __init__(self, model_id: str, directory: Path):
+        from transformers import LlavaForConditionalGeneration
+
+        from mmer_dist.media.processor import load_processor
+
+        super().__init__(model_id, directory)
+        self.model = _tower_model(LlavaForConditionalGeneration, directory)
+        self.processor = load_processor(directory)
+
+    @torch.inference_mode()
+    def encode(self, part_type: str, payload: bytes, limits: Limits) -> torch.Tensor:
+        image = self.decode(part_type, payload, limits)
+        pixels = self.processor.image_processor(images=[image], return_tensors="pt")["pixel_values"]
+        cfg = self.model.config
+        out = self.model.model.get_image_features(pixels, vision_feature_layer=cfg.vision_feature_layer,
+                                                  vision_feature_select_strategy=cfg.vision_feature_select_strategy)
+        return torch.cat(list(out.pooler_output)).float()
+
+
+class VideoLlavaEncoder(ComponentEncoder):
+    """``VideoLlavaForConditionalGeneration``: videos through the video tower (frames sampled to
+    the processor's count), images through the image tower."""
+
+    part_types = ("video_url", "image_url")
+
+    def __init__(self, model_id: str, directory: Path):
+        from transformers import VideoLlavaForConditionalGeneration
+
+        from mmer_dist.media.processor import load_processor
+
+        super().__init__(model_id, directory)
+        self.model = _tower_model(VideoLlavaForConditionalGeneration, directory)
+        self.processor = load_processor(directory)
+
+    @torch.inference_mode()
+    def encode(self, part_type: str, payload: bytes, limits: Limits) -> torch.Tensor:
+        from mmer_dist.media import decode
+
+        cfg = self.model.config
+        if part_type == "video_url":
+            frames = decode.decode_video(payload, num_frames=self.processor.num_frames,
+                                         max_frames=limits.max_video_frames, max_pixels=limits.max_image_pixels)
+            pixels = self.processor(text="", videos=[frames], return_tensors="pt")["pixel_values_videos"]
+            out = self.model.model.get_video_features(pixels, vision_feature_layer=cfg.vision_feature_layer)
+            return out.pooler_output.reshape(-1, out.pooler_output.shape[-1]).float()
+        image = self.decode(part_type, payload, limits)
+        pixels = self.processor(text="", images=[image], return_tensors="pt")["pixel_values_images"]
+        out = self.model.model.get_image_features(pixels, vision_feature_layer=cfg.vision_feature_layer,
+                                                  vision_feature_select_strategy=cfg.vision_feature_select_strategy)
+        return torch.cat(list(out.pooler_output)).float()
+
+
+ENCODERS: dict[str, type[ComponentEncoder]] = {"llava-hf": LlavaEncoder, "video-llava-hf": VideoLlavaEncoder}
+
+
+class MediaEncoders:
+    """Every model's component, loaded on demand from the store (the deployment class)."""
+
+    def __init__(self, store: str, max_loaded: int = 16, cache_dir: str | None = None):
+        self.store_url = store
+        self.max_loaded = max_loaded
+        self._cache = Path(cache_dir or tempfile.mkdtemp(prefix="mmer-encoders-"))
+        self._loaded: OrderedDict[tuple[str, str], ComponentEncoder] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _component(self, model_id: str) -> ComponentEncoder:
+        from mmer_dist.store.store import Store
+        from mmer_dist.store.weights import StoreWeights
+
+        weights = StoreWeights(Store.open(self.store_url))
+        record = weights.catalog.model(model_id)
+        key = (model_id, record.sha256)
+        with self._lock:
+            if key in self._loaded:
+                self._loaded.move_to_end(key)
+                return self._loaded[key]
+        cls = ENCODERS.get(record.format)
+        if cls is None:
+            raise InvalidInputError(f"model {model_id!r} is in format {record.format!r}; the server runs the "
+                                    f"components of {', '.join(ENCODERS)} checkpoints")
+        folder = weights.fetch_files(model_id, self._cache / f"{model_id}-{record.sha256[:12]}")
+        encoder = cls(model_id, folder)
+        with self._lock:
+            self._loaded[key] = encoder
+            while len(self._loaded) > self.max_loaded:
+                self._loaded.popitem(last=False)
+        return encoder
+
+    def encode_sync(self, model_id: str, part_type: str, payload: bytes, limits: Limits | dict) -> torch.Tensor:
+        limits = limits if isinstance(limits, Limits) else Limits.model_validate(limits)
+        encoder = self._component(model_id)
+        if part_type not in encoder.part_types:
+            raise InvalidInputError(f"model {model_id!r} does not take {part_type} parts")
+        return encoder.encode(part_type, payload, limits)
+
+    async def encode(self, model_id: str, part_type: str, payload: bytes, limits: Limits | dict) -> torch.Tensor:
+        # decoding and the towers are CPU/GPU work: off the replica's event loop
+        return await asyncio.get_running_loop().run_in_executor(None, self.encode_sync, model_id, part_type,
+                                                                payload, limits)

@@ -1,0 +1,116 @@
+"""Shared pieces of the serving tests: a small merged store of three tiny multimodal models, their
+exports (the references), real media payloads, and a real Ray Serve application on loopback.
+
+Models (tiny, random, bf16, built in code by ``mmer_dist.demo.tiny_models``):
+    vision  LlavaForConditionalGeneration (image_url)
+    video   VideoLlavaForConditionalGeneration (video_url), with 2 extra vocabulary rows
+    audio   LlavaForConditionalGeneration reading spectrograms (input_audio through its
+            ``mmer_adapter.json``)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mmer_dist.demo import tiny_models
+from mmer_dist.export import export_model
+from mmer_dist.ingest import ingest_base, ingest_model
+from mmer_dist.merge.engine import MergeRequest, merge
+from mmer_dist.merge.local import LocalBackend
+
+MODELS = (("vision", "llava-hf", "image", 31, 0), ("video", "video-llava-hf", "video", 32, 2),
+          ("audio", "llava-hf", "audio", 33, 0))
+TOKEN_ENV = "MMER_SERVE_TEST_TOKEN"
+TOKEN = "test-token-123"
+RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0",
+           "TOKENIZERS_PARALLELISM": "false", TOKEN_ENV: TOKEN}
+
+
+def save_audio_adapter(path: Path) -> None:
+    from mmer_dist.media.adapters import SpectrogramAdapter, save_adapter
+
+    save_adapter(SpectrogramAdapter(height=8, width=8, n_fft=64, sample_rate=8000, fmax=4000.0), path)
+
+
+def build_store(root: Path) -> tuple[str, dict[str, Path]]:
+    """The merged store and each model's ``mmer export model`` directory."""
+    ckpt = root / "checkpoints"
+    base = tiny_models.save_base(ckpt / "base", dtype=torch.bfloat16, seed=0)
+    store = str(root / "store")
+    ingest_base(store, base, progress=False)
+    for model_id, fmt, modality, seed, extra in MODELS:
+        path = tiny_models.save_finetuned(base, ckpt / model_id, fmt, dtype=torch.bfloat16, seed=seed,
+                                          extra_vocab=extra)
+        if modality == "audio":
+            save_audio_adapter(path)
+        ingest_model(store, model_id, path, modality, fmt=fmt, progress=False)
+    merge(store, MergeRequest(), LocalBackend(), workers=1, progress=False)
+    exports = {m: export_model(store, m, root / "exports" / m, progress=False) for m, *_ in MODELS}
+    return store, exports
+
+
+# -- media ---------------------------------------------------------------------------------------
+
+
+def image(seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+
+
+def tone(freq: float = 440.0, seconds: float = 0.5, rate: int = 8000) -> tuple[np.ndarray, int]:
+    t = np.arange(int(seconds * rate)) / rate
+    return (0.5 * np.sin(2 * np.pi * freq * t)).astype(np.float32), rate
+
+
+def video(seed: int = 0, frames: int = 12) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (frames, 16, 16, 3), dtype=np.uint8)
+
+
+# -- a Serve application ------------------------------------------------------------------------------
+
+
+def app_args(store: str, **overrides) -> dict:
+    return {"store": store, "dtype": "float32", "api_token_env": TOKEN_ENV, "slot_budget": "64MB",
+            "limits": {"max_completion_tokens": 64, "max_image_pixels": 64 * 64, "max_body_bytes": 4 << 20},
+            **overrides}
+
+
+@contextlib.contextmanager
+def serve_app(apps: dict[str, dict], *, port: int, ray_init: dict | None = None):
+    """Ray (embedded unless ``ray_init`` says where) and Serve on ``port``, with each of ``apps``
+    (route prefix -> app args) deployed; yields the base URL."""
+    import ray
+    from ray import serve
+
+    from serve.app import build
+
+    saved = {k: os.environ.get(k) for k in RAY_ENV}
+    os.environ.update(RAY_ENV)
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(**(ray_init or {"num_cpus": 8, "include_dashboard": False}), log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        for i, (prefix, args) in enumerate(apps.items()):
+            serve.run(build(args), name=f"app{i}", route_prefix=prefix)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        with contextlib.suppress(Exception):
+            serve.shutdown()
+        ray.shutdown()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def copy_tree(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst

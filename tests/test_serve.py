@@ -1,0 +1,265 @@
+"""The endpoint as users reach it: real Ray Serve on loopback, real HTTP, the official ``openai``
+client, three tiny multimodal models in a merged store (``serve_helpers``).
+
+References: retention answers must equal plain transformers ``generate`` on ``mmer export
+model`` with the model's own processor and chat template; expansion answers must equal the same
+server code run in-process (``LLMServer`` over a ``LocalPipeline``) on the same request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+from ray_helpers import free_port
+from serve_helpers import TOKEN, app_args, build_store, image, serve_app, tone, video
+
+from mmer_dist.media import parts as media_parts
+
+pytestmark = pytest.mark.slow
+ASK = {"type": "text", "text": "what is this ?"}
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    store, exports = build_store(root)
+    apps = {"/": app_args(store), "/tight": app_args(store, max_ongoing_requests=1, max_queued_requests=0,
+                                                        retry_after_s=2)}
+    with serve_app(apps, port=free_port()) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=TOKEN, max_retries=0, timeout=120)
+        yield type("Served", (), {"url": url, "store": store, "exports": exports, "client": client})
+
+
+def chat(served, model, content, **kw):
+    kw = {"temperature": 0, "max_tokens": 8, **kw}
+    return served.client.chat.completions.create(model=model, messages=[{"role": "user", "content": content}], **kw)
+
+
+def hf_generate(export_dir, content, n_tokens):
+    """Plain transformers on the export: the model's own processor and template, greedy."""
+    from transformers import AutoConfig, LlavaForConditionalGeneration, VideoLlavaForConditionalGeneration
+
+    from mmer_dist.media import adapters
+    from mmer_dist.media.processor import load_processor
+
+    cls = {"llava": LlavaForConditionalGeneration, "video_llava": VideoLlavaForConditionalGeneration}[
+        AutoConfig.from_pretrained(export_dir).model_type]
+    model = cls.from_pretrained(export_dir, dtype=torch.float32).eval()
+    processor = load_processor(export_dir)
+    items, images, videos = [], [], []
+    for part in content:
+        if part["type"] == "text":
+            items.append({"type": "text", "text": part["text"]})
+            continue
+        raw = media_parts.decode_part(part)
+        if part["type"] == "video_url":
+            items.append({"type": "video"})
+            videos.append(raw)
+        else:
+            adapter = adapters.load_adapter(export_dir)
+            images.append(adapter(raw) if adapter else raw)
+            items.append({"type": "image"})
+    prompt = processor.tokenizer.apply_chat_template([{"role": "user", "content": items}], tokenize=False,
+                                                     add_generation_prompt=True)
+    inputs = processor(text=prompt, images=images or None, videos=videos or None, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=n_tokens, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True, pad_token_id=0)
+    new = out.sequences[0, inputs["input_ids"].shape[1]:]
+    logprobs = [float(torch.log_softmax(s[0], -1)[t]) for s, t in zip(out.logits, new)]
+    eos = set(model.generation_config.eos_token_id if isinstance(model.generation_config.eos_token_id, list)
+              else [model.generation_config.eos_token_id])
+    keep = len(new) if not (eos & set(new.tolist())) else new.tolist().index(next(iter(eos & set(new.tolist()))))
+    return processor.tokenizer.decode(new[:keep], skip_special_tokens=True), logprobs[:keep]
+
+
+@pytest.mark.parametrize("model, part", [("vision", lambda: media_parts.image_part(image(1))),
+                                         ("video", lambda: media_parts.video_part(video(2))),
+                                         ("audio", lambda: media_parts.audio_part(*tone(660)))])
+def test_retention_equals_transformers_on_the_export(served, model, part):
+    content = [part(), ASK]
+    answer = chat(served, model, content, logprobs=True, max_tokens=10)
+    want_text, want_logprobs = hf_generate(served.exports[model], content, 10)
+    assert answer.choices[0].message.content == want_text
+    got = [t.logprob for t in answer.choices[0].logprobs.content]
+    assert len(got) == len(want_logprobs)
+    assert max(abs(a - b) for a, b in zip(got, want_logprobs)) < 1e-4
+    assert answer.usage.completion_tokens >= len(got) and answer.usage.prompt_tokens > 4
+
+
+def test_expansion_equals_the_server_in_process(served):
+    from mmer_dist.model.engine import LocalPipeline
+    from serve.config import ServeOptions
+    from serve.encoders import MediaEncoders
+    from serve.llm import LLMServer
+
+    content = [{"type": "text", "text": "look"}, media_parts.image_part(image(3)), {"type": "text", "text": "and"},
+               media_parts.audio_part(*tone(300)), ASK]
+    request = {"model": "merged", "messages": [{"role": "user", "content": content}], "temperature": 0,
+               "max_tokens": 8, "logprobs": True}
+    options = ServeOptions.from_args(app_args(served.store))
+    encoders = MediaEncoders(served.store)
+
+    async def encode(m, p, data, limits):
+        return encoders.encode_sync(m, p, data, limits)
+
+    server = LLMServer(options, encode, lambda w: LocalPipeline.build(w, 1, dtype=torch.float32,
+                                                                     slot_budget_bytes=options.slot_budget))
+    server.switch_to(server.load(None))
+
+    async def run():
+        return [e async for e in server.chat(request)]
+
+    try:
+        events = asyncio.run(run())
+    finally:
+        server.shutdown()
+    want = "".join(e["text"] for e in events if e["type"] == "token")
+    answer = served.client.chat.completions.create(**request)
+    assert answer.choices[0].message.content == want
+    want_lp = [e["logprob"]["logprob"] for e in events if e["type"] == "token" and "logprob" in e]
+    assert [round(t.logprob, 4) for t in answer.choices[0].logprobs.content] == [round(x, 4) for x in want_lp]
+
+
+def test_text_policy_per_request(served):
+    content = [media_parts.image_part(image(4)), ASK]
+    base = chat(served, "merged", content, logprobs=True)
+    same = chat(served, "merged", content, logprobs=True, extra_body={"text_policy": "request-modality"})
+    alone = chat(served, "vision", content, logprobs=True)
+    # one model's media under request-modality: every token through theta_hat of that model
+    assert [t.logprob for t in same.choices[0].logprobs.content] != [t.logprob for t in base.choices[0].logprobs.content]
+    assert same.choices[0].message.content and alone.choices[0].message.content
+    with pytest.raises(openai.BadRequestError, match="text_policy"):
+        chat(served, "merged", content, extra_body={"text_policy": "nonsense"})
+
+
+def test_streaming_returns_what_non_streaming_does(served):
+    content = [media_parts.image_part(image(5)), ASK]
+    whole = chat(served, "vision", content, max_tokens=12)
+    stream = chat(served, "vision", content, max_tokens=12, stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+
+
+def test_concurrent_requests_each_get_what_they_get_alone(served):
+    requests = [("vision", [media_parts.image_part(image(i)), ASK]) for i in range(3)]
+    requests += [("audio", [media_parts.audio_part(*tone(200 + 100 * i)), ASK]) for i in range(2)]
+    requests += [("merged", [media_parts.image_part(image(7)), media_parts.audio_part(*tone(500)), ASK])]
+    requests += [("video", [media_parts.video_part(video(9)), ASK]), ("merged", [ASK])]
+    alone = [chat(served, m, c).choices[0].message.content for m, c in requests]
+    results = [None] * len(requests)
+
+    def worker(i):
+        results[i] = chat(served, *requests[i]).choices[0].message.content
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(requests))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == alone
+
+
+def test_models_health_and_auth(served):
+    listed = {m.id for m in served.client.models.list().data}
+    assert listed == {"merged", "vision", "video", "audio"}
+    assert httpx.get(f"{served.url}/healthz").status_code == 200
+    assert httpx.get(f"{served.url}/readyz").json()["status"] == "ready"
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic " + TOKEN}):
+        r = httpx.post(f"{served.url}/v1/chat/completions", headers=headers,
+                       json={"model": "merged", "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+
+
+BAD = [
+    (b"{not json", 400, "not valid JSON"),
+    ({"model": "merged"}, 400, "messages"),
+    ({"model": "merged", "messages": "hi"}, 400, "messages"),
+    ({"model": "../../x", "messages": [{"role": "user", "content": "hi"}]}, 404, "does not exist"),
+    ({"model": "merged", "messages": [{"role": "user", "content": [{"type": "hologram"}]}]}, 400, "hologram"),
+    ({"model": "vision", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]}, 400, "image"),
+    ({"model": "vision", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,!!"}}]}]}, 400, "base64"),
+    ({"model": "vision", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]}]}, 400, "remote"),
+    ({"model": "vision", "messages": [{"role": "user", "content": [
+        media_parts.image_part(image(0).repeat(16, 0).repeat(16, 1))]}]}, 400, "pixels"),
+    ({"model": "vision", "messages": [{"role": "user", "content": [media_parts.audio_part(*tone())]}]}, 400,
+     "takes image_url parts"),
+    ({"model": "merged", "messages": [{"role": "user", "content": [
+        {**media_parts.image_part(image(0)), "model": "audio"}]}]}, 400, "candidates"),
+    ({"model": "merged", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, "max_tokens"),
+    ({"model": "merged", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10_000}, 400, "limit"),
+    ({"model": "merged", "messages": [{"role": "user", "content": "hi " * 300}]}, 400, "context"),
+    ({"model": "merged", "messages": [{"role": "user", "content": "hi"}], "n": 3}, 400, "n=3"),
+    ({"model": "merged", "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 400, "temperature"),
+    (b"x" * (5 << 20), 413, "body"),
+]
+
+
+def test_a_burst_of_bad_requests_leaves_the_server_answering_exactly(served):
+    content = [media_parts.image_part(image(6)), ASK]
+    before = chat(served, "vision", content, logprobs=True)
+    headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+    with httpx.Client(timeout=60) as http:
+        for body, status, words in BAD:
+            data = body if isinstance(body, bytes) else json.dumps(body).encode()
+            r = http.post(f"{served.url}/v1/chat/completions", content=data, headers=headers)
+            assert r.status_code == status, (body if isinstance(body, dict) else body[:40], r.text[:300])
+            err = r.json()["error"]
+            assert set(err) == {"message", "type", "param", "code"} and words.lower() in err["message"].lower(), err
+    after = chat(served, "vision", content, logprobs=True)
+    assert after.choices[0].message.content == before.choices[0].message.content
+    assert [t.logprob for t in after.choices[0].logprobs.content] == [t.logprob for t in before.choices[0].logprobs.content]
+
+
+def _stage_requests() -> int:
+    from ray import serve
+
+    handle = serve.get_deployment_handle("LLMEngine", app_name="app0")
+    stats = handle.stats.remote().result()
+    return sum(s["requests"] for s in stats["engine"]["stages"])
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_kv_cache(served):
+    body = {"model": "merged", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 60, "stream": True,
+            "temperature": 1.0}
+    with httpx.Client(timeout=60) as http:
+        with http.stream("POST", f"{served.url}/v1/chat/completions", json=body,
+                         headers={"Authorization": f"Bearer {TOKEN}"}) as r:
+            lines = r.iter_lines()
+            for _ in range(3):
+                next(lines)
+    deadline = time.time() + 30
+    while _stage_requests() and time.time() < deadline:
+        time.sleep(0.2)
+    assert _stage_requests() == 0
+
+
+def test_overload_is_a_429_with_retry_after(served):
+    url = f"{served.url}/tight/v1/chat/completions"
+    body = {"model": "merged", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 60, "temperature": 1.0}
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    statuses = []
+
+    def call():
+        r = httpx.post(url, json=body, headers=headers, timeout=120)
+        statuses.append((r.status_code, r.headers.get("retry-after")))
+
+    threads = [threading.Thread(target=call) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert (200, None) in statuses and ("429", "2") in [(str(s), h) for s, h in statuses]
