@@ -90,3 +90,18 @@ def test_a_store_of_the_previous_layout_gets_a_clear_message(store):
     (store / "zarr.json").write_text(json.dumps(meta))
     r = run_cli("status", "--store", store, ok=False)
     assert "layout 1" in r.err and "ingest it into a new store" in r.err
+
+
+def test_all_zero_chunks_are_stored_whichever_handle_writes_them(tmp_path):
+    """A chunk of zeros (common: tau* where no model moved, empty masks) is written like any other,
+    so reading it through a fresh handle is not mistaken for a deleted chunk."""
+    import torch
+
+    from mmer_dist.store.store import Store
+
+    url = str(tmp_path / "s")
+    Store.create(url).create_array("v/masks", 4, 3, 2, "uint8", compress=True, lead=2)
+    writer = Store.open(url)  # a worker reopens the array to write its chunks
+    writer.write("v/masks", torch.zeros(2, 4, 3, dtype=torch.uint8), slice(None), slice(0, 4))
+    got = Store.open(url).read("v/masks", slice(None), slice(0, 4))
+    assert got.shape == (2, 4, 3) and int(got.sum()) == 0

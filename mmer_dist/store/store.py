@@ -156,7 +156,8 @@ class Store:
 
     def _open_array(self, zstore, path: str) -> zarr.Array:
         try:
-            return zarr.open_array(zstore, path=path, mode="r+", zarr_format=3, config=_ARRAY_CONFIG)
+            # (open_array takes no runtime config: it is set on the opened array)
+            return zarr.open_array(zstore, path=path, mode="r+", zarr_format=3).with_config(_ARRAY_CONFIG)
         except FileNotFoundError:
             raise StoreError(f"array {path!r} is missing from store {self.url!r}") from None
         except (ValueError, TypeError, KeyError) as e:  # unreadable zarr.json
