@@ -34,7 +34,6 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% if part['type'] == 'text' %}{{ part['text'] }}{% else %}{{ '<' + part['type'] + '>' }}{% endif %}"
     "{% endfor %}{% endif %}{{ '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )
-_PROCESSOR_TOKENS = {"image": "image_token", "video": "video_token", "audio": "audio_token"}
 
 
 @dataclass(frozen=True)
@@ -70,7 +69,7 @@ class ChatAssets:
             raise InvalidInputError(f"{who} has no tokenizer the server can load ({type(e).__name__}: {e})") from None
         template = getattr(tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
         return cls(model_id, tokenizer, template, _stop_ids(directory, tokenizer),
-                   _media_spec(directory, model_id, modality, tokenizer) if model_id else None)
+                   _media_spec(directory, model_id, modality, tokenizer, template) if model_id else None)
 
     def encode(self, text: str, first: bool) -> list[int]:
         """Token ids of rendered text; the BOS token only at the start and only once."""
@@ -100,7 +99,13 @@ def _stop_ids(directory: Path, tokenizer) -> tuple[int, ...]:
     return tuple(sorted(int(i) for i in ids))
 
 
-def _media_spec(directory: Path, model_id: str, modality: str | None, tokenizer) -> MediaSpec | None:
+_HF_CONTENT_TYPES = {"image_url": "image", "video_url": "video", "input_audio": "audio", "point_cloud": "point"}
+
+
+def _media_spec(directory: Path, model_id: str, modality: str | None, tokenizer, template: str) -> MediaSpec | None:
+    """How model ``model_id`` takes media: ``mmer_adapter.json`` says what it knows; the placeholder
+    is its processor's image / video token; the content type is the one its chat template turns
+    into that placeholder (HF templates read ``{"type": "image"}``, some the OpenAI part type)."""
     adapter = json.loads((directory / ADAPTER_FILE).read_text()) if (directory / ADAPTER_FILE).exists() else {}
     processor = {}
     for name in ("processor_config.json", "preprocessor_config.json"):
@@ -109,16 +114,26 @@ def _media_spec(directory: Path, model_id: str, modality: str | None, tokenizer)
     part_type = adapter.get("part_type") or MODALITY_PART_TYPES.get(modality or "")
     if part_type is None:
         return None
-    template_type = adapter.get("template_type") or ("video" if part_type == "video_url" else
-                                                     "image" if "image_token" in processor else modality)
-    placeholder = adapter.get("placeholder") or processor.get(_PROCESSOR_TOKENS.get(template_type, ""))
-    if placeholder is None:
-        placeholder = f"<{template_type}>"
+    token_key = "video_token" if part_type == "video_url" else "image_token"
+    placeholder = adapter.get("placeholder") or processor.get(token_key) or f"<{_HF_CONTENT_TYPES[part_type]}>"
     if tokenizer.convert_tokens_to_ids(placeholder) in (None, tokenizer.unk_token_id):
         raise InvalidInputError(f"model {model_id!r}: its media placeholder {placeholder!r} is not a token "
                                 "of its tokenizer")
+    template_type = adapter.get("template_type") or _template_type(tokenizer, template, placeholder, part_type)
     wrap = tuple(adapter.get("wrap", ("", "")))
     return MediaSpec(part_type, template_type, placeholder, (wrap[0], wrap[1]))
+
+
+def _template_type(tokenizer, template: str, placeholder: str, part_type: str) -> str:
+    for candidate in (_HF_CONTENT_TYPES[part_type], part_type):
+        try:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": [{"type": candidate}]}], tokenize=False,
+                                                 chat_template=template)
+        except Exception:  # a template that refuses this content type
+            continue
+        if placeholder in text:
+            return candidate
+    return _HF_CONTENT_TYPES[part_type]
 
 
 @dataclass(frozen=True)

@@ -65,7 +65,8 @@ class ServeOptions(BaseModel):
     api_token_env: str | None = Field("MMER_API_TOKEN", description="environment variable holding the bearer "
                                       "token; unset or empty variable: no auth")
     max_ongoing_requests: int = Field(64, ge=1, description="requests in flight per ingress replica")
-    max_queued_requests: int = Field(128, ge=-1, description="requests queued beyond that before a 429")
+    max_queued_requests: int = Field(128, ge=-1, description="requests queued beyond that before a 429 "
+                                     "(-1: no limit)")
     retry_after_s: float = Field(1.0, ge=0, description="Retry-After of a 429")
     follow_interval_s: float = Field(2.0, gt=0, description="how often the serving pointer is polled")
 
@@ -73,6 +74,13 @@ class ServeOptions(BaseModel):
     @classmethod
     def _budget(cls, v):
         return parse_bytes(v)
+
+    @field_validator("max_queued_requests")
+    @classmethod
+    def _queue(cls, v):
+        if v == 0:
+            raise ValueError("max_queued_requests must be -1 (no limit) or at least 1")
+        return v
 
     @field_validator("text_policy")
     @classmethod

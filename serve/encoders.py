@@ -69,10 +69,18 @@ def _tower_model(model_class, directory: Path):
     config = copy.deepcopy(config)
     config.text_config.num_hidden_layers = 0
     config.text_config.vocab_size = 1
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "model.safetensors").symlink_to((directory / "component.safetensors").resolve())
-        config.save_pretrained(tmp)
-        model = model_class.from_pretrained(tmp, dtype=torch.float32)
+    config.text_config.pad_token_id = None
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the shrunk text model's weights are missing on purpose
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "model.safetensors").symlink_to((directory / "component.safetensors").resolve())
+            config.save_pretrained(tmp)
+            model = model_class.from_pretrained(tmp, dtype=torch.float32)
+    finally:
+        hf_logging.set_verbosity(verbosity)
     return model.eval()
 
 
@@ -123,11 +131,13 @@ class VideoLlavaEncoder(ComponentEncoder):
         if part_type == "video_url":
             frames = decode.decode_video(payload, num_frames=self.processor.num_frames,
                                          max_frames=limits.max_video_frames, max_pixels=limits.max_image_pixels)
-            pixels = self.processor(text="", videos=[frames], return_tensors="pt")["pixel_values_videos"]
+            pixels = self.processor(text=self.processor.video_token, videos=[frames],
+                                    return_tensors="pt")["pixel_values_videos"]
             out = self.model.model.get_video_features(pixels, vision_feature_layer=cfg.vision_feature_layer)
             return out.pooler_output.reshape(-1, out.pooler_output.shape[-1]).float()
         image = self.decode(part_type, payload, limits)
-        pixels = self.processor(text="", images=[image], return_tensors="pt")["pixel_values_images"]
+        pixels = self.processor(text=self.processor.image_token, images=[image],
+                                return_tensors="pt")["pixel_values_images"]
         out = self.model.model.get_image_features(pixels, vision_feature_layer=cfg.vision_feature_layer,
                                                   vision_feature_select_strategy=cfg.vision_feature_select_strategy)
         return torch.cat(list(out.pooler_output)).float()

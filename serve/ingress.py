@@ -24,7 +24,7 @@ from pydantic import ValidationError
 
 from serve.config import ServeOptions
 from serve.errors import ApiError
-from serve.protocol import ChatCompletionRequest
+from serve.protocol import ChatCompletionRequest, check_part_types
 
 def _cause(e: BaseException) -> BaseException:
     """The exception a deployment raised, out of Ray's wrapper."""
@@ -67,10 +67,12 @@ class OpenAIIngress:
             raise ApiError(400, f"the request body is not valid JSON: {e}") from None
         if not isinstance(payload, dict):
             raise ApiError(400, "the request body must be a JSON object")
+        check_part_types(payload)
         try:
             parsed = ChatCompletionRequest.model_validate(payload)
         except ValidationError as e:
-            first = e.errors()[0]
+            # of a union's alternatives, the deepest error names the real problem
+            first = max(e.errors(), key=lambda err: len(err["loc"]))
             where = ".".join(str(x) for x in first["loc"])
             raise ApiError(400, f"{where}: {first['msg']}" if where else first["msg"],
                            param=str(first["loc"][0]) if first["loc"] else None) from None
@@ -97,12 +99,15 @@ class OpenAIIngress:
             accepted = await events.__anext__()  # raises here when the request is refused
         except Exception as e:  # noqa: BLE001 - every failure becomes an OpenAI error body
             return error_response(e)
-        completion = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": parsed.model}
+        # every chunk names the store version that answered: a request stays on the version it
+        # was admitted on, whatever is promoted meanwhile
+        completion = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": parsed.model,
+                      "system_fingerprint": f"mmer-v{accepted['version']}"}
         if parsed.stream:
             usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
             return StreamingResponse(_sse(events, completion, usage, bool(parsed.logprobs)),
                                      media_type="text/event-stream")
-        return await _collect(events, completion, accepted, bool(parsed.logprobs))
+        return await _collect(events, completion, bool(parsed.logprobs))
 
     async def list_models(self, request: Request):
         try:
@@ -122,7 +127,7 @@ class OpenAIIngress:
         return {"status": "ready", **stats}
 
 
-async def _collect(events, completion: dict, accepted: dict, logprobs: bool) -> JSONResponse:
+async def _collect(events, completion: dict, logprobs: bool) -> JSONResponse:
     text, content_logprobs, done = [], [], None
     try:
         async for event in events:
@@ -138,8 +143,7 @@ async def _collect(events, completion: dict, accepted: dict, logprobs: bool) -> 
         return JSONResponse(ApiError(500, f"generation failed: {(done or {}).get('error')}").body(), status_code=500)
     choice = {"index": 0, "message": {"role": "assistant", "content": "".join(text)},
               "finish_reason": done["finish_reason"], "logprobs": {"content": content_logprobs} if logprobs else None}
-    return JSONResponse({**completion, "object": "chat.completion", "choices": [choice], "usage": done["usage"],
-                         "system_fingerprint": f"mmer-v{accepted['version']}"})
+    return JSONResponse({**completion, "object": "chat.completion", "choices": [choice], "usage": done["usage"]})
 
 
 async def _sse(events, completion: dict, include_usage: bool, logprobs: bool):

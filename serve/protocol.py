@@ -11,7 +11,7 @@ own server ignores what it does not know.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -132,6 +132,20 @@ class ChatCompletionRequest(BaseModel):
         return default if value is None else value
 
 
-def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
-               code: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+PART_TYPES = ("text", "image_url", "input_audio", "video_url", "point_cloud")
+
+
+def check_part_types(payload: dict) -> None:
+    """An unknown content part type, named with where it is (pydantic's union errors would not)."""
+    messages = payload.get("messages")
+    if not isinstance(messages, list):
+        return
+    for i, m in enumerate(messages):
+        content = m.get("content") if isinstance(m, dict) else None
+        if not isinstance(content, list):
+            continue
+        for j, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind not in PART_TYPES:
+                raise ApiError(400, f"messages[{i}].content[{j}]: unknown content part type {kind!r}; expected one "
+                                    f"of {', '.join(PART_TYPES)}", param="messages")

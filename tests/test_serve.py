@@ -30,7 +30,7 @@ ASK = {"type": "text", "text": "what is this ?"}
 def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     store, exports = build_store(root)
-    apps = {"/": app_args(store), "/tight": app_args(store, max_ongoing_requests=1, max_queued_requests=0,
+    apps = {"/": app_args(store), "/tight": app_args(store, max_ongoing_requests=1, max_queued_requests=1,
                                                         retry_after_s=2)}
     with serve_app(apps, port=free_port()) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key=TOKEN, max_retries=0, timeout=120)

@@ -8,8 +8,8 @@ fine-tunes of it), built on the CPU in minutes, seeded, bit-reproducible and cac
 """
 
 from mmer_dist.demo.kit.build import SIZES, Kit, KitModel, build_kit, default_cache_dir, load_kit
-from mmer_dist.demo.kit.evaluate import evaluate, load, predict
+from mmer_dist.demo.kit.evaluate import evaluate, load_checkpoint, predict
 from mmer_dist.demo.kit.tasks import TASKS, Sample, Split, Task, get_task
 
 __all__ = ["SIZES", "TASKS", "Kit", "KitModel", "Sample", "Split", "Task", "build_kit", "default_cache_dir",
-           "evaluate", "get_task", "load", "load_kit", "predict"]
+           "evaluate", "get_task", "load_checkpoint", "load_kit", "predict"]

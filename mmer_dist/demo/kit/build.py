@@ -30,7 +30,7 @@ import torch
 from filelock import FileLock
 
 from mmer_dist.demo.kit import encoding, models, training
-from mmer_dist.demo.kit.evaluate import KIT_META, cached_split, evaluate
+from mmer_dist.demo.kit.evaluate import KIT_META, cached_split, evaluate, quiet_transformers
 from mmer_dist.demo.kit.tasks import Split, get_task
 from mmer_dist.demo.kit.tokenizer import build_tokenizer
 from mmer_dist.errors import InvalidInputError, StoreError
@@ -60,7 +60,7 @@ SIZES: dict[str, KitSize] = {
         n_test={"digits": 360, "tones": 300, "shapes": 300, "motion": 300, "parity": 360}),
     "test": KitSize(
         base_steps=150,
-        steps={"digits": 100, "tones": 40, "shapes": 40, "motion": 60, "parity": 60},
+        steps={"digits": 100, "tones": 40, "shapes": 40, "motion": 60, "parity": 90},
         n_train={"digits": 400, "tones": 400, "shapes": 400, "motion": 400, "parity": 400},
         n_test={"digits": 100, "tones": 100, "shapes": 100, "motion": 100, "parity": 100}),
 }
@@ -132,6 +132,7 @@ def build_kit(cache_dir: str | Path | None = None, size: str = "demo", seed: int
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
         try:
             _build(tmp, size, seed, log or (lambda message: None))
+            os.chmod(tmp, 0o755)  # mkdtemp's 0700 is for while it is being written
             os.rename(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -188,17 +189,13 @@ def _seed(seed: int, name: str) -> int:
 @contextmanager
 def _build_environment() -> Iterator[None]:
     """One intra-op thread and no progress bars while building; the caller's settings after."""
-    from transformers.utils import logging as hf_logging
-
-    threads, bars = torch.get_num_threads(), hf_logging.is_progress_bar_enabled()
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    hf_logging.disable_progress_bar()
     try:
-        yield
+        with quiet_transformers():
+            yield
     finally:
         torch.set_num_threads(threads)
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 def _build(out: Path, size: str, seed: int, log: Callable[[str], None]) -> None:

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from safetensors.torch import load_file
@@ -35,19 +36,21 @@ FORMATS = {"llama": "llama", "llava": "llava-hf", "video_llava": "video-llava-hf
 
 
 def evaluate(checkpoint_dir: str | Path, task: str | Task | None = None, split: str = "test", n: int | None = None,
-             *, llm: str | Path | None = None, batch_size: int = 128) -> float:
+             *, llm: str | Path | None = None, batch_size: int = 128, device: str = "cpu") -> float:
     """Accuracy (0..1) of greedy generation on the first ``n`` samples (all if None) of ``split``.
-    ``task`` defaults to the one recorded in the checkpoint's ``mmer_kit.json``."""
+    ``task`` defaults to the one recorded in the checkpoint's ``mmer_kit.json``. The default device
+    is the CPU, so the reference number is the same on every machine (the models are tiny)."""
     samples, task = _samples(checkpoint_dir, task, split, n)
-    answers = predict(checkpoint_dir, task, samples, llm=llm, batch_size=batch_size)
+    answers = predict(checkpoint_dir, task, samples, llm=llm, batch_size=batch_size, device=device)
     return sum(a == s.answer for a, s in zip(answers, samples)) / len(samples)
 
 
 def predict(checkpoint_dir: str | Path, task: str | Task, samples: list[Sample], *, llm: str | Path | None = None,
-            batch_size: int = 128) -> list[str]:
+            batch_size: int = 128, device: str = "cpu") -> list[str]:
     """The checkpoint's greedy reply (special tokens removed, stripped) to each sample's prompt."""
     task = get_task(task) if isinstance(task, str) else task
-    model, processor, adapter = load(checkpoint_dir, llm=llm)
+    model, processor, adapter = load_checkpoint(checkpoint_dir, llm=llm)
+    model.to(device)
     replies: dict[int, str] = {}
     tokenizer = getattr(processor, "tokenizer", processor)
     by_length = defaultdict(list)  # prompts of the same token count batch without padding
@@ -58,19 +61,20 @@ def predict(checkpoint_dir: str | Path, task: str | Task, samples: list[Sample],
             idx = group[start:start + batch_size]
             batch = encode(processor, task, [samples[i] for i in idx], adapter, with_answer=False)
             with torch.no_grad():
-                out = model.generate(**batch, max_new_tokens=3, do_sample=False)
-            for i, row in zip(idx, out[:, batch["input_ids"].shape[1]:]):
+                out = model.generate(**{k: v.to(device) for k, v in batch.items()}, max_new_tokens=3, do_sample=False)
+            for i, row in zip(idx, out[:, batch["input_ids"].shape[1]:].cpu()):
                 replies[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
     return [replies[i] for i in range(len(samples))]
 
 
-def load(checkpoint_dir: str | Path, *, llm: str | Path | None = None) -> tuple[Any, Any, Any]:
+def load_checkpoint(checkpoint_dir: str | Path, *, llm: str | Path | None = None) -> tuple[Any, Any, Any]:
     """(model in eval mode, its processor or tokenizer, its adapter or None)."""
     checkpoint_dir = Path(checkpoint_dir)
     model_type = _json(checkpoint_dir / "config.json").get("model_type")
     if model_type not in MODEL_CLASSES:
         raise FormatError(f"{checkpoint_dir}: model_type {model_type!r}; the evaluator reads {sorted(MODEL_CLASSES)}")
-    model = MODEL_CLASSES[model_type].from_pretrained(checkpoint_dir, dtype=torch.float32).eval()
+    with quiet_transformers():
+        model = MODEL_CLASSES[model_type].from_pretrained(checkpoint_dir, dtype=torch.float32).eval()
     if llm is not None:
         _swap_llm(model, FORMATS[model_type], Path(llm))
     if model_type == "llama":
@@ -78,6 +82,20 @@ def load(checkpoint_dir: str | Path, *, llm: str | Path | None = None) -> tuple[
     else:
         processor = load_processor(checkpoint_dir)
     return model, processor, load_adapter(checkpoint_dir)
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """No transformers progress bars (weights loading, shards writing) inside; as before after."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _swap_llm(model: torch.nn.Module, fmt: str, llm_dir: Path) -> None:
@@ -93,7 +111,10 @@ def _swap_llm(model: torch.nn.Module, fmt: str, llm_dir: Path) -> None:
         raise FormatError(f"{llm_dir}: its LLM tensors {sorted(set(canonical) ^ set(source_of))[:4]} do not "
                           f"match the model's")
     state = {source_of[k]: tensors[canonical[k]].float() for k in source_of}
-    model.load_state_dict(state, strict=False)
+    try:
+        model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shapes differ: another architecture or vocabulary
+        raise FormatError(f"{llm_dir}: its LLM does not fit the model ({e})") from None
 
 
 def _samples(checkpoint_dir: str | Path, task: str | Task | None, split: str, n: int | None) -> tuple[list[Sample], Task]:

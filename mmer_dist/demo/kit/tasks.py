@@ -100,7 +100,9 @@ def _digit_split(label_words: Callable[[int], str]) -> Callable[[int, int, int],
         order = _rng(seed, "digits").permutation(len(labels))
         if n_train + n_test > len(order):
             raise InvalidInputError(f"digits: {n_train} + {n_test} samples asked, {len(order)} exist")
-        pick = lambda idx: [Sample(images[i], label_words(int(labels[i]))) for i in idx]  # noqa: E731
+        def pick(idx: np.ndarray) -> list[Sample]:
+            return [Sample(images[i], label_words(int(labels[i]))) for i in idx]
+
         return Split(pick(order[n_test:n_test + n_train]), pick(order[:n_test]))
 
     return make
