@@ -8,22 +8,21 @@
 - ``export_text``: theta_bar = theta_pre + mean(m) * tau*, the weights text tokens run through.
 
 Output goes to a sibling temporary directory renamed into place at the end, so a failed export
-never leaves a directory that looks like a complete checkpoint.
+never leaves a directory that looks like a complete checkpoint (``mmer_dist/outputs.py``: what
+``--overwrite`` may replace, and how file names from the store are checked).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import tempfile
-import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from mmer_dist import outputs
 from mmer_dist.errors import InvalidInputError
 from mmer_dist.formats.checkpoint import SAFETENSORS_DTYPES, CheckpointReader, read_header
 from mmer_dist.formats.writer import SafetensorsWriter
@@ -42,21 +41,8 @@ DEFAULT_SHARD_BYTES = 2 * 1024**3
 BASELINES = ("ties", "ta", "naive", "dare", "neuro")
 
 
-@contextmanager
-def _staged_output(out: str | Path, overwrite: bool) -> Iterator[Path]:
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise InvalidInputError(f"output directory {out} exists and is not empty (use --overwrite)")
-    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+# what an export may write and replace: mmer_dist/outputs.py
+_staged_output = outputs.staged_output
 
 
 def _stream_llm(store: Store, catalog: Catalog, writer: SafetensorsWriter, names: dict[str, str], dtype: torch.dtype,

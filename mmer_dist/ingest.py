@@ -14,6 +14,7 @@ so that merges (and later additions) can pick exact top-K thresholds without tha
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import re
@@ -33,13 +34,15 @@ from mmer_dist.formats.checkpoint import CheckpointReader
 from mmer_dist.formats.detect import detect_format
 from mmer_dist.formats.mapping import FormatMapping
 from mmer_dist.formats.writer import SafetensorsWriter
-from mmer_dist.merge.progress import progress_bar
 from mmer_dist.method import select
 from mmer_dist.method.kernels import ChunkInfo, ChunkKernels
 from mmer_dist.method.settings import MergeSettings
 from mmer_dist.method.validate import check_finite, check_lam
 from mmer_dist.store import layout
+from mmer_dist.ingest_files import CheckpointFiles, needed_files
+from mmer_dist.merge.progress import progress_bar
 from mmer_dist.store.catalog import ModelRecord, StoreRecord, TensorRecord
+from mmer_dist.store.files import ManifestWriter
 from mmer_dist.store.store import Store, check_model_id, utc_now
 
 ARCH_FIELDS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size")
@@ -97,39 +100,22 @@ def ingest_base(url: str, path: str | Path, *, chunk_elems: int = layout.DEFAULT
     config = mapping.llm_config(reader.config)
     n_layers = int(config["num_hidden_layers"])
 
-    if Store.exists(url):
-        store = Store.open(url)
-        if store.catalog().store is not None:
-            raise StoreError(f"store {url!r} already has a base model; one store holds one base")
-        store.remove("base")  # left over from an interrupted base ingest
-    else:
-        store = Store.create(url)
+    files = needed_files(reader)  # refuses links out of the checkpoint before anything is written
+    store = Store.open(url) if Store.exists(url) else Store.create(url)
     started = time.time()
-    records = []
-    hashing = _hash_in_background(reader)
     with store.writer_lock():
-        names = sorted(split.llm, key=lambda n: (_layer_of(n, n_layers), n))
-        total = sum(_nbytes(reader.info(split.llm[n])) for n in names)
-        with _progress(total, "ingest base", progress) as update:
-            for name in names:
-                info = reader.info(split.llm[name])
-                dtype = layout.dtype_name(info.dtype) if info.dtype.is_floating_point else None
-                if dtype is None:
-                    raise FormatError(f"base, tensor {name!r}: dtype {info.dtype} is not floating point")
-                rows, cols = layout.matrix_shape(tuple(info.shape))
-                record = TensorRecord(name, list(info.shape), dtype, rows, cols,
-                                      layout.rows_per_chunk(tuple(info.shape), chunk_elems),
-                                      _layer_of(name, n_layers), name in VOCAB_TENSORS)
-                store.create_array(f"{layout.BASE_LLM}/{name}", rows, cols, record.rows_per_chunk, dtype)
-                for start in range(0, rows, record.rows_per_chunk):
-                    stop = min(rows, start + record.rows_per_chunk)
-                    block = _matrix_rows(reader, split.llm[name], start, stop)
-                    check_finite(block, "base", name, offset=start * cols)
-                    store.write_chunk(f"{layout.BASE_LLM}/{name}", start, block)
-                    update(block.numel() * block.element_size())
-                records.append(record)
-        _copy_aux_files(store, reader, layout.BASE_FILES)
-        catalog = store.catalog()
+        catalog = store.catalog()  # under the lock: another base ingest may have committed meanwhile
+        if catalog.store is not None:
+            raise StoreError(f"store {url!r} already has a base model; one store holds one base")
+        store.remove("base")  # left over from an interrupted base ingest (never committed)
+        hashing = _hash_in_background(reader)
+        try:
+            records = _write_base(store, reader, split, n_layers, chunk_elems, progress)
+            _copy_aux_files(store, files, "base", layout.BASE_FILES.removeprefix("base/")).close()
+        except BaseException:
+            with contextlib.suppress(OSError):  # else `mmer gc` removes it later
+                store.remove("base")  # a failed or interrupted ingest leaves nothing behind
+            raise
         store_record = StoreRecord(layout.STORE_LAYOUT_VERSION, utc_now(), str(path), hashing.result(),
                                    records[0].dtype, json.dumps(config, sort_keys=True), chunk_elems)
         store.commit(catalog.replace(store=store_record, tensors=tuple(records)), catalog.seq)
@@ -148,12 +134,40 @@ def _hash_in_background(reader: CheckpointReader) -> Future:
     return future
 
 
-def _copy_aux_files(store: Store, reader: CheckpointReader, dest: str) -> None:
-    for f in reader.aux_files():
-        rel = f.relative_to(reader.path).as_posix()
-        with open(f, "rb") as src, store.open_file(f"{dest}/{rel}", "wb") as dst:
-            while chunk := src.read(1 << 20):
-                dst.write(chunk)
+def _write_base(store: Store, reader: CheckpointReader, split, n_layers: int, chunk_elems: int,
+                progress: bool) -> list[TensorRecord]:
+    records = []
+    names = sorted(split.llm, key=lambda n: (_layer_of(n, n_layers), n))
+    total = sum(_nbytes(reader.info(split.llm[n])) for n in names)
+    with _progress(total, "ingest base", progress) as update:
+        for name in names:
+            info = reader.info(split.llm[name])
+            dtype = layout.dtype_name(info.dtype) if info.dtype.is_floating_point else None
+            if dtype is None:
+                raise FormatError(f"base, tensor {name!r}: dtype {info.dtype} is not floating point")
+            rows, cols = layout.matrix_shape(tuple(info.shape))
+            record = TensorRecord(name, list(info.shape), dtype, rows, cols,
+                                  layout.rows_per_chunk(tuple(info.shape), chunk_elems),
+                                  _layer_of(name, n_layers), name in VOCAB_TENSORS)
+            store.create_array(f"{layout.BASE_LLM}/{name}", rows, cols, record.rows_per_chunk, dtype)
+            for start in range(0, rows, record.rows_per_chunk):
+                stop = min(rows, start + record.rows_per_chunk)
+                block = _matrix_rows(reader, split.llm[name], start, stop)
+                check_finite(block, "base", name, offset=start * cols)
+                store.write_chunk(f"{layout.BASE_LLM}/{name}", start, block)
+                update(block.numel() * block.element_size())
+            records.append(record)
+    return records
+
+
+def _copy_aux_files(store: Store, files: CheckpointFiles, owner: str, dest: str) -> ManifestWriter:
+    """Copy the checkpoint's needed files to ``<owner>/<dest>/``; returns the owner's manifest
+    writer (the caller adds its other files and closes it)."""
+    manifest = ManifestWriter(store, owner)
+    for rel, f in files.needed:
+        with open(f, "rb") as src:
+            manifest.put_stream(f"{dest}/{rel}", src)
+    return manifest
 
 
 # -- fine-tuned models --------------------------------------------------------------------------
@@ -166,44 +180,69 @@ def ingest_model(url: str, model_id: str, path: str | Path, modality: str, *, fm
     check_lam(lam, model_id)
     if not modality:
         raise InvalidInputError(f"model {model_id!r}: a modality name is required (e.g. image, audio)")
-    store = Store.open(url)
-    catalog = store.catalog()
-    if catalog.store is None:
-        raise StoreError(f"store {url!r} has no base model yet; ingest one with --base first")
-    if catalog.has_model(model_id):
-        raise InvalidInputError(f"model id {model_id!r} is already in the store; pick another id")
-
     reader = CheckpointReader(path)
     mapping = _resolve_mapping(reader, fmt, mapping_file)
-    plan = _plan_model(catalog, reader, mapping, model_id)
+    files = needed_files(reader)
+    store = Store.open(url)
     started = time.time()
-    hashing = _hash_in_background(reader)
     with store.writer_lock():
-        store.remove(layout.model_root(model_id))  # an interrupted earlier attempt, never visible
+        # Every check against the catalog happens under the lock, before anything is touched:
+        # a model committed by another writer is never removed or overwritten.
+        catalog = store.catalog()
+        if catalog.store is None:
+            raise StoreError(f"store {url!r} has no base model yet; ingest one with --base first")
+        if catalog.has_model(model_id):
+            raise InvalidInputError(f"model id {model_id!r} is already in the store; pick another id")
+        plan = _plan_model(catalog, reader, mapping, model_id)
+        store.remove(layout.model_root(model_id))  # an interrupted earlier attempt, never committed
+        hashing = _hash_in_background(reader)
         try:
-            histograms = _write_llm(store, catalog, reader, plan, model_id, progress)
-            component_params = _write_component(store, reader, plan.component, model_id, progress)
-            _copy_aux_files(store, reader, f"{layout.model_component(model_id)}/files")
-            store.put_bytes(f"{layout.model_meta(model_id)}/{KEYMAP}", json.dumps(plan.llm, indent=1).encode())
-            _write_histograms(store, model_id, histograms)
+            component_params = _write_model(store, catalog, reader, plan, files, model_id, progress)
             record = ModelRecord(
                 id=model_id, modality=modality, format=mapping.name, source=str(path), dtype=plan.dtype,
                 params=sum(t.numel for t in catalog.tensors), extra_rows=plan.extra_rows,
                 component_params=component_params, sha256=hashing.result(), lam=float(lam),
                 ingested_at=utc_now(), ingest_seconds=round(time.time() - started, 3))
+            store.commit(catalog.replace(models=catalog.models + (record,)), catalog.seq)
         except BaseException:
-            # NaN/Inf found while streaming, a read error, Ctrl-C: the model was never visible;
-            # leave no partial copy behind either
-            store.remove(layout.model_root(model_id))
+            # NaN/Inf found while streaming, a read error, a full disk, Ctrl-C, a lost commit race:
+            # the model was never visible; leave no partial copy behind either
+            _discard_uncommitted(store, model_id)
             raise
-        latest = store.catalog()
-        if latest.has_model(model_id):
-            raise InvalidInputError(f"model id {model_id!r} was added by another writer meanwhile")
-        store.commit(latest.replace(models=latest.models + (record,)), latest.seq)
     if progress:
         print(f"ingested {model_id!r} ({mapping.name}, {modality}): {record.params:,} LLM parameters, "
-              f"{component_params:,} component parameters in {record.ingest_seconds:.1f}s")
+              f"{record.component_params:,} component parameters in {record.ingest_seconds:.1f}s")
+        if files.left_out:
+            print(f"  not copied (not needed by the model): {', '.join(files.left_out[:8])}"
+                  + (f" and {len(files.left_out) - 8} more" if len(files.left_out) > 8 else ""))
     return record
+
+
+def _discard_uncommitted(store: Store, model_id: str) -> None:
+    """Remove ``models/<id>/`` after a failed ingest, unless the catalog lists that model (a
+    writer that took a lease judged dead may have committed it: its files are never touched)."""
+    try:
+        committed = store.catalog().has_model(model_id)
+    except Exception:  # an unreadable catalog: keep the files, `mmer gc` decides later
+        return
+    if not committed:
+        try:
+            store.remove(layout.model_root(model_id))
+        except OSError:
+            pass  # the original error matters more; `mmer gc` removes the leftovers later
+
+
+def _write_model(store: Store, catalog, reader: CheckpointReader, plan: ModelPlan, files: CheckpointFiles,
+                 model_id: str, progress: bool) -> int:
+    """Write everything of one model under ``models/<id>/``; returns its component parameter
+    count. The caller commits the record."""
+    histograms = _write_llm(store, catalog, reader, plan, model_id, progress)
+    manifest = _copy_aux_files(store, files, layout.model_root(model_id), "component/files")
+    component_params = _write_component(store, manifest, reader, plan.component, model_id, progress)
+    manifest.put_bytes(f"meta/{KEYMAP}", json.dumps(plan.llm, indent=1).encode())
+    _write_histograms(manifest, histograms)
+    manifest.close()
+    return component_params
 
 
 def _resolve_mapping(reader: CheckpointReader, fmt: str | None, mapping_file) -> FormatMapping:
@@ -336,7 +375,8 @@ def _write_extra_rows(store, reader, source, record, n_extra, model_id) -> None:
         store.write_rows(path, start, block)
 
 
-def _write_component(store: Store, reader: CheckpointReader, keys: list[str], model_id: str, progress) -> int:
+def _write_component(store: Store, manifest: ManifestWriter, reader: CheckpointReader, keys: list[str],
+                     model_id: str, progress) -> int:
     """Copy the modality component's tensors into one safetensors file, tensor by tensor."""
     if not keys:
         return 0
@@ -348,13 +388,12 @@ def _write_component(store: Store, reader: CheckpointReader, keys: list[str], mo
                 check_finite(tensor, model_id, key)
                 writer.write(key, 0, tensor)
         produced = sorted(Path(tmp).glob("*.safetensors"))
-        dest = f"{layout.model_component(model_id)}/{COMPONENT_WEIGHTS}"
-        store.fs.makedirs(store.abspath(layout.model_component(model_id)), exist_ok=True)
-        store.fs.put_file(str(produced[0]), store.abspath(dest))
+        with open(produced[0], "rb") as src:
+            manifest.put_stream(f"component/{COMPONENT_WEIGHTS}", src)
     return sum(int(torch.Size(shape).numel()) for _, shape, _ in entries)
 
 
-def _write_histograms(store: Store, model_id: str, histograms: dict[str, select.SparseCounts]) -> None:
+def _write_histograms(manifest: ManifestWriter, histograms: dict[str, select.SparseCounts]) -> None:
     names, keys, total, floor = [], [], [], []
     for name, h in histograms.items():
         names += [name] * h.keys.numel()
@@ -366,12 +405,13 @@ def _write_histograms(store: Store, model_id: str, histograms: dict[str, select.
                                        ("floor", pa.int64())]))
     buf = io.BytesIO()
     pq.write_table(table, buf)
-    store.put_bytes(f"{layout.model_meta(model_id)}/{HISTOGRAM}", buf.getvalue())
+    manifest.put_bytes(f"meta/{HISTOGRAM}", buf.getvalue())
 
 
 def read_histograms(store: Store, model_id: str) -> dict[str, select.SparseCounts]:
     """Per tensor: high-digit counts (2, M) of |theta_i - theta_pre| recorded at ingest."""
-    table = pq.read_table(io.BytesIO(store.get_bytes(f"{layout.model_meta(model_id)}/{HISTOGRAM}")))
+    table = pq.read_table(pa.BufferReader(store.get_bytes(f"{layout.model_meta(model_id)}/{HISTOGRAM}")),
+                          use_threads=False)  # no Arrow thread calling back into Python (see catalog.py)
     names = table.column("tensor").to_numpy(zero_copy_only=False)
     keys = table.column("key").to_numpy()
     counts = np.stack([table.column("count").to_numpy(), table.column("floor").to_numpy()])

@@ -215,5 +215,10 @@ def test_export_refuses_a_nonempty_output(merged, tmp_path):
     r = run_cli("export", "merged", "--store", merged.path, "--out", out, "--quiet", ok=False)
     assert str(out) in r.err and "--overwrite" in r.err
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
-    run_cli("export", "merged", "--store", merged.path, "--out", out, "--overwrite", "--quiet")
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+    # --overwrite replaces only a previous export, never a directory holding the user's files
+    r = run_cli("export", "merged", "--store", merged.path, "--out", out, "--overwrite", "--quiet", ok=False)
+    assert "not one" in r.err and [p.name for p in out.iterdir()] == ["keep.txt"]
+    exported = tmp_path / "exported"
+    run_cli("export", "text", "--store", merged.path, "--out", exported, "--quiet")
+    run_cli("export", "merged", "--store", merged.path, "--out", exported, "--overwrite", "--quiet")
+    assert (exported / "model.safetensors").exists() and (out / "keep.txt").read_text() == "mine"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from mmer_dist.cli.args import json_object, lam_pair, store_arg
+from mmer_dist.cli.args import json_object, lam_pair, positive_int, store_arg
 from mmer_dist.errors import InvalidInputError
 from mmer_dist.method.settings import SETTINGS
 
@@ -18,7 +18,7 @@ def register(sub) -> None:
     p.add_argument("--backend", choices=["local", "ray"], default="local", help="where the passes run (default local)")
     p.add_argument("--address", default=None, help="Ray address for --backend ray: auto, ray://host:10001, or "
                    "'local' for an embedded Ray (default: $RAY_ADDRESS, else local)")
-    p.add_argument("--workers", type=int, default=None, help="shards (one Ray actor each); default: one per node "
+    p.add_argument("--workers", type=positive_int, default=None, help="shards (one Ray actor each); default: one per node "
                    "for ray, 1 for local")
     p.add_argument("--worker-resources", type=json_object, default=None, metavar="JSON",
                    help='with --backend ray: custom Ray resources each shard actor needs, e.g. \'{"merge_node": 1}\' '

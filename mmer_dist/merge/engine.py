@@ -168,14 +168,19 @@ def merge(url: str, request: MergeRequest, backend: Backend, *, workers: int = 1
             cached_high=cached_high_histogram(store, plan.model_ids, settings.scope) if use_cache else None)
         if (state := staging.load_state()) is not None:
             driver.restore(state)
-        backend.start(MergeJob(url, plan.model_ids, settings, plan.version, plan.fingerprint, compile=compile,
-                               device=device, kernel_cache=default_cache_dir()), plan.shards)
         try:
-            timings = drive_passes(driver, backend, plan, staging, progress)
-        finally:
-            backend.stop()
-        record = version_record(catalog, plan, driver, backend.name, timings, staging.resumed, time.time() - started)
-        publish_version(store, record, catalog)  # fails if another writer committed since (object stores)
+            backend.start(MergeJob(url, plan.model_ids, settings, plan.version, plan.fingerprint, compile=compile,
+                                   device=device, kernel_cache=default_cache_dir()), plan.shards)
+            try:
+                timings = drive_passes(driver, backend, plan, staging, progress)
+            finally:
+                backend.stop()
+            record = version_record(catalog, plan, driver, backend.name, timings, staging.resumed,
+                                    time.time() - started)
+            publish_version(store, record, catalog)  # fails if another writer committed since (object stores)
+        except BaseException:
+            staging.abandon()  # an error or Ctrl-C leaves no staging behind (a SIGKILL leaves it to resume)
+            raise
         staging.discard()
     return record
 

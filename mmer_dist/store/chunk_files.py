@@ -13,8 +13,9 @@ thirds of a merge's time. Where the layout allows, this module does the same I/O
 
 It serves local stores, zarr v3 arrays chunked in whole rows whose codecs are ``bytes``
 (little-endian), optionally ``zstd``, optionally ``crc32c`` last (computed on write, verified on
-read), and requests for exactly one chunk. Anything else goes through zarr. A chunk file that was
-never written holds the fill value (zeros), as in zarr.
+read), and requests for exactly one chunk. Anything else goes through zarr. Every chunk is written
+when its array is filled (zeros included), so a chunk file that is not there is damage: reading
+it raises, as the store's checked zarr reads do.
 """
 
 from __future__ import annotations
@@ -110,9 +111,8 @@ class ChunkFiles:
         file = self._file(start)
         try:
             fd = os.open(file, os.O_RDONLY)
-        except FileNotFoundError:
-            out.fill(0)
-            return
+        except FileNotFoundError:  # every chunk is written at creation: a missing one is damage
+            raise StoreError(f"chunk file {file} is missing (the store is damaged; `mmer verify` lists what)") from None
         try:
             size = os.fstat(fd).st_size
             if self.zstd_level is not None:

@@ -74,6 +74,19 @@ class Staging:
     def discard(self) -> None:
         self.store.remove(self._dir)
 
+    def abandon(self) -> None:
+        """After a failed run: remove the whole unpublished version (arrays and staging). Never a
+        version the catalog lists; an unreadable catalog leaves it to `mmer gc`."""
+        try:
+            published = any(v.version == self.version for v in self.store.catalog().versions)
+        except Exception:
+            return
+        if not published:
+            try:
+                self.store.remove(layout.version_root(self.version))
+            except OSError:
+                pass  # e.g. the store went read-only; `mmer gc` removes it later
+
 
 def _read_json(store: Store, path: str):
     """A staging file's JSON, or None when it is missing or was cut short (a run killed while
