@@ -56,11 +56,13 @@ def test_chunks_zarr_wrote_read_directly(tmp_path, pipeline):
     assert not files.is_one_chunk(0, 3) and not files.is_one_chunk(2, 6)
 
 
-def test_a_chunk_never_written_reads_as_zeros(tmp_path):
+def test_a_missing_chunk_file_is_damage_not_zeros(tmp_path):
+    # the store writes every chunk when it fills an array (zeros too): one that is not there
+    # was lost, and reading it must say so rather than hand back zeros
     _array(tmp_path, "a", (8, 4), (4, 4), "bytes")
     out = np.full((4, 4), 7, dtype=np.uint16)
-    ChunkFiles.read_metadata(str(tmp_path / "a")).read_into(4, out)
-    assert not out.any()
+    with pytest.raises(StoreError, match=r"c/1/0.*missing"):
+        ChunkFiles.read_metadata(str(tmp_path / "a")).read_into(4, out)
 
 
 @pytest.mark.parametrize("pipeline", ["bytes+crc32c", "zstd+crc32c"])

@@ -95,6 +95,12 @@ class RayBackend:
         self._connect()
         nodes = self._worker_nodes() or [n for n in ray.nodes() if n.get("Alive")]
         total = {k: sum(n["Resources"].get(k, 0.0) for n in nodes) for k in ("CPU", "GPU", "memory")}
+        # what is free now: a merge beside a running endpoint (``mmer add``) takes what it leaves
+        free = ray.available_resources()
+        budget = {k: min(v, free.get(k, 0.0)) for k, v in total.items()}
+        if budget["CPU"] < 0.1 * len(shards):  # nothing free at all: ask for a share and wait for it
+            budget["CPU"] = total["CPU"]
+        total = budget
         n = len(shards)
         node_cpus = max((node["Resources"].get("CPU", 0.0) for node in nodes), default=1.0)
         # share the worker nodes' CPUs, but never ask one actor for more than one node has
