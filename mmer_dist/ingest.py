@@ -174,8 +174,10 @@ def _copy_aux_files(store: Store, files: CheckpointFiles, owner: str, dest: str)
 
 
 def ingest_model(url: str, model_id: str, path: str | Path, modality: str, *, fmt: str | None = None,
-                 mapping_file: str | Path | None = None, lam: float = 1.0, progress: bool = True) -> ModelRecord:
-    """Add one fine-tuned MLLM to the store (not merged until the next ``merge``)."""
+                 mapping_file: str | Path | None = None, lam: float = 1.0, task: str | None = None,
+                 progress: bool = True) -> ModelRecord:
+    """Add one fine-tuned MLLM to the store (not merged until the next ``merge``). ``task`` names
+    what it was fine-tuned for (a new task of an existing modality, say)."""
     check_model_id(model_id)
     check_lam(lam, model_id)
     if not modality:
@@ -202,7 +204,7 @@ def ingest_model(url: str, model_id: str, path: str | Path, modality: str, *, fm
                 id=model_id, modality=modality, format=mapping.name, source=str(path), dtype=plan.dtype,
                 params=sum(t.numel for t in catalog.tensors), extra_rows=plan.extra_rows,
                 component_params=component_params, sha256=hashing.result(), lam=float(lam),
-                ingested_at=utc_now(), ingest_seconds=round(time.time() - started, 3))
+                ingested_at=utc_now(), ingest_seconds=round(time.time() - started, 3), task=task)
             store.commit(catalog.replace(models=catalog.models + (record,)), catalog.seq)
         except BaseException:
             # NaN/Inf found while streaming, a read error, a full disk, Ctrl-C, a lost commit race:

@@ -15,6 +15,14 @@ def register(sub) -> None:
                        "them as a new immutable version.")
     store_arg(p)
     add_merge_options(p)
+    add_run_options(p)
+    p.add_argument("--no-promote", action="store_true", help="publish the version without serving it (an ablation, "
+                   "a comparison); `mmer promote` serves it later")
+    p.set_defaults(run=run)
+
+
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    """Where and how a merge runs (merge, add, remove): backend, Ray placement, kernels, device."""
     p.add_argument("--backend", choices=["local", "ray"], default="local", help="where the passes run (default local)")
     p.add_argument("--address", default=None, help="Ray address for --backend ray: auto, ray://host:10001, or "
                    "'local' for an embedded Ray (default: $RAY_ADDRESS, else local)")
@@ -28,7 +36,22 @@ def register(sub) -> None:
                    "(default: on for models above 50M parameters)")
     p.add_argument("--device", default="auto", help="torch device for --backend local: auto, cpu, cuda (default auto; "
                    "Ray workers use the GPU Ray assigns them, if any)")
-    p.set_defaults(run=run)
+
+
+def run_options(args, store_url: str) -> dict:
+    """Backend, workers, compile and device from ``add_run_options``' flags, checked."""
+    from mmer_dist.merge.options import choose_backend, resolve_compile, resolve_device
+    from mmer_dist.store.store import Store
+
+    if args.backend == "local" and (args.address or args.worker_resources):
+        raise InvalidInputError("--address and --worker-resources are for --backend ray")
+    if args.backend == "ray" and args.device != "auto":
+        raise InvalidInputError("--device is for --backend local; Ray workers use the GPU Ray assigns them, if any")
+    compile = resolve_compile(args.compile, Store.open(store_url).catalog())
+    device = resolve_device(args.device) if args.backend == "local" else "cpu"
+    backend, workers = choose_backend(args.backend, args.address, args.workers, args.worker_resources,
+                                      progress=not args.quiet)
+    return {"backend": backend, "workers": workers, "compile": compile, "device": device}
 
 
 def add_settings_options(p: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
@@ -72,21 +95,16 @@ def merge_request(args):
 
 def run(args) -> None:
     from mmer_dist.merge.engine import merge
-    from mmer_dist.merge.options import choose_backend, resolve_compile, resolve_device
-    from mmer_dist.store.store import Store
 
     request = merge_request(args)
-    if args.backend == "local" and (args.address or args.worker_resources):
-        raise InvalidInputError("--address and --worker-resources are for --backend ray")
-    if args.backend == "ray" and args.device != "auto":
-        raise InvalidInputError("--device is for --backend local; Ray workers use the GPU Ray assigns them, if any")
-    store = Store.open(args.store)
-    compile = resolve_compile(args.compile, store.catalog())
-    device = resolve_device(args.device) if args.backend == "local" else "cpu"
-    backend, workers = choose_backend(args.backend, args.address, args.workers, args.worker_resources,
-                                      progress=not args.quiet)
-    record = merge(args.store, request, backend, workers=workers, compile=compile, device=device,
-                   progress=not args.quiet)
+    options = run_options(args, args.store)
+    backend = options.pop("backend")
+    record = merge(args.store, request, backend, progress=not args.quiet, promote=not args.no_promote, **options)
+    print(describe_version(record, served=not args.no_promote))
+
+
+def describe_version(record, served: bool) -> str:
     densities = ", ".join(f"{m}={d:.3f}" for m, d in zip(record.models, record.mask_density))
-    print(f"published version {record.version}: {record.method}/{record.mask_rule}, K={record.topk}, "
-          f"{len(record.models)} models, mask density {densities}, {record.seconds:.1f}s ({record.backend})")
+    return (f"published version {record.version}{' (served)' if served else ' (not served: --no-promote)'}: "
+            f"{record.method}/{record.mask_rule}, K={record.topk}, {len(record.models)} models, mask density "
+            f"{densities}, {record.seconds:.1f}s ({record.backend})")

@@ -139,17 +139,28 @@ def drive_passes(driver: streaming.MergeDriver, backend: Backend, plan: MergePla
         pass_seconds[name] = round(time.perf_counter() - t0, 3)
         shard_seconds[name] = {s.index: round(sec, 3) for s, (_, sec) in zip(todo, results)}
         partials = [r for r, _ in results] + [final_stats_from_record(d) for d in done.values()]
+        reruns = driver.majority_reruns
         driver.accept(streaming.merge_results(partials))
         decided = driver.decided_state()
-        if decided is not None and state is None:  # a resumed run can skip to the final pass
+        if driver.majority_reruns != reruns:  # an assumed majority sign was wrong: redo the final pass
+            staging.forget_done_shards()
+            staging.save_state(decided)
+            state = decided
+        elif decided is not None and state is None:  # a resumed run can skip to the final pass
             staging.save_state(decided)
             state = decided
     return {"pass_seconds": pass_seconds, "shard_seconds": shard_seconds}
 
 
 def merge(url: str, request: MergeRequest, backend: Backend, *, workers: int = 1, compile: bool = False,
-          device: str = "cpu", progress: bool = True) -> VersionRecord:
-    """Merge the store's models into a new published version; returns its catalog record."""
+          device: str = "cpu", progress: bool = True, promote: bool = True,
+          known: Callable[[Catalog, MergePlan], dict | None] | None = None) -> VersionRecord:
+    """Merge the store's models into a new published version; returns its catalog record.
+
+    ``promote`` makes it the served version in the same commit. ``known(catalog, plan)`` may give
+    a decided state (threshold bits and majority signs, ``MergeDriver.decided_state``'s form) to
+    start from: the thresholds must be exact, the majority signs are checked during the final
+    pass (and the pass redone if they were wrong), so the result is the same as counting them."""
     started = time.time()
     store = Store.open(url)
     # The catalog is read under the writer lock: read before it, a version published meanwhile
@@ -168,6 +179,9 @@ def merge(url: str, request: MergeRequest, backend: Backend, *, workers: int = 1
             cached_high=cached_high_histogram(store, plan.model_ids, settings.scope) if use_cache else None)
         if (state := staging.load_state()) is not None:
             driver.restore(state)
+        elif known is not None and (given := known(catalog, plan)) is not None:
+            driver.restore(given)
+            driver.check_majority = True
         try:
             backend.start(MergeJob(url, plan.model_ids, settings, plan.version, plan.fingerprint, compile=compile,
                                    device=device, kernel_cache=default_cache_dir()), plan.shards)
@@ -177,7 +191,8 @@ def merge(url: str, request: MergeRequest, backend: Backend, *, workers: int = 1
                 backend.stop()
             record = version_record(catalog, plan, driver, backend.name, timings, staging.resumed,
                                     time.time() - started)
-            publish_version(store, record, catalog)  # fails if another writer committed since (object stores)
+            # fails if another writer committed since (object stores)
+            publish_version(store, record, catalog, promote=promote)
         except BaseException:
             staging.abandon()  # an error or Ctrl-C leaves no staging behind (a SIGKILL leaves it to resume)
             raise
@@ -193,7 +208,8 @@ def version_record(catalog: Catalog, plan: MergePlan, driver: streaming.MergeDri
     details = dict(
         thresholds={g: v.tolist() for g, v in driver.thresholds().items()} if global_scope else "per-tensor",
         majority=driver.majority if global_scope else _majority_summary(driver.majority),
-        resumed=resumed, shards=[s.describe() for s in plan.shards], **timings)
+        resumed=resumed, shards=[s.describe() for s in plan.shards], majority_reruns=driver.majority_reruns,
+        **timings)
     return VersionRecord(
         version=plan.version, created_at=utc_now(), **settings.record(), models=list(plan.model_ids),
         mask_density=[int(c) / params for c in stats.mask_counts],

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from mmer_dist.method import streaming
+from mmer_dist.method.elect import SignCounts
 from mmer_dist.method.kernels import ChunkKernels
 from mmer_dist.method.settings import MergeSettings
 from mmer_dist.merge.plan import ShardSpec
@@ -161,13 +162,19 @@ def make_kernels(job: MergeJob) -> ChunkKernels:
 
 
 def final_stats_record(stats: streaming.FinalStats, seconds: float) -> dict:
-    return {"mask_counts": stats.mask_counts.tolist(), "nonzero": stats.nonzero, "entries": stats.entries,
-            "seconds": seconds}
+    record = {"mask_counts": stats.mask_counts.tolist(), "nonzero": stats.nonzero, "entries": stats.entries,
+              "seconds": seconds}
+    if stats.signs is not None:
+        record["signs"] = {g: c.tolist() for g, c in stats.signs.groups.items()}
+    return record
 
 
 def final_stats_from_record(record: dict) -> streaming.FinalStats:
+    signs = None
+    if "signs" in record:
+        signs = SignCounts({g: torch.tensor(c, dtype=torch.int64) for g, c in record["signs"].items()})
     return streaming.FinalStats(torch.tensor(record["mask_counts"], dtype=torch.int64), record["nonzero"],
-                                record["entries"])
+                                record["entries"], signs)
 
 
 def worker_memory_bytes(job: MergeJob, shard: ShardSpec) -> int:

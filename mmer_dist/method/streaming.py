@@ -72,15 +72,19 @@ class ChunkWriter(Protocol):
 
 @dataclass(frozen=True)
 class FinalStats:
-    """Totals of the final pass: set mask bits per model, nonzero tau* entries, entries."""
+    """Totals of the final pass: set mask bits per model, nonzero tau* entries, entries, and
+    (when it checks a majority sign it was given) the elected-sign counts."""
 
     mask_counts: torch.Tensor
     nonzero: int = 0
     entries: int = 0
+    signs: SignCounts | None = None
 
     def merge(self, other: FinalStats) -> FinalStats:
+        signs = self.signs.merge(other.signs) if self.signs is not None and other.signs is not None else \
+            (self.signs or other.signs)
         return FinalStats(self.mask_counts + other.mask_counts, self.nonzero + other.nonzero,
-                          self.entries + other.entries)
+                          self.entries + other.entries, signs)
 
 
 @dataclass(frozen=True)
@@ -200,14 +204,17 @@ class SignPass:
 
 @dataclass(frozen=True)
 class FinalPass:
-    """tau*, the bit-packed masks (through the writer) and their counts."""
+    """tau*, the bit-packed masks (through the writer) and their counts. With ``check`` (the exact
+    bounds), it also counts elected signs, to check a majority sign that was assumed rather than
+    counted (an incremental merge starts from the previous version's)."""
 
     thresholds: Mapping[str, torch.Tensor]
     majority: Mapping[str, float]
+    check: select.TrimBounds | None = None
     writes = True
 
     def start(self, n_models: int) -> FinalStats:
-        return FinalStats(torch.zeros(n_models, dtype=torch.int64))
+        return FinalStats(torch.zeros(n_models, dtype=torch.int64), signs=SignCounts() if self.check else None)
 
     def step(self, partial: FinalStats, kernels: ChunkKernels, work: ChunkWork) -> FinalStats:
         g = work.group
@@ -220,10 +227,15 @@ class FinalPass:
         if work.writer is not None:
             work.writer.write(work.chunk, tau_star.cpu(), packed.cpu())
         counts = sum(o[2].cpu().to(torch.int64) for o in outs)
-        return partial.merge(FinalStats(counts, sum(int(o[3]) for o in outs), work.chunk.numel))
+        signs = None
+        if self.check is not None:
+            bits = self.check.upper[g]
+            signs = SignCounts({g: sum(kernels.sign_counts(blk.models, blk.base, blk.info, bits, bits)
+                                       for blk in work.blocks)})
+        return partial.merge(FinalStats(counts, sum(int(o[3]) for o in outs), work.chunk.numel, signs))
 
     def advance(self, driver: MergeDriver, result: FinalStats) -> None:
-        driver.stats = result
+        driver.finish(result)
 
 
 PassRequest = HighPass | LowPass | SignPass | FinalPass
@@ -307,6 +319,8 @@ class MergeDriver:
     majority: dict[str, float] | None = None
     stats: FinalStats | None = None
     passes_run: list[str] = field(default_factory=list)
+    check_majority: bool = False  # the majority was assumed (restored): count signs to check it
+    majority_reruns: int = 0
 
     def __post_init__(self):
         # the driver has no model ids; callers with ids validate first and get their names in messages
@@ -330,8 +344,22 @@ class MergeDriver:
             return SignPass(self.bounds)
         if self.stats is None:
             thresholds = {g: self.bounds.thresholds(g) for g in self.sizes}
-            return FinalPass(thresholds, dict(self.majority))
+            check = self.bounds if self.check_majority and self.settings.elects else None
+            return FinalPass(thresholds, dict(self.majority), check)
         return None
+
+    def finish(self, stats: FinalStats) -> None:
+        """The final pass's totals; when it checked an assumed majority sign that turns out wrong,
+        the driver takes the counted one and asks for the final pass again (only then is the
+        result the same as counting first)."""
+        if stats.signs is not None:
+            counted = stats.signs.majority()
+            self.check_majority = False
+            if counted != self.majority:
+                self.majority = counted
+                self.majority_reruns += 1
+                return
+        self.stats = stats
 
     def accept(self, result: PassResult) -> None:
         request = self.next_pass()

@@ -55,6 +55,8 @@ class ModelRecord:
     lam: float
     ingested_at: str
     ingest_seconds: float
+    task: str | None = None  # what it was fine-tuned for, when it is one of several of its modality
+    removed_at: str | None = None  # set by `mmer remove`: kept for the versions that hold it, then gc
 
 
 @dataclass(frozen=True)
@@ -101,12 +103,25 @@ class VersionRecord:
     details: str  # JSON: thresholds, majority signs, per-pass and per-shard timings
 
 
+@dataclass(frozen=True)
+class ServingRecord:
+    """One entry of the serving log: ``promote`` pushes a version, ``rollback`` pops the top.
+    The version served is the top of the stack the log replays to."""
+
+    seq: int
+    action: str  # promote | rollback
+    version: int  # the version served after this entry
+    at: str
+
+
 _SCHEMAS = {
     "store": StoreRecord,
     "models": ModelRecord,
     "tensors": TensorRecord,
     "versions": VersionRecord,
+    "serving": ServingRecord,
 }
+_OPTIONAL_TABLES = frozenset({"serving"})  # absent from snapshots written before it: empty
 
 _ARROW = {int: pa.int64(), float: pa.float64(), str: pa.string(), bool: pa.bool_(),
           list[int]: pa.list_(pa.int64()), list[float]: pa.list_(pa.float64()), list[str]: pa.list_(pa.string())}
@@ -146,6 +161,7 @@ class Catalog:
     models: tuple[ModelRecord, ...] = ()
     tensors: tuple[TensorRecord, ...] = ()
     versions: tuple[VersionRecord, ...] = ()
+    serving: tuple[ServingRecord, ...] = ()
 
     def model(self, model_id: str) -> ModelRecord:
         for m in self.models:
@@ -160,12 +176,34 @@ class Catalog:
     def latest_version(self) -> VersionRecord | None:
         return max(self.versions, key=lambda v: v.version) if self.versions else None
 
+    def serving_stack(self) -> list[int]:
+        """The promoted versions, oldest first, as the serving log replays (rollbacks popped);
+        versions that gc has removed since are dropped."""
+        stack: list[int] = []
+        for entry in self.serving:
+            if entry.action == "rollback":
+                if stack:
+                    stack.pop()
+            else:
+                stack.append(entry.version)
+        published = {v.version for v in self.versions}
+        return [v for v in stack if v in published]
+
     def serving_version(self) -> int:
-        """The version a server should serve: the latest published one."""
+        """The version a server should serve: the top of the serving stack (``mmer promote``,
+        ``mmer rollback``); the latest published version in a store that never promoted one."""
+        stack = self.serving_stack()
+        if stack:
+            return stack[-1]
         latest = self.latest_version()
         if latest is None:
             raise StoreError("the store has no published merge version yet; run `mmer merge` first")
         return latest.version
+
+    def promoted(self, version: int, action: str = "promote", at: str = "") -> Catalog:
+        """This catalog with ``version`` promoted (or the top popped, ``action='rollback'``)."""
+        entry = ServingRecord(len(self.serving) + 1, action, version, at)
+        return dataclasses.replace(self, serving=self.serving + (entry,))
 
     def version(self, number: int | None) -> VersionRecord:
         if number is None:
@@ -242,7 +280,8 @@ def read_commit(fs: fsspec.AbstractFileSystem, root: str, seq: int) -> CommitRec
         raise StoreError(f"catalog snapshot {seq} has no commit record {path} (deleted?)") from None
     except (ValueError, KeyError, TypeError) as e:
         raise StoreError(f"catalog commit record {path} is damaged ({type(e).__name__}: {e})") from None
-    if commit.seq != seq or set(commit.files) != set(_SCHEMAS) or "/" in commit.snapshot:
+    tables = set(commit.files)
+    if commit.seq != seq or not set(_SCHEMAS) - _OPTIONAL_TABLES <= tables <= set(_SCHEMAS) or "/" in commit.snapshot:
         raise StoreError(f"catalog commit record {path} is damaged (it does not describe snapshot {seq})")
     return commit
 
@@ -251,6 +290,9 @@ def read_snapshot_tables(fs: fsspec.AbstractFileSystem, root: str, commit: Commi
     """Every table of a committed snapshot, each file checked against its recorded sha256."""
     tables = {}
     for name, record_type in _SCHEMAS.items():
+        if name not in commit.files:  # an optional table this snapshot predates
+            tables[name] = []
+            continue
         path = f"{snapshot_dir(root, commit.snapshot)}/{name}.parquet"
         try:
             data = fs.cat_file(path)
@@ -274,7 +316,8 @@ def read_catalog(fs: fsspec.AbstractFileSystem, root: str) -> Catalog:
         return Catalog()
     tables = read_snapshot_tables(fs, root, read_commit(fs, root, seq))
     store = tables["store"][0] if tables["store"] else None
-    return Catalog(seq, store, tuple(tables["models"]), tuple(tables["tensors"]), tuple(tables["versions"]))
+    return Catalog(seq, store, tuple(tables["models"]), tuple(tables["tensors"]), tuple(tables["versions"]),
+                   tuple(tables["serving"]))
 
 
 def write_catalog(fs: fsspec.AbstractFileSystem, root: str, catalog: Catalog, expected_seq: int) -> Catalog:
@@ -290,7 +333,7 @@ def write_catalog(fs: fsspec.AbstractFileSystem, root: str, catalog: Catalog, ex
     seq = expected_seq + 1
     name = f"{seq:08d}-{uuid.uuid4().hex[:12]}"
     rows = {"store": [catalog.store] if catalog.store else [], "models": list(catalog.models),
-            "tensors": list(catalog.tensors), "versions": list(catalog.versions)}
+            "tensors": list(catalog.tensors), "versions": list(catalog.versions), "serving": list(catalog.serving)}
     digests = {}
     try:
         fs.makedirs(snapshot_dir(root, name), exist_ok=True)

@@ -4,14 +4,17 @@ Everything is decided under the writer lock. Every writer (ingest, merge, gc) ho
 its whole run, so whatever staging exists while gc holds it belongs to a writer that is gone
 (killed, or its machine lost): a decision by lock ownership, not by age.
 
-Garbage, each kind found by one small function (``FINDERS``; a later ``--keep K`` for old
-versions is one more finder):
+Garbage, each kind found by one small function (``FINDERS``):
 - ``models/<id>/`` of a model the catalog does not list (an ingest that never committed);
 - ``versions/<v>/`` of a version the catalog does not list (a merge that never published);
 - ``versions/<v>/_staging/`` of a published version (its run died right after publishing);
 - ``base/`` while the catalog has no base (a base ingest that never committed);
 - catalog snapshot directories no commit record names (a writer that lost its commit race or
   died before committing), and temporary files of interrupted atomic writes.
+
+With ``keep=K`` (``mmer gc --keep K``) also published versions beyond the K newest — never the
+served one, nor one a live server lease holds — and models removed with ``mmer remove`` that no
+kept version holds: their records leave the catalog in one commit, then their arrays go.
 """
 
 from __future__ import annotations
@@ -85,10 +88,37 @@ def find_garbage(store: Store, catalog: Catalog) -> list[Garbage]:
     return [Garbage(path, reason, store.disk_usage(path)) for finder in FINDERS for path, reason in finder(store, catalog)]
 
 
-def collect_garbage(url: str, dry_run: bool = False) -> list[Garbage]:
+def retired(store: Store, catalog: Catalog, keep: int) -> tuple[Catalog, list[tuple[str, str]]]:
+    """The catalog without the versions and removed models ``--keep keep`` retires, and their
+    paths with the reason; the served version and live-leased ones always stay."""
+    from mmer_dist.store.serving import leased_versions
+
+    newest = sorted((v.version for v in catalog.versions), reverse=True)[:keep]
+    served = catalog.serving_version() if catalog.versions else None
+    protected = set(newest) | leased_versions(store) | ({served} if served is not None else set())
+    kept = tuple(v for v in catalog.versions if v.version in protected)
+    out = [(layout.version_root(v.version), f"version {v.version}: older than the {keep} newest, not served, "
+            "not leased") for v in catalog.versions if v.version not in protected]
+    held = {m for v in kept for m in v.models}
+    models = tuple(m for m in catalog.models if not (m.removed_at and m.id not in held))
+    out += [(layout.model_root(m.id), f"model {m.id!r}: removed, and no kept version holds it")
+            for m in catalog.models if m not in models]
+    return catalog.replace(versions=kept, models=models), out
+
+
+def collect_garbage(url: str, dry_run: bool = False, keep: int | None = None) -> list[Garbage]:
     store = Store.open(url)
     with store.writer_lock():
-        garbage = find_garbage(store, store.catalog())
+        catalog = store.catalog()
+        garbage = find_garbage(store, catalog)
+        if keep is not None:
+            if keep < 1:
+                from mmer_dist.errors import InvalidInputError
+                raise InvalidInputError(f"--keep must be at least 1, got {keep}")
+            smaller, paths = retired(store, catalog, keep)
+            garbage += [Garbage(path, reason, store.disk_usage(path)) for path, reason in paths]
+            if paths and not dry_run:
+                store.commit(smaller, catalog.seq)  # out of the catalog first: no reader sees a half-removed one
         if not dry_run:
             for item in garbage:
                 store.remove(item.path)

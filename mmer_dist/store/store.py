@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import datetime as _dt
 import re
 from collections.abc import Iterator
@@ -51,7 +52,7 @@ class Store:
     """A handle on one store. Cheap to create; pass the URL to other processes and reopen."""
 
     def __init__(self, url: str, fs: fsspec.AbstractFileSystem, root: str, group: zarr.Group):
-        self.url = url
+        self.url = os.fspath(url) if isinstance(url, os.PathLike) else url
         self.fs = fs
         self.root = root
         self.group = group
@@ -294,6 +295,8 @@ _ARRAY_CONFIG = {"write_empty_chunks": True}
 def connect(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """(filesystem, root path) of a store URL, with a clear error for an unknown scheme or a
     filesystem package that is not installed."""
+    if isinstance(url, os.PathLike):
+        url = os.fspath(url)
     if not isinstance(url, str) or not url.strip():
         raise InvalidInputError(f"store location {url!r} is empty")
     scheme = url.split("://", 1)[0] if "://" in url else "file"

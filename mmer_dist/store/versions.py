@@ -71,6 +71,10 @@ class Staging:
                 out[int(name.split(".")[0])] = record
         return out
 
+    def forget_done_shards(self) -> None:
+        """The final pass must be redone (its assumed majority sign was wrong): no shard is done."""
+        self.store.remove(f"{self._dir}/shards")
+
     def discard(self) -> None:
         self.store.remove(self._dir)
 
@@ -99,7 +103,11 @@ def _read_json(store: Store, path: str):
         return None
 
 
-def publish_version(store: Store, record: VersionRecord, expected: Catalog) -> Catalog:
-    """Make ``record`` the latest version: one catalog commit, after all its arrays are written."""
+def publish_version(store: Store, record: VersionRecord, expected: Catalog, promote: bool = True) -> Catalog:
+    """Make ``record`` the latest version — and, with ``promote``, the served one — in one catalog
+    commit, after all its arrays are written: a server never sees a promoted version that is not
+    complete."""
     catalog = expected.replace(versions=expected.versions + (record,))
+    if promote:
+        catalog = catalog.promoted(record.version, at=record.created_at)
     return store.commit(catalog, expected.seq)
