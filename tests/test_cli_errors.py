@@ -80,7 +80,7 @@ def test_garbled_catalog_pointer(store_template, tmp_path):
     (store / "catalog" / "CURRENT").write_bytes(b"\x00\xffgarbage")
     before = StoreState.capture(store)
     for args in (("status", "--store", store), ("merge", "--store", store, "--quiet", "--no-compile"),
-                 ("export", "--store", store, "--model", "llava", "--original", "--out", tmp_path / "o", "--quiet")):
+                 ("export", "original", "--store", store, "--model", "llava", "--out", tmp_path / "o", "--quiet")):
         r = run_cli(*args, ok=False)
         assert r.rc == 2 and "CURRENT is damaged" in _one_line(r.err)
     assert StoreState.capture(store) == before and not (tmp_path / "o").exists()
@@ -133,7 +133,7 @@ def test_read_only_store(stores, ckpts, tmp_path):
         assert r.rc == 2 and "Traceback" not in r.err
         # reading works: status, verify, export to elsewhere
         assert len(status_json(store)["models"]) == 4
-        run_cli("export", "--store", store, "--model", "llava-hf", "--original", "--out", tmp_path / "o", "--quiet")
+        run_cli("export", "original", "--store", store, "--model", "llava-hf", "--out", tmp_path / "o", "--quiet")
         assert StoreState.capture(store) == before
 
 

@@ -28,7 +28,7 @@ def test_commands_exit_with_their_own_status(merged_store, tmp_path):
     (snapshot / "tensors.parquet").write_bytes((snapshot / "tensors.parquet").read_bytes()[:200])
     commands = [
         (0, ("status", "--store", store)),
-        (0, ("export", "--store", store, "--model", "llava", "--out", tmp_path / "out-{i}")),  # progress bars on
+        (0, ("export", "model", "--store", store, "--model", "llava", "--out", tmp_path / "out-{i}")),  # progress bars on
         (2, ("status", "--store", damaged)),
         (2, ("merge", "--store", store, "--models", "nosuch", "--quiet")),
     ]

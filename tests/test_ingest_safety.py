@@ -50,7 +50,7 @@ def test_a_losing_concurrent_ingest_never_touches_the_committed_model(stores, ck
     # ran out first, at the lock; either way before touching anything
     assert "already in the store" in result.get("error", "") or "another writer" in result.get("error", ""), result
     assert [m["id"] for m in status_json(store)["models"]] == ["x"]
-    run_cli("export", "--store", store, "--model", "x", "--original", "--out", tmp_path / "x", "--quiet")
+    run_cli("export", "original", "--store", store, "--model", "x", "--out", tmp_path / "x", "--quiet")
     assert_state_dicts_identical(load_dir(tmp_path / "x"), load_dir(winner), "the committed x")
 
 
@@ -76,7 +76,7 @@ def test_ingest_copies_only_what_the_model_needs(stores, ckpts, tmp_path):
     stored = {p.relative_to(store / "models" / "m").as_posix() for p in (store / "models" / "m").rglob("*")
               if p.is_file()}
     assert not [f for f in stored if "checkpoint-500" in f or "runs/" in f or "trainer_state" in f or "train.log" in f]
-    run_cli("export", "--store", store, "--model", "m", "--original", "--out", tmp_path / "out", "--quiet")
+    run_cli("export", "original", "--store", store, "--model", "m", "--out", tmp_path / "out", "--quiet")
     assert aux_files(tmp_path / "out") == aux_files(src)  # exactly the model's own files
 
 
@@ -102,7 +102,7 @@ def test_a_link_inside_the_checkpoint_is_followed(stores, ckpts, tmp_path):
     (ckpt / "tokenizer.json").symlink_to(ckpt / "real" / "tokenizer.json")
     store = stores.fresh(tmp_path / "store")
     run_cli("ingest", "--store", store, "--model", "m", "--path", ckpt, "--modality", "image", "--quiet")
-    run_cli("export", "--store", store, "--model", "m", "--original", "--out", tmp_path / "out", "--quiet")
+    run_cli("export", "original", "--store", store, "--model", "m", "--out", tmp_path / "out", "--quiet")
     assert (tmp_path / "out" / "tokenizer.json").read_bytes() == (ckpt / "real" / "tokenizer.json").read_bytes()
     assert not (tmp_path / "out" / "real").exists()
 

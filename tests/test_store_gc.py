@@ -53,7 +53,7 @@ def _kill_when(proc, condition, what):
 def test_gc_removes_what_killed_commands_left_and_nothing_else(slow_store, tmp_path):
     store = copy_store(slow_store.store, tmp_path / "store")
     before = StoreState.capture(store)
-    run_cli("export", "--store", store, "--model", "a", "--out", tmp_path / "before", "--quiet")
+    run_cli("export", "model", "--store", store, "--model", "a", "--out", tmp_path / "before", "--quiet")
 
     proc = mmer_subprocess("ingest", "--store", store, "--model", "b", "--path", slow_store.b, "--modality", "image",
                            "--quiet")
@@ -71,7 +71,7 @@ def test_gc_removes_what_killed_commands_left_and_nothing_else(slow_store, tmp_p
     assert "removed models/b" in r.out and "never committed" in r.out
     after = StoreState.capture(store)
     assert set(after.files) ^ set(before.files) == set() and after == before
-    run_cli("export", "--store", store, "--model", "a", "--out", tmp_path / "after", "--quiet")
+    run_cli("export", "model", "--store", store, "--model", "a", "--out", tmp_path / "after", "--quiet")
     assert_state_dicts_identical(load_dir(tmp_path / "after"), load_dir(tmp_path / "before"), "a after gc")
     assert "nothing to remove" in run_cli("gc", "--store", store).out
     run_cli("verify", "--store", store, "--quiet")

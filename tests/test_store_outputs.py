@@ -37,36 +37,36 @@ def test_overwrite_never_deletes_the_store_its_parent_or_cwd(work, monkeypatch):
     root, store = work
     before, files_before = StoreState.capture(store), _tree(root)
     for out in (store, root, store / "models"):
-        r = run_cli("export", "--store", store, "--merged", "--out", out, "--overwrite", "--quiet", ok=False)
+        r = run_cli("export", "merged", "--store", store, "--out", out, "--overwrite", "--quiet", ok=False)
         assert "replaces only a previous export" in r.err, r.err
     monkeypatch.chdir(root)
-    r = run_cli("export", "--store", "store", "--merged", "--out", ".", "--overwrite", "--quiet", ok=False)
+    r = run_cli("export", "merged", "--store", "store", "--out", ".", "--overwrite", "--quiet", ok=False)
     assert "replaces only a previous export" in r.err
     assert StoreState.capture(store) == before and _tree(root) == files_before
-    run_cli("export", "--store", store, "--model", "llava-hf", "--original", "--out", root / "model", "--quiet")
+    run_cli("export", "original", "--store", store, "--model", "llava-hf", "--out", root / "model", "--quiet")
 
 
 def test_overwrite_replaces_a_previous_export_and_nothing_else(work):
     root, store = work
     out = root / "export"
-    run_cli("export", "--store", store, "--text", "--out", out, "--quiet")
+    run_cli("export", "text", "--store", store, "--out", out, "--quiet")
     marker = json.loads((out / EXPORT_MARKER).read_text())
     assert sorted(marker["files"]) == sorted(p for p in _tree(out) if p != EXPORT_MARKER)
     text = load_dir(out)
-    run_cli("export", "--store", store, "--merged", "--out", out, "--overwrite", "--quiet")
+    run_cli("export", "merged", "--store", store, "--out", out, "--overwrite", "--quiet")
     merged = load_dir(out)
     assert merged.keys() == text.keys() and any(not (merged[k] == text[k]).all() for k in merged)
     assert not [p for p in root.iterdir() if ".partial-" in p.name or ".replaced-" in p.name]
     # a previous export the user added a file to is no longer only what export wrote
     (out / "my-eval.json").write_text("{}")
-    r = run_cli("export", "--store", store, "--text", "--out", out, "--overwrite", "--quiet", ok=False)
+    r = run_cli("export", "text", "--store", store, "--out", out, "--overwrite", "--quiet", ok=False)
     assert "not one" in r.err and (out / "my-eval.json").exists()
     assert load_dir(out).keys() == merged.keys()
 
 
 def test_out_naming_a_file_is_refused(work):
     root, store = work
-    r = run_cli("export", "--store", store, "--merged", "--out", root / "notes.txt", "--quiet", ok=False)
+    r = run_cli("export", "merged", "--store", store, "--out", root / "notes.txt", "--quiet", ok=False)
     assert r.rc == 2 and "names a file" in r.err and "Traceback" not in r.err
     assert (root / "notes.txt").read_text() == "the user's own file"
 
@@ -85,7 +85,7 @@ def test_staging_of_a_killed_export_is_removed_by_the_next(work):
     lock = FileLock(live / ".mmer-staging.lock")
     lock.acquire()
     try:
-        run_cli("export", "--store", store, "--merged", "--out", root / "export", "--quiet")
+        run_cli("export", "merged", "--store", store, "--out", root / "export", "--quiet")
         assert not dead.exists() and live.exists()
     finally:
         lock.release()
@@ -110,7 +110,7 @@ def test_a_store_file_name_never_escapes_out(stores, ckpts, tmp_path):
             manifest = json.loads(fs.cat_file(manifest_path))
             manifest[f"component/files/{name}"] = {"size": 7, "sha256": "0" * 64}
             fs.pipe_file(manifest_path, json.dumps(manifest).encode())
-        r = run_cli("export", "--store", url, "--model", "m", "--original", "--out", tmp_path / "out", "--quiet",
+        r = run_cli("export", "original", "--store", url, "--model", "m", "--out", tmp_path / "out", "--quiet",
                     ok=False)
         assert "not a plain relative name" in r.err, r.err
         assert not escape.exists() and not (tmp_path / "out").exists()

@@ -38,7 +38,7 @@ def test_a_deleted_chunk_is_named_by_export_merge_and_verify(store, tmp_path):
     key = chunk.relative_to(store / ARRAY).as_posix()
     chunk.unlink()
     before = StoreState.capture(store)
-    r = run_cli("export", "--store", store, "--model", "llava-hf", "--original", "--out", tmp_path / "o", "--quiet",
+    r = run_cli("export", "original", "--store", store, "--model", "llava-hf", "--out", tmp_path / "o", "--quiet",
                 ok=False)
     assert r.rc == 2 and ARRAY in r.err and key in r.err and "missing" in r.err, r.err
     assert not (tmp_path / "o").exists()
@@ -56,7 +56,7 @@ def test_a_flipped_byte_is_named_by_export_and_verify(store, tmp_path):
     data[len(data) // 2] ^= 0x10
     chunk.write_bytes(bytes(data))
     key = chunk.relative_to(store / tau).as_posix()
-    r = run_cli("export", "--store", store, "--merged", "--version", "1", "--out", tmp_path / "o", "--quiet", ok=False)
+    r = run_cli("export", "merged", "--store", store, "--version", "1", "--out", tmp_path / "o", "--quiet", ok=False)
     assert tau in r.err and key in r.err and "checksum" in r.err, r.err
     r = run_cli("verify", "--store", store, "--quiet", ok=False)
     assert f"array {tau!r} chunk {key!r} is damaged" in r.out
@@ -76,7 +76,7 @@ def test_a_truncated_catalog_is_named(store):
 def test_a_changed_component_file_is_named(store, tmp_path):
     f = store / "models" / "llava-hf" / "component" / "files" / "tokenizer_config.json"
     f.write_text(f.read_text().replace("{", "{ ", 1))
-    r = run_cli("export", "--store", store, "--model", "llava-hf", "--out", tmp_path / "o", "--quiet", ok=False)
+    r = run_cli("export", "model", "--store", store, "--model", "llava-hf", "--out", tmp_path / "o", "--quiet", ok=False)
     assert "tokenizer_config.json is damaged" in r.err
     r = run_cli("verify", "--store", store, "--quiet", ok=False)
     assert "models/llava-hf/component/files/tokenizer_config.json is damaged" in r.out
