@@ -31,6 +31,7 @@ class Measured:
     tree_peak_single: int = 0  # largest RSS of one process of the tree
     tree_cpu_s: float = 0.0  # CPU seconds of every process seen in the tree
     tree_processes: int = 0
+    tree_read_bytes: int = 0  # bytes the tree's processes read through system calls (rchar: page cache hits too)
     stdout: str = ""
     stderr: str = ""
     extra: dict = field(default_factory=dict)
@@ -42,6 +43,7 @@ class TreeSampler(threading.Thread):
         self.pid, self.period = pid, period
         self.peak_sum = self.peak_single = 0
         self.cpu: dict[int, float] = {}
+        self.read: dict[int, int] = {}
         self.done = threading.Event()
 
     def _sample(self) -> None:
@@ -56,8 +58,11 @@ class TreeSampler(threading.Thread):
                 with p.oneshot():
                     rss = p.memory_info().rss
                     t = p.cpu_times()
+                    io = p.io_counters() if hasattr(p, "io_counters") else None
                 total += rss
                 self.peak_single = max(self.peak_single, rss)
+                if io is not None:
+                    self.read[p.pid] = getattr(io, "read_chars", io.read_bytes)
                 self.cpu[p.pid] = t.user + t.system + getattr(t, "children_user", 0) + getattr(t, "children_system", 0)
             except psutil.Error:
                 continue
@@ -109,4 +114,5 @@ def run_timed(cmd: list[str], env: dict | None = None, sample: bool = True, time
     if sampler:
         m.tree_peak_rss, m.tree_peak_single = sampler.peak_sum, sampler.peak_single
         m.tree_cpu_s, m.tree_processes = sum(sampler.cpu.values()), len(sampler.cpu)
+        m.tree_read_bytes = sum(sampler.read.values())
     return m

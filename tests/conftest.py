@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -29,6 +31,7 @@ from ray_helpers import RAY_TEST_ENV
 from store_helpers import run_cli, split_checkpoint
 
 from mmer_dist.demo import tiny_models
+from mmer_dist.demo.kit import build_kit
 
 # Pinned for the whole session, so no in-process ``ray.init`` (with or without the ``ray_env``
 # fixture) writes RAY_AUTH_MODE=token into os.environ for the Ray clusters of later tests.
@@ -192,3 +195,25 @@ def pytest_configure(config):
     # an asked-for device that is absent is an error, never a silent fall back to the CPU
     if TEST_DEVICE.startswith("cuda") and not torch.cuda.is_available():
         raise pytest.UsageError(f"MMER_TEST_DEVICE={TEST_DEVICE}, but torch sees no CUDA device")
+
+
+# -- the demo kit (really trained small multimodal models), test size ---------------------------
+
+KIT_SEED = 0
+
+
+@pytest.fixture(scope="session")
+def kit_pair(tmp_path_factory: pytest.TempPathFactory):
+    """(kit built here, its twin built by another process from scratch, same size and seed)."""
+    twin_dir = tmp_path_factory.mktemp("kit-twin")
+    code = f"from mmer_dist.demo.kit import build_kit; build_kit({str(twin_dir)!r}, size='test', seed={KIT_SEED})"
+    twin = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    kit = build_kit(tmp_path_factory.mktemp("kit"), size="test", seed=KIT_SEED)
+    out, _ = twin.communicate(timeout=600)
+    assert twin.returncode == 0, out
+    return kit, build_kit(twin_dir, size="test", seed=KIT_SEED)
+
+
+@pytest.fixture(scope="session")
+def kit(kit_pair):
+    return kit_pair[0]

@@ -66,11 +66,18 @@ def _build_template(root: Path) -> None:
     store = str(root / "store")
     ingest_base(store, base, chunk_elems=CHUNK_ELEMS, progress=False)
     for model_id, fmt, modality, seed in MODELS:
-        path = tiny_models.save_finetuned(base, ckpt / model_id, fmt, modality, dtype=torch.bfloat16, seed=seed)
-        extra = dict(fmt="generic", mapping_file=path / tiny_models.GENERIC_MAPPING_FILE) if fmt == "generic" else {}
-        ingest_model(store, model_id, path, modality, progress=False, **extra)
+        tiny_models.save_finetuned(base, ckpt / model_id, fmt, modality, dtype=torch.bfloat16, seed=seed)
+        ingest_model(store, model_id, modality=modality, progress=False, **model_source(root, model_id))
     shutil.copytree(store, root / "reference")
     merge(str(root / "reference"), MergeRequest(), LocalBackend(), workers=1, progress=False)
+
+
+def model_source(template: Path, model_id: str) -> dict:
+    """Where the template's checkpoint of ``model_id`` is, as ``ingest_model`` / ``add_model`` take it."""
+    path = template / "checkpoints" / model_id
+    fmt = next(f for m, f, *_ in MODELS if m == model_id)
+    extra = dict(fmt="generic", mapping_file=path / tiny_models.GENERIC_MAPPING_FILE) if fmt == "generic" else {}
+    return dict(path=path, **extra)
 
 
 def template_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:

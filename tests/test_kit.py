@@ -28,23 +28,6 @@ from mmer_dist.media.processor import VideoLlavaFrameProcessor, load_processor
 SEED = 0
 
 
-@pytest.fixture(scope="session")
-def kit_pair(tmp_path_factory: pytest.TempPathFactory):
-    """(kit built here, its twin built by another process from scratch, same size and seed)."""
-    twin_dir = tmp_path_factory.mktemp("kit-twin")
-    code = f"from mmer_dist.demo.kit import build_kit; build_kit({str(twin_dir)!r}, size='test', seed={SEED})"
-    twin = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    kit = build_kit(tmp_path_factory.mktemp("kit"), size="test", seed=SEED)
-    out, _ = twin.communicate(timeout=600)
-    assert twin.returncode == 0, out
-    return kit, build_kit(twin_dir, size="test", seed=SEED)
-
-
-@pytest.fixture(scope="session")
-def kit(kit_pair):
-    return kit_pair[0]
-
-
 def test_same_seed_gives_bit_identical_checkpoints(kit_pair) -> None:
     kit, twin = kit_pair
     assert kit.root != twin.root and kit.sha256 == twin.sha256

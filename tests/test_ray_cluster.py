@@ -14,16 +14,20 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from mmer_dist.errors import MmerError
+from mmer_dist.ingest import ingest_base, ingest_model
 from mmer_dist.merge.engine import MergeRequest, merge
+from mmer_dist.merge.incremental import add_model
+from mmer_dist.merge.local import LocalBackend
 from mmer_dist.merge.ray_backend import RayBackend
 from mmer_dist.store import layout
 from mmer_dist.store.store import Store
 from ray_helpers import (  # noqa: F401  (ray_env is a fixture)
-    MODELS, SHARD_RESOURCE, RecordingRayBackend, assert_ray_details, assert_same_version, fresh_store,
-    ray_env, reference_url, template_dir, two_node_cluster,
+    CHUNK_ELEMS, MODELS, SHARD_RESOURCE, RecordingRayBackend, assert_ray_details, assert_same_version, fresh_store,
+    model_source, ray_env, reference_url, template_dir, two_node_cluster, version_arrays,
 )
 
 pytestmark = pytest.mark.slow
@@ -167,3 +171,36 @@ def test_progress_and_catalog_on_embedded_ray(ray_env, template, tmp_path):
         blind.start(dataclasses.replace(backend.job, store_url=str(tmp_path / "elsewhere")), backend.shards)
     assert blind.actors == {}
     ray.shutdown()
+
+
+def _served_pair(template: Path, dest: Path) -> str:
+    """A store with the first two models merged and served (version 1), the third not ingested."""
+    url = str(dest)
+    ingest_base(url, template / "checkpoints" / "base", chunk_elems=CHUNK_ELEMS, progress=False)
+    for model_id, _, modality, _ in MODELS[:2]:
+        ingest_model(url, model_id, progress=False, modality=modality, **model_source(template, model_id))
+    merge(url, MergeRequest(), LocalBackend(), workers=1, progress=False)
+    return url
+
+
+def test_add_on_a_two_node_cluster_equals_the_local_add_and_a_full_merge(ray_env, template, tmp_path):
+    """`mmer add --backend ray`: the derived version's final pass runs on both nodes, and the result
+    is the local add's bit for bit, which is the from-scratch merge of all three models."""
+    new, _, modality, _ = MODELS[2]
+    on_ray, local = _served_pair(template, tmp_path / "ray"), _served_pair(template, tmp_path / "local")
+    add_model(local, new, modality=modality, backend=LocalBackend(), progress=False, **model_source(template, new))
+    with two_node_cluster() as cluster:
+        backend = RecordingRayBackend(address=cluster.address, worker_resources={SHARD_RESOURCE: 1})
+        derived = add_model(on_ray, new, modality=modality, backend=backend, workers=2, progress=False,
+                            **model_source(template, new))
+    assert len(set(backend.nodes.values())) == 2, backend.nodes
+    # no threshold pass; here the third model flips the majority sign the first two voted for, so
+    # the final pass's check sends it round once more, on Ray as locally
+    assert derived.reused and derived.record.backend == "ray"
+    assert derived.record.passes == ["FinalPass", "FinalPass"]
+    assert json.loads(derived.record.details)["majority_reruns"] == 1
+    assert Store.open(on_ray).catalog().serving_version() == 2
+    assert_same_version(on_ray, local, 2)
+    got, scratch = version_arrays(on_ray, 2), version_arrays(reference_url(template))
+    assert got.keys() == scratch.keys()
+    assert [k for k in got if not np.array_equal(got[k], scratch[k])] == []

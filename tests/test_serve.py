@@ -228,7 +228,7 @@ def _stage_requests() -> int:
     from ray import serve
 
     handle = serve.get_deployment_handle("LLMEngine", app_name="app0")
-    stats = handle.stats.remote().result()
+    stats = handle.stats.remote().result(timeout_s=60)
     return sum(s["requests"] for s in stats["engine"]["stages"])
 
 

@@ -65,7 +65,7 @@ def test_two_stages_on_two_nodes_equal_one_stage(tmp_path, monkeypatch):
         with serve_app({"/": args}, port=free_port(), ray_init={"address": cluster.address}) as url:
             client = openai.OpenAI(base_url=f"{url}/v1", api_key=TOKEN, max_retries=0, timeout=120)
             got = client.chat.completions.create(**request)
-            stats = serve.get_deployment_handle("LLMEngine", app_name="app0").stats.remote().result()
+            stats = serve.get_deployment_handle("LLMEngine", app_name="app0").stats.remote().result(timeout_s=60)
     finally:
         cluster.shutdown()
     stages = stats["engine"]["stages"]
