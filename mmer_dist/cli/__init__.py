@@ -9,10 +9,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mmer_dist.cli import demo, export, ingest, merge, serve, status
+from mmer_dist.cli import calibrate, demo, export, ingest, merge, serve, status
 from mmer_dist.errors import MmerError
 
-COMMAND_MODULES = (demo, ingest, merge, export, serve, status)
+COMMAND_MODULES = (demo, ingest, merge, calibrate, export, serve, status)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
-from mmer_dist.cli.args import json_object, lam_pair, store_arg
+from mmer_dist.cli.args import json_object, lam_or_auto, store_arg
 from mmer_dist.errors import InvalidInputError
 from mmer_dist.method.masks import MASK_RULES
 from mmer_dist.method.settings import MERGE_METHODS
@@ -40,8 +41,9 @@ def add_merge_options(p: argparse.ArgumentParser) -> None:
                    "(global, default) or within each tensor")
     p.add_argument("--alpha", type=float, default=1.0, help="theta* = theta_pre + alpha * tau* (default 1.0)")
     p.add_argument("--mask", choices=MASK_RULES, default="mmer", help="mask rule (default mmer)")
-    p.add_argument("--lam", type=lam_pair, action="append", default=[], metavar="ID=VALUE",
-                   help="mask lambda of one model (repeatable; default: the model's ingest --lam)")
+    p.add_argument("--lam", type=lam_or_auto, action="append", default=[], metavar="ID=VALUE",
+                   help="mask lambda of one model (repeatable; default: the model's ingest --lam), or 'auto': "
+                   "each model's lambda recorded by `mmer calibrate`")
     p.add_argument("--dare-rate", type=float, default=0.0, help="DARE drop rate applied to every task vector (default 0)")
     p.add_argument("--dare-seed", type=int, default=0, help="DARE seed (default 0)")
     p.add_argument("--neuro-energy", type=float, default=1.0,
@@ -69,7 +71,14 @@ def run(args) -> None:
     from mmer_dist.merge.options import choose_backend, resolve_compile, resolve_device
     from mmer_dist.store.store import Store
 
-    request = merge_request(args)
+    auto = "auto" in args.lam
+    if auto and len(args.lam) > 1:
+        raise InvalidInputError("--lam auto takes every model's lambda from the calibration; drop the ID=VALUE ones")
+    request = merge_request(argparse.Namespace(**{**vars(args), "lam": [] if auto else args.lam}))
+    if auto:
+        from mmer_dist.calibrate import auto_lams
+
+        request = dataclasses.replace(request, lam=auto_lams(Store.open(args.store), request))
     if args.backend == "local" and (args.address or args.worker_resources):
         raise InvalidInputError("--address and --worker-resources are for --backend ray")
     if args.backend == "ray" and args.device != "auto":
