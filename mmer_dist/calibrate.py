@@ -6,7 +6,8 @@ the paper tunes lam_i per modality on validation accuracy. ``calibrate`` does th
 1. For each lam in the grid it merges one version with every calibrated model at that lam; the
    method, K, scope, alpha, mask rule, DARE and NeuroMerging settings, the models and the other
    models' lams are those of the base version (the latest, or the one named). lam enters the
-   masks only, and m_i depends on lam_i alone, so one version per grid value serves every model.
+   masks only, and m_i depends on lam_i alone, so one version per grid value serves every model;
+   a grid value the base version already has for every calibrated model reuses the base version.
 2. Per model and lam, data-free statistics: the mask density |m_i| / d (the version's record) and
    the reconstruction error ||m_i o tau* - tau_i||_1 / ||tau_i||_1 with tau_i = theta_i - theta_pre
    untrimmed on the shared LLM rows, streamed from the store one row block at a time
@@ -101,7 +102,7 @@ def check_grid(grid: Sequence[float]) -> tuple[float, ...]:
 @dataclass(frozen=True)
 class LamResult:
     lam: float
-    version: int  # the calibration version (removed afterwards unless kept)
+    version: int  # the version scored (a calibration version, removed afterwards unless kept; or the base)
     density: float  # |m_i| / d
     rel_l1: float  # ||m_i o tau* - tau_i||_1 / ||tau_i||_1
     score: float  # the hook's
@@ -171,10 +172,15 @@ def calibrate(url: str, hook: Hook, *, hook_name: str = "", grid: Sequence[float
     seconds = {"merge": 0.0, "statistics": 0.0, "hook": 0.0}
     try:
         scores: dict[str, dict[float, float]] = {m: {} for m in calibrated}
+        records = []
         for lam in grid:  # the hook runs right after each merge, so a broken hook fails early
             t0 = time.perf_counter()
-            record = _merge_at(url, base, {m: lam for m in calibrated}, device)
-            created.append(record)
+            if all(base.lams[base.models.index(m)] == lam for m in calibrated):
+                record = base  # the base version is this grid point already: reused, never removed
+            else:
+                record = _merge_at(url, base, {m: lam for m in calibrated}, device)
+                created.append(record)
+            records.append(record)
             t1 = time.perf_counter()
             for m in calibrated:
                 scores[m][lam] = _score(hook, hook_name, m, url, record.version, lam)
@@ -183,11 +189,11 @@ def calibrate(url: str, hook: Hook, *, hook_name: str = "", grid: Sequence[float
             log(f"lambda {lam:g}: version {record.version} (merge {t1 - t0:.1f} s, hook {time.perf_counter() - t1:.1f} s): "
                 + ", ".join(f"{m} {scores[m][lam]:.4f}" for m in calibrated))
         t0 = time.perf_counter()
-        versions = {lam: VersionWeights(store, r.version) for lam, r in zip(grid, created)}
+        versions = {lam: VersionWeights(store, r.version) for lam, r in zip(grid, records)}
         errors = reconstruction_error(StoreWeights(store), versions, calibrated)
         seconds["statistics"] = time.perf_counter() - t0
         results = {m: [LamResult(lam, r.version, r.mask_density[r.models.index(m)], errors[m][lam], scores[m][lam])
-                       for lam, r in zip(grid, created)] for m in calibrated}
+                       for lam, r in zip(grid, records)] for m in calibrated}
         calibration = Calibration(
             base.version, settings_of(base), hook_name, grid,
             {m: ModelCalibration(m, catalog.model(m).sha256, tuple(results[m])) for m in calibrated},

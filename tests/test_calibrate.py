@@ -89,6 +89,13 @@ def test_statistics_equal_a_whole_tensor_reference(store, sources):
     assert version_dirs(store) == ["000001", "000002", "000003"]  # kept on request
 
 
+def test_a_grid_value_the_base_version_has_reuses_it(store):
+    run_cli("merge", "--store", store, "--quiet", "--no-compile", "--device", "cpu", "--topk", "0.7")  # v2, lam 1
+    result = calibrate(str(store), load_hook("calibration_hooks:version_lam"), grid=(0.5, 1.0), models=["llava"])
+    assert [r.version for r in result.models["llava"].results] == [3, 2]
+    assert [v["version"] for v in status_json(store)["versions"]] == [1, 2] and version_dirs(store) == ["000001", "000002"]
+
+
 def test_lam_auto_without_a_calibration_is_refused(store):
     r = run_cli("merge", "--store", store, "--lam", "auto", "--quiet", ok=False)
     assert r.rc == 2 and r.err.count("\n") == 1

@@ -43,13 +43,21 @@ State = dict[str, torch.Tensor]  # canonical (base) LLM tensor name -> tensor in
 MAX_NEW_TOKENS = 3  # the kit evaluator's: an answer word and EOS
 
 
-def llm_states(weights: VersionWeights, keys: Mapping[str, WeightSet]) -> dict[str, State]:
+def version_arrays(weights: VersionWeights) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Every tensor's (theta_pre, tau*, packed masks) of a version, to compose many states from."""
+    return {name: (weights.base(name), weights.tau_star(name), weights.packed_masks(name)) for name in weights.tensors}
+
+
+def llm_states(weights: VersionWeights, keys: Mapping[str, WeightSet],
+               arrays: Mapping[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None) -> dict[str, State]:
     """Model id -> the version's weight set ``keys[id]`` as that model's LLM state. Each tensor's
-    theta_pre, tau* and packed masks are read once for all the models. theta_hat_i is cast to the
-    model's checkpoint dtype (``export model``), other sets to the base's (``export merged``)."""
+    theta_pre, tau* and packed masks are read once for all the models (or taken from ``arrays``,
+    ``version_arrays`` of the same version). theta_hat_i is cast to the model's checkpoint dtype
+    (``export model``), other sets to the base's (``export merged``)."""
     states: dict[str, State] = {m: {} for m in keys}
     for name, record in weights.tensors.items():
-        base, tau, packed = weights.base(name), weights.tau_star(name), weights.packed_masks(name)
+        base, tau, packed = arrays[name] if arrays is not None else \
+            (weights.base(name), weights.tau_star(name), weights.packed_masks(name))
         for m, key in keys.items():
             dtype = layout.torch_dtype(weights.catalog.model(m).dtype) if key.kind == "hat" else weights.dtype
             value = compose(key, base, tau, packed, record.cols, weights.model_index, weights.record.alpha)
