@@ -75,7 +75,7 @@ def merged_store(params: float) -> Path:
 def export_m0(store: Path) -> Path:
     out = store.parent / f"{store.name}-export-m0"
     if not (out / "config.json").exists():
-        run_mmer("export", "--store", str(store), "--model", "m0", "--out", str(out), "--quiet")
+        run_mmer("export", "model", "--store", str(store), "--model", "m0", "--out", str(out), "--quiet")
     return out
 
 

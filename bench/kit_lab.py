@@ -142,10 +142,13 @@ class Lab:
 
 
 def _request(models: Sequence[str], fields: Mapping):
+    """The merge request: settings fields (refused where they do not apply to the method, as the
+    CLI refuses them), every model's lambda (1 unless given), the models in order."""
     from mmer_dist.merge.engine import MergeRequest
+    from mmer_dist.method.settings import MergeSettings
 
-    return MergeRequest(**{**fields, "lam": {m: 1.0 for m in models} | dict(fields.get("lam", {}))},
-                        models=tuple(models))
+    settings = MergeSettings.from_options(**{k: v for k, v in fields.items() if k != "lam"})
+    return MergeRequest(settings, {m: 1.0 for m in models} | dict(fields.get("lam", {})), tuple(models))
 
 
 def _key(models: Sequence[str], fields: Mapping) -> str:

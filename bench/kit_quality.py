@@ -257,7 +257,8 @@ class Bench:
             baselines = [b for b in baselines if b[0] in ("naive", "ties", "ties+dare", "neuro")]
         merged = {}
         for key, name, fields, note in baselines:
-            merged[key] = lab.merge(initial, topk=K, **fields)
+            trims = fields.get("method", "ties") in ("ties", "neuro")
+            merged[key] = lab.merge(initial, **({"topk": K} if trims else {}), **fields)
             add(key, name, "merged", lab.score(lab.merged(merged[key], initial)), note, version=merged[key].version)
         densities = {}
 
@@ -432,7 +433,7 @@ class Bench:
         lab, K = self.lab, self.args.topk
         every, new = self.initial + self.added, self.added[0]
         ties5 = lab.merge(every, topk=K)
-        naive5 = lab.merge(every, topk=K, method="naive") if self.plan.full_baselines else None
+        naive5 = lab.merge(every, method="naive") if self.plan.full_baselines else None
         new_lam = {new: 1.0}
         if self.plan.calibrate_added:
             t0 = time.perf_counter()

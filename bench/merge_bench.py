@@ -11,9 +11,13 @@ files hard-linked) and merges the first N models (``--models m0 .. m{N-1}``), so
 starts from the same catalog. Each merge is the real CLI (``mmer merge --compile --quiet``) in its
 own process:
 
-- cold: ``TORCHINDUCTOR_CACHE_DIR`` is a new empty directory (a first compile, as on a fresh node);
-- warm: the same directory again (inductor's on-disk caches filled by the cold run; dynamo still
-  traces in each new process).
+- cold: ``MMER_KERNEL_CACHE`` (and ``TORCHINDUCTOR_CACHE_DIR``) is a new empty directory: the
+  process compiles the kernels ahead of time, as the first merge on a fresh node does;
+- warm: the same directory again: the process (and each Ray actor) loads the compiled kernels.
+
+With ``--peer`` (default when ``bench/.venvs/mergekit`` exists) the same run ends with
+``mergekit_peer.py``'s comparison for the same N: mergekit's TIES vs ``mmer merge`` and vs
+ingest + merge end to end, warm and cold, as ratios with peak RSS.
 
 Reported per merge: the whole process wall time; ``in merge()`` = the version's ``seconds`` (from
 ``mmer status --json``: catalog, array creation, backend start-up — Ray's ``init`` and its actors —,
@@ -64,6 +68,8 @@ def parse_args(argv=None):
     p.add_argument("--neuro-params", type=float, default=None,
                    help="model size for the neuro comparison (default: --params)")
     p.add_argument("--merge-args", default="", help="extra `mmer merge` arguments for every merge (e.g. '--scope per-tensor')")
+    p.add_argument("--peer", action=argparse.BooleanOptionalAction, default=None,
+                   help="end with mergekit_peer.py's comparison for the same N (default: if its venv exists)")
     p.add_argument("--quick", action="store_true", help="smoke run: ~20M params, N=2, 1 warm merge")
     p.add_argument("--timeout", type=float, default=900, help="seconds allowed per merge")
     p.add_argument("--out", type=Path, default=OUT_DIR / "merge_bench.json")
@@ -93,8 +99,8 @@ def one_merge(src: Path, n: int, backend: str, workers: int, cache_dir: Path, ar
     cmd = [str(MMER), "merge", "--store", str(store), "--quiet", "--backend", backend, "--workers", str(workers),
            "--compile" if args.compile else "--no-compile", "--merge", method,
            "--models", *[model_id(i) for i in range(n)], *args.merge_args.split()]
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache_dir), "PYTHONWARNINGS": "ignore",
-           "RAY_DEDUP_LOGS": "0"}
+    env = {**os.environ, "MMER_KERNEL_CACHE": str(cache_dir), "TORCHINDUCTOR_CACHE_DIR": str(cache_dir / "inductor"),
+           "PYTHONWARNINGS": "ignore", "RAY_DEDUP_LOGS": "0"}
     try:
         m = run_timed(cmd, env=env, timeout=args.timeout)
         if m.rc != 0:
@@ -131,7 +137,7 @@ def ray_startup(repeats: int = 2) -> dict:
 
 def bench_config(src: Path, n: int, backend: str, workers: int, params: int, args, log, method: str = "ties") -> list[dict]:
     rows = []
-    cache = Path(tempfile.mkdtemp(prefix="inductor-", dir=OUT_DIR))
+    cache = Path(tempfile.mkdtemp(prefix="kernel-cache-", dir=OUT_DIR))
     try:
         kinds = (["cold"] if args.cold else ["warm-up"]) + ["warm"] * args.repeats
         for kind in kinds:
@@ -203,7 +209,8 @@ def print_tables(summary: list[dict], ray: dict, args, params: int, neuro_params
     console.print("wall: the whole `mmer merge` process; merge(): the version's recorded seconds; set-up = merge() - "
                   "passes (catalog, array creation, cached histograms, backend start: Ray init + actors, publish); "
                   "passes from details.pass_seconds (L = LowPass, S = SignPass, F = FinalPass; a cold run's first "
-                  "pass includes compiling). cold: empty TORCHINDUCTOR_CACHE_DIR; warm: the cold run's cache on disk. Mpm/s = "
+                  "pass includes compiling). cold: empty kernel cache (MMER_KERNEL_CACHE); warm: the cold run's compiled "
+                  "kernels loaded from disk. Mpm/s = "
                   "million params x models per second (params x N / seconds). RSS tree: peak of the summed RSS of the "
                   "process tree (an upper bound); RSS max proc: the largest single process; CPU s: the tree's CPU time.")
     if ray:
@@ -276,7 +283,16 @@ def main(argv=None) -> int:
                           "settings": {k: v for k, v in vars(args).items() if k not in ("out",)},
                           "ray_startup": ray, "summary": summary, "runs": rows})
     log(f"wrote {args.out}")
-    return 0 if all("error" not in r for r in rows) else 1
+    ok = all("error" not in r for r in rows)
+    from bench.mergekit_peer import VENV
+
+    if args.peer or (args.peer is None and (VENV / "bin" / "mergekit-yaml").exists()):
+        from bench import mergekit_peer
+
+        peer = ["--params", str(args.params), "--models", args.models, "--repeats", str(max(1, args.repeats - 1)),
+                "--warmup", "0", "--no-compare"] + (["--quick"] if args.quick else [])
+        ok = mergekit_peer.main(peer) == 0 and ok
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

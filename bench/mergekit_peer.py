@@ -11,14 +11,17 @@ machine has, so pip does not pull a CUDA build — then ``pip install mergekit==
 1.0``, ``parameters: {normalize: true}``, ``dtype: bfloat16``; run as ``mergekit-yaml config.yml
 OUT --lazy-unpickle --no-copy-tokenizer --quiet`` on CPU.
 
-Timed, each as a whole process (median of ``--repeats``, A and B interleaved after a warm-up of
-each, ratio pair by pair; peak RSS = the process's ``wait4`` max RSS, what ``/usr/bin/time -v``
-prints):
+Timed, each as a whole process (A = mergekit, B = mmer; medians of ``--repeats`` interleaved pairs,
+ratio pair by pair, > 1: mmer faster; peak RSS = the process's ``wait4`` max RSS, what
+``/usr/bin/time -v`` prints, the largest process of a script):
 
 - merge only: ``mergekit-yaml`` vs ``mmer merge --compile`` on a store ingested beforehand (local
-  backend, warm inductor cache; the store keeps each version: tau* float32 + N packed masks);
+  backend; the store keeps each version: tau* float32 + N packed masks);
 - end to end: ``mergekit-yaml`` (it reads the checkpoints directly) vs a fresh store's ``mmer ingest
-  --base`` + N x ``mmer ingest --model`` + ``mmer merge`` (one shell script, summed).
+  --base`` + N x ``mmer ingest --model`` + ``mmer merge`` (one shell script, summed);
+- each warm (mmer's compiled kernels already in its on-disk cache, ``MMER_KERNEL_CACHE``, as on any
+  machine after its first merge) and cold (an empty kernel cache: the first merge on a new machine
+  compiles them; one pair, after the warm ones).
 
 Outputs differ by design, not by error: mergekit keeps exactly k = int(0.8 n) entries per tensor (by
 sort order, so ties at the threshold are cut arbitrarily) and elects + where the sign sum is >= 0;
@@ -80,14 +83,16 @@ def mergekit_config(cs: CheckpointSet, n: int, path: Path) -> Path:
 
 
 def e2e_script(cs: CheckpointSet, n: int, store: Path, cache: Path) -> str:
+    """ingest base + N models + merge, the way a user runs it; ``cache`` is the kernel cache."""
     q = shlex.quote
     lines = ["set -e", f"rm -rf {q(str(store))}",
              f"{q(str(MMER))} ingest --store {q(str(store))} --base {q(str(cs.base))} --quiet"]
     for i in range(n):
         lines.append(f"{q(str(MMER))} ingest --store {q(str(store))} --model {model_id(i)} --path {q(str(cs.model(i)))} "
                      f"--modality text --format llama --quiet")
-    lines.append(f"TORCHINDUCTOR_CACHE_DIR={q(str(cache))} {q(str(MMER))} merge --store {q(str(store))} --compile --quiet")
-    return "\n".join(lines)
+    lines.append(f"{q(str(MMER))} merge --store {q(str(store))} --compile --quiet")
+    return "\n".join([f"export MMER_KERNEL_CACHE={q(str(cache))} TORCHINDUCTOR_CACHE_DIR={q(str(cache))}/inductor",
+                       *lines])
 
 
 def measure(cmd: list[str], env=None, timeout=1800) -> dict:
@@ -158,6 +163,8 @@ def parse_args(argv=None):
                    "0: no timing (with --compare: only the result comparison)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--e2e", action=argparse.BooleanOptionalAction, default=True, help="also ingest + merge vs mergekit")
+    p.add_argument("--cold", action=argparse.BooleanOptionalAction, default=True,
+                   help="also one pair each with an empty kernel cache (the first merge on a new machine)")
     p.add_argument("--compare", action=argparse.BooleanOptionalAction, default=True,
                    help="quantify mergekit theta* vs `mmer export --merged --method ties --scope per-tensor`")
     p.add_argument("--venv", type=Path, default=VENV)
@@ -183,7 +190,8 @@ def print_tables(results: list[dict], params: int, args) -> None:
         t.add_column(c, justify="left" if c == "comparison" else "right", no_wrap=True)
     for r in results:
         n = r["n"]
-        for name, key in (("merge only (store ingested before)", "merge"), ("end to end (ingest + merge)", "e2e")):
+        for name, key in (("merge only, warm", "merge"), ("merge only, cold", "merge_cold"),
+                          ("end to end (ingest + merge), warm", "e2e"), ("end to end (ingest + merge), cold", "e2e_cold")):
             x = r.get(key)
             if not x:
                 continue
@@ -193,10 +201,11 @@ def print_tables(results: list[dict], params: int, args) -> None:
                       f"{x['b']['cpu_s']:.1f}")
     console.print(t)
     console.print("mergekit: `mergekit-yaml config.yml OUT --lazy-unpickle --no-copy-tokenizer` (writes theta*, bf16). "
-                  "mmer merge: `mmer merge --compile` (local backend, warm inductor cache; writes tau* float32 + N packed "
-                  "masks as a new store version). end to end: a new store, `mmer ingest` of the base and N models, then "
-                  "the merge (N + 2 processes; the peak RSS is the largest of them). Mpm/s = params x N / s. Peak RSS: "
-                  "wait4 max RSS (= /usr/bin/time -v). Ratio > 1: mmer faster.")
+                  "mmer merge: `mmer merge --compile` (local backend; writes tau* float32 + N packed masks as a new store "
+                  "version). end to end: a new store, `mmer ingest` of the base and N models, then the merge (N + 2 "
+                  "processes; the peak RSS is the largest of them). warm: mmer's compiled kernels are in its on-disk "
+                  "cache (every merge after a machine's first); cold: an empty cache, so the run compiles them. "
+                  "Mpm/s = params x N / s. Peak RSS: wait4 max RSS (= /usr/bin/time -v). Ratio > 1: mmer faster.")
     cmp_rows = [r for r in results if r.get("compare")]
     if cmp_rows:
         t = Table(title="mergekit theta* vs `mmer export --merged --method ties --scope per-tensor --topk 0.8` (bf16, entry by entry)")
@@ -226,7 +235,12 @@ def main(argv=None) -> int:
     cs = ensure_checkpoints(args.params, nmax, log=log)
     src = ensure_store(cs, nmax, log=log)
     WORK.mkdir(parents=True, exist_ok=True)
-    cache = WORK / "inductor-cache"  # warm after the warm-up (or first) mmer merge
+    warm_cache = WORK / "kernel-cache"  # warm after the first mmer merge (kept across runs)
+
+    def env_for(cache: Path) -> dict:
+        return {**os.environ, "MMER_KERNEL_CACHE": str(cache), "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"),
+                "PYTHONWARNINGS": "ignore"}
+
     results = []
     for n in args.model_counts:
         log(f"[bold]N={n}[/bold]")
@@ -237,26 +251,38 @@ def main(argv=None) -> int:
         store = clone_store(src, STORE_DIR / f"peer-n{n}")
         mmer_cmd = [str(MMER), "merge", "--store", str(store), "--compile", "--quiet",
                     "--models", *[model_id(i) for i in range(n)]]
-        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache), "PYTHONWARNINGS": "ignore"}
         try:
-            if args.repeats > 0 and not cache.exists():  # the first compile is merge_bench's subject, not this one's
-                measure(mmer_cmd, env)
+            if args.repeats > 0 and not warm_cache.exists():  # fill the kernel cache once
+                measure(mmer_cmd, env_for(warm_cache))
             if args.repeats > 0:
-                row["merge"] = pairs(mk_cmd, mmer_cmd, args.repeats, args.warmup, None, env, log, "merge only")
+                row["merge"] = pairs(mk_cmd, mmer_cmd, args.repeats, args.warmup, None, env_for(warm_cache), log,
+                                     "merge only, warm")
+                if args.cold:
+                    cold = Path(tempfile.mkdtemp(prefix="kernel-cache-cold-", dir=WORK))
+                    row["merge_cold"] = pairs(mk_cmd, mmer_cmd, 1, 0, None, env_for(cold), log, "merge only, cold")
+                    shutil.rmtree(cold, ignore_errors=True)
             elif args.compare and not (mk_out / "config.json").exists():
                 measure(mk_cmd)
             if args.e2e and args.repeats > 0:
                 e2e_store = STORE_DIR / f"peer-e2e-n{n}"
-                script = WORK / f"e2e-n{n}.sh"
-                script.write_text(e2e_script(cs, n, e2e_store, cache))
-                row["e2e"] = pairs(mk_cmd, ["bash", str(script)], args.repeats, 0, None, env, log, "end to end")
+                runs = [("e2e", warm_cache, args.repeats)]
+                if args.cold:
+                    runs.append(("e2e_cold", Path(tempfile.mkdtemp(prefix="kernel-cache-cold-", dir=WORK)), 1))
+                for key, cache, repeats in runs:
+                    script = WORK / f"{key}-n{n}.sh"
+                    script.write_text(e2e_script(cs, n, e2e_store, cache))
+                    if cache == warm_cache and not any(cache.glob("high-*.pt2")):
+                        measure(["bash", str(script)])  # ingest's kernel too, before timing "warm"
+                    row[key] = pairs(mk_cmd, ["bash", str(script)], repeats, 0, None, None, log, key)
+                    if cache != warm_cache:
+                        shutil.rmtree(cache, ignore_errors=True)
                 shutil.rmtree(e2e_store, ignore_errors=True)
             if args.compare:
                 # export merges every model of its store: use a store holding exactly these N
                 exact = ensure_store(cs, n, log=log)
                 exp = Path(tempfile.mkdtemp(prefix=f"export-n{n}-", dir=WORK))
-                measure([str(MMER), "export", "--store", str(exact), "--merged", "--method", "ties", "--scope", "per-tensor",
-                         "--topk", "0.8", "--out", str(exp), "--overwrite", "--quiet"], env)
+                measure([str(MMER), "export", "merged", "--store", str(exact), "--method", "ties", "--scope", "per-tensor",
+                         "--topk", "0.8", "--out", str(exp), "--overwrite", "--quiet"], env_for(warm_cache))
                 row["compare"] = compare(mk_out, exp, cs.base)
                 shutil.rmtree(exp, ignore_errors=True)
         finally:

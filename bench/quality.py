@@ -181,7 +181,7 @@ class Producer:
         from mmer_dist.merge.local import LocalBackend
 
         t0 = time.perf_counter()
-        record = merge(self.url, MergeRequest(**fields), LocalBackend(), workers=1, compile=False, progress=False)
+        record = merge(self.url, MergeRequest.of(**fields), LocalBackend(), workers=1, compile=False, progress=False)
         self.seconds["merge"] += time.perf_counter() - t0
         return record
 

@@ -74,6 +74,8 @@ def instrument() -> None:
 
     Store.create_array = timed(lambda self, path, *a, **k: f"zarr create_array ({_kind(path)})")(Store.create_array)
     Store.read = timed(lambda self, path, *a, **k: f"zarr read ({_kind(path)})")(Store.read)
+    Store.read_stacked = timed("Store.read_stacked (N+1 chunk files into one buffer)")(Store.read_stacked)
+    Store.write_chunk = timed(lambda self, path, *a, **k: f"write_chunk ({_kind(path)})")(Store.write_chunk)
     Store.write = timed(lambda self, path, *a, **k: f"zarr write ({_kind(path)}) [incl. first open]")(Store.write)
     orig_array = Store.array
 
@@ -87,7 +89,7 @@ def instrument() -> None:
             TIMES[f"zarr open_array ({_kind(path)}) [nested in read/write]"] += time.perf_counter() - t0
             COUNTS[f"zarr open_array ({_kind(path)}) [nested in read/write]"] += 1
     Store.array = array
-    passes.StoreChunkReader.read = timed("reader.read (N+1 zarr reads + stack)")(passes.StoreChunkReader.read)
+    passes.StoreChunkReader.read = timed("reader.read (waits for the read-ahead)")(passes.StoreChunkReader.read)
     passes.VersionWriter.write = timed("writer.write (queue tau* + masks; waits when 2 are pending)")(passes.VersionWriter.write)
     passes.VersionWriter._write_now = timed("writer thread: tau* + masks written")(passes.VersionWriter._write_now)
     ChunkKernels.final = timed("kernels.final")(ChunkKernels.final)
@@ -111,7 +113,7 @@ def patch_no_prefetch() -> None:
     orig_init = passes.StoreChunkReader.__init__
 
     def init(self, store, model_ids, prefetch=()):
-        orig_init(self, store, model_ids, ())
+        orig_init(self, store, model_ids, ())  # no read-ahead (and so no buffer ring)
     passes.StoreChunkReader.__init__ = init
 
 
@@ -157,7 +159,7 @@ def child(args) -> dict:
         TIMES.clear()
         COUNTS.clear()
         t0 = time.perf_counter()
-        rec = merge(str(dst), req, LocalBackend(), workers=1, compile=args.compile, progress=False)
+        rec = merge(str(dst), req, LocalBackend(), workers=1, compile=args.compile, progress=False)  # AOT kernels
         wall = time.perf_counter() - t0
         runs.append({"wall_s": wall, "details": json.loads(rec.details), "times": dict(TIMES), "counts": dict(COUNTS)})
         print(f"[{args.child}] merge {r} ({'warm-up' if r == 0 else 'timed'}): {wall:.2f}s "

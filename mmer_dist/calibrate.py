@@ -22,9 +22,10 @@ the paper tunes lam_i per modality on validation accuracy. ``calibrate`` does th
 5. The choice is written to ``calibration.json`` at the store's root (``layout.CALIBRATION``), under
    the writer lock and atomically; ``mmer merge --lam auto`` reads it (``calibrated_lams``).
 
-The versions merged for calibration would otherwise be the store's latest, which a server serves
-(the catalog has no serving pointer yet): they are removed again, whatever happens (only those
-this run published, checked under the writer lock), unless ``keep_versions``.
+The versions merged for calibration are published without being promoted (never served). They
+hold a tau* and masks each, a full model's worth of bytes, so they are removed again whatever
+happens (only those this run published, checked under the writer lock) unless ``keep_versions``
+(then ``mmer promote --version V`` can serve one, ``mmer gc --keep K`` retires them).
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ import math
 import os
 import sys
 import time
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -44,6 +44,7 @@ import torch
 from mmer_dist.errors import InvalidInputError, StoreError
 from mmer_dist.method.masks import unpack_bits
 from mmer_dist.store import layout
+from mmer_dist.store.atomic import atomic_put
 from mmer_dist.store.catalog import Catalog, VersionRecord
 from mmer_dist.store.store import Store, utc_now
 from mmer_dist.store.weights import StoreWeights, VersionWeights
@@ -206,29 +207,31 @@ def calibrate(url: str, hook: Hook, *, hook_name: str = "", grid: Sequence[float
 
 
 def _merge_at(url: str, base: VersionRecord, lams: Mapping[str, float], device: str) -> VersionRecord:
+    """A version like ``base`` but for these lams, published without being served (no promote)."""
     from mmer_dist.merge.engine import merge
     from mmer_dist.merge.local import LocalBackend
     from mmer_dist.merge.options import resolve_compile
 
     request = merge_request_like(base, lams)
     compile = resolve_compile(None, Store.open(url).catalog())
-    return merge(url, request, LocalBackend(), workers=1, compile=compile, device=device, progress=False)
+    return merge(url, request, LocalBackend(), workers=1, compile=compile, device=device, progress=False,
+                 promote=False)
 
 
 def settings_of(record: VersionRecord) -> dict:
-    """The merge settings of a version (everything but the lams), as ``merge_request_like`` reads them."""
-    neuro = json.loads(record.details).get("neuro", {}) if record.details else {}
-    return {"method": record.method, "topk": record.topk, "scope": record.scope, "alpha": record.alpha,
-            "mask_rule": record.mask_rule, "dare_rate": record.dare_rate, "dare_seed": record.dare_seed,
-            "neuro_energy": neuro.get("energy", 1.0), "neuro_keep_parallel": neuro.get("keep_parallel", False)}
+    """The merge settings of a version but its lams (``MergeSettings.record()``: null where unused)."""
+    from mmer_dist.method.settings import MergeSettings
+
+    return {k: v for k, v in MergeSettings.from_record(record).record().items() if k != "lams"}
 
 
 def merge_request_like(record: VersionRecord, lams: Mapping[str, float]):
     """A merge request repeating version ``record`` with some models' lams replaced."""
     from mmer_dist.merge.engine import MergeRequest
+    from mmer_dist.method.settings import MergeSettings
 
-    lam = {**dict(zip(record.models, record.lams)), **lams}
-    return MergeRequest(**settings_of(record), lam=lam, models=tuple(record.models))
+    settings = MergeSettings.from_record(record).with_lams(())
+    return MergeRequest(settings, {**dict(zip(record.models, record.lams)), **lams}, tuple(record.models))
 
 
 def _score(hook: Hook, name: str, model_id: str, url: str, version: int, lam: float) -> float:
@@ -279,7 +282,7 @@ def record_calibration(store: Store, calibration: Calibration) -> None:
         for m, c in calibration.models.items():
             if not catalog.has_model(m) or catalog.model(m).sha256 != c.sha256:
                 raise StoreError(f"model {m!r} changed in the store while it was being calibrated; re-run")
-        _put_atomic(store, layout.CALIBRATION, calibration.to_json().encode())
+        atomic_put(store.fs, store.abspath(layout.CALIBRATION), calibration.to_json().encode())
 
 
 def read_calibration(store: Store) -> Calibration | None:
@@ -318,23 +321,12 @@ def auto_lams(store: Store, request) -> dict[str, float]:
     model_ids = request.models or tuple(m.id for m in catalog.models)
     lams = calibrated_lams(store, model_ids, catalog)
     calibrated = read_calibration(store).settings
-    differs = [f"{k} {calibrated[k]!r} -> {getattr(request, k)!r}" for k in sorted(calibrated)
-               if getattr(request, k) != calibrated[k]]
+    asked = {k: v for k, v in request.settings.record().items() if k != "lams"}
+    differs = [f"{k} {calibrated.get(k)!r} -> {asked[k]!r}" for k in sorted(asked) if asked[k] != calibrated.get(k)]
     if differs:
         print(f"note: --lam auto: the lambdas were calibrated with other settings ({', '.join(differs)})",
               file=sys.stderr)
     return lams
-
-
-def _put_atomic(store: Store, path: str, data: bytes) -> None:
-    """Replace one small object so a reader sees the old or the new bytes: a rename on a local
-    disk, one PUT on object stores."""
-    if "file" in store.fs.protocol or "local" in store.fs.protocol:
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        store.put_bytes(tmp, data)
-        os.replace(store.abspath(tmp), store.abspath(path))
-    else:
-        store.put_bytes(path, data)
 
 
 def remove_versions(store: Store, records: Sequence[VersionRecord]) -> None:

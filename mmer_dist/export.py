@@ -8,24 +8,23 @@
 - ``export_text``: theta_bar = theta_pre + mean(m) * tau*, the weights text tokens run through.
 
 Output goes to a sibling temporary directory renamed into place at the end, so a failed export
-never leaves a directory that looks like a complete checkpoint.
+never leaves a directory that looks like a complete checkpoint (``mmer_dist/outputs.py``: what
+``--overwrite`` may replace, and how file names from the store are checked).
 """
 
 from __future__ import annotations
 
-import shutil
+import dataclasses
 import tempfile
-import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from tqdm.auto import tqdm
 
+from mmer_dist import outputs
 from mmer_dist.errors import InvalidInputError
-from mmer_dist.formats.checkpoint import SAFETENSORS_DTYPES, read_header
+from mmer_dist.formats.checkpoint import SAFETENSORS_DTYPES, CheckpointReader, read_header
 from mmer_dist.formats.writer import SafetensorsWriter
 from mmer_dist.method import reconstruct, streaming
 from mmer_dist.method.kernels import ChunkKernels
@@ -42,21 +41,8 @@ DEFAULT_SHARD_BYTES = 2 * 1024**3
 BASELINES = ("ties", "ta", "naive", "dare", "neuro")
 
 
-@contextmanager
-def _staged_output(out: str | Path, overwrite: bool) -> Iterator[Path]:
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise InvalidInputError(f"output directory {out} exists and is not empty (use --overwrite)")
-    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+# what an export may write and replace: mmer_dist/outputs.py
+_staged_output = outputs.staged_output
 
 
 def _stream_llm(store: Store, catalog: Catalog, writer: SafetensorsWriter, names: dict[str, str], dtype: torch.dtype,
@@ -118,9 +104,9 @@ def export_model(url: str, model_id: str, out: str | Path, *, version: int | Non
                 if extra is not None:
                     writer.write(keymap[t.name], t.rows, extra)
             if component:
-                with safe_open(component, "pt") as src:
+                with CheckpointReader(component.parent) as src:  # the one safetensors reader
                     for key, _, _ in component_entries:
-                        writer.write(key, 0, src.get_tensor(key))
+                        writer.write(key, 0, src.read(key))
         store_weights.fetch_files(model_id, tmp, weights=False)
     return Path(out)
 
@@ -182,9 +168,10 @@ def export_merged(url: str, out: str | Path, *, version: int | None = None, meth
 def _export_baseline(store, catalog, out, method, request: MergeRequest, max_shard_bytes, overwrite, compile, progress):
     """Run the streaming merge in-process and write theta_pre + alpha * tau* as it is produced."""
     if method == "dare":
-        request = MergeRequest(**{**request.__dict__, "method": "ta", "dare_rate": request.dare_rate or 0.5})
+        settings = dataclasses.replace(request.settings, method="ta", dare_rate=request.settings.dare_rate or 0.5)
     else:
-        request = MergeRequest(**{**request.__dict__, "method": method})
+        settings = dataclasses.replace(request.settings, method=method)
+    request = dataclasses.replace(request, settings=settings)
     settings, model_ids = resolve_settings(catalog, request)
     use_cache = settings.trims and settings.dare_rate == 0.0
     driver = streaming.MergeDriver(settings, {t.name: t.numel for t in catalog.tensors}, len(model_ids),

@@ -14,11 +14,13 @@ so that merges (and later additions) can pick exact top-K thresholds without tha
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import re
 import tempfile
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +28,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from tqdm.auto import tqdm
 
 from mmer_dist.errors import FormatError, InvalidInputError, StoreError
 from mmer_dist.formats.checkpoint import CheckpointReader
@@ -34,9 +35,14 @@ from mmer_dist.formats.detect import detect_format
 from mmer_dist.formats.mapping import FormatMapping
 from mmer_dist.formats.writer import SafetensorsWriter
 from mmer_dist.method import select
+from mmer_dist.method.kernels import ChunkInfo, ChunkKernels
+from mmer_dist.method.settings import MergeSettings
 from mmer_dist.method.validate import check_finite, check_lam
 from mmer_dist.store import layout
+from mmer_dist.ingest_files import CheckpointFiles, needed_files
+from mmer_dist.merge.progress import progress_bar
 from mmer_dist.store.catalog import ModelRecord, StoreRecord, TensorRecord
+from mmer_dist.store.files import ManifestWriter
 from mmer_dist.store.store import Store, check_model_id, utc_now
 
 ARCH_FIELDS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size")
@@ -74,7 +80,7 @@ def _nbytes(info) -> int:
 
 
 def _progress(total: int, desc: str, enabled: bool):
-    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, disable=not enabled, leave=False)
+    return progress_bar(desc, total, enabled, unit="B")
 
 
 # -- base ---------------------------------------------------------------------------------------
@@ -94,39 +100,23 @@ def ingest_base(url: str, path: str | Path, *, chunk_elems: int = layout.DEFAULT
     config = mapping.llm_config(reader.config)
     n_layers = int(config["num_hidden_layers"])
 
-    if Store.exists(url):
-        store = Store.open(url)
-        if store.catalog().store is not None:
-            raise StoreError(f"store {url!r} already has a base model; one store holds one base")
-        store.remove("base")  # left over from an interrupted base ingest
-    else:
-        store = Store.create(url)
+    files = needed_files(reader)  # refuses links out of the checkpoint before anything is written
+    store = Store.open(url) if Store.exists(url) else Store.create(url)
     started = time.time()
-    records = []
     with store.writer_lock():
-        names = sorted(split.llm, key=lambda n: (_layer_of(n, n_layers), n))
-        total = sum(_nbytes(reader.info(split.llm[n])) for n in names)
-        with _progress(total, "ingest base", progress) as bar:
-            for name in names:
-                info = reader.info(split.llm[name])
-                dtype = layout.dtype_name(info.dtype) if info.dtype.is_floating_point else None
-                if dtype is None:
-                    raise FormatError(f"base, tensor {name!r}: dtype {info.dtype} is not floating point")
-                rows, cols = layout.matrix_shape(tuple(info.shape))
-                record = TensorRecord(name, list(info.shape), dtype, rows, cols,
-                                      layout.rows_per_chunk(tuple(info.shape), chunk_elems),
-                                      _layer_of(name, n_layers), name in VOCAB_TENSORS)
-                store.create_array(f"{layout.BASE_LLM}/{name}", rows, cols, record.rows_per_chunk, dtype)
-                for start in range(0, rows, record.rows_per_chunk):
-                    stop = min(rows, start + record.rows_per_chunk)
-                    block = _matrix_rows(reader, split.llm[name], start, stop)
-                    check_finite(block, "base", name, offset=start * cols)
-                    store.write_rows(f"{layout.BASE_LLM}/{name}", start, block)
-                    bar.update(block.numel() * block.element_size())
-                records.append(record)
-        _copy_aux_files(store, reader, layout.BASE_FILES)
-        catalog = store.catalog()
-        store_record = StoreRecord(layout.STORE_LAYOUT_VERSION, utc_now(), str(path), reader.sha256(),
+        catalog = store.catalog()  # under the lock: another base ingest may have committed meanwhile
+        if catalog.store is not None:
+            raise StoreError(f"store {url!r} already has a base model; one store holds one base")
+        store.remove("base")  # left over from an interrupted base ingest (never committed)
+        hashing = _hash_in_background(reader)
+        try:
+            records = _write_base(store, reader, split, n_layers, chunk_elems, progress)
+            _copy_aux_files(store, files, "base", layout.BASE_FILES.removeprefix("base/")).close()
+        except BaseException:
+            with contextlib.suppress(OSError):  # else `mmer gc` removes it later
+                store.remove("base")  # a failed or interrupted ingest leaves nothing behind
+            raise
+        store_record = StoreRecord(layout.STORE_LAYOUT_VERSION, utc_now(), str(path), hashing.result(),
                                    records[0].dtype, json.dumps(config, sort_keys=True), chunk_elems)
         store.commit(catalog.replace(store=store_record, tensors=tuple(records)), catalog.seq)
     if progress:
@@ -135,64 +125,126 @@ def ingest_base(url: str, path: str | Path, *, chunk_elems: int = layout.DEFAULT
     return store_record
 
 
-def _copy_aux_files(store: Store, reader: CheckpointReader, dest: str) -> None:
-    for f in reader.aux_files():
-        rel = f.relative_to(reader.path).as_posix()
-        with open(f, "rb") as src, store.open_file(f"{dest}/{rel}", "wb") as dst:
-            while chunk := src.read(1 << 20):
-                dst.write(chunk)
+def _hash_in_background(reader: CheckpointReader) -> Future:
+    """The checkpoint's digest, computed on a helper thread while the main one streams the
+    tensors (hashlib releases the GIL; the bytes come from the page cache the stream fills)."""
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmer-hash")
+    future = pool.submit(reader.sha256)
+    pool.shutdown(wait=False)
+    return future
+
+
+def _write_base(store: Store, reader: CheckpointReader, split, n_layers: int, chunk_elems: int,
+                progress: bool) -> list[TensorRecord]:
+    records = []
+    names = sorted(split.llm, key=lambda n: (_layer_of(n, n_layers), n))
+    total = sum(_nbytes(reader.info(split.llm[n])) for n in names)
+    with _progress(total, "ingest base", progress) as update:
+        for name in names:
+            info = reader.info(split.llm[name])
+            dtype = layout.dtype_name(info.dtype) if info.dtype.is_floating_point else None
+            if dtype is None:
+                raise FormatError(f"base, tensor {name!r}: dtype {info.dtype} is not floating point")
+            rows, cols = layout.matrix_shape(tuple(info.shape))
+            record = TensorRecord(name, list(info.shape), dtype, rows, cols,
+                                  layout.rows_per_chunk(tuple(info.shape), chunk_elems),
+                                  _layer_of(name, n_layers), name in VOCAB_TENSORS)
+            store.create_array(f"{layout.BASE_LLM}/{name}", rows, cols, record.rows_per_chunk, dtype)
+            for start in range(0, rows, record.rows_per_chunk):
+                stop = min(rows, start + record.rows_per_chunk)
+                block = _matrix_rows(reader, split.llm[name], start, stop)
+                check_finite(block, "base", name, offset=start * cols)
+                store.write_chunk(f"{layout.BASE_LLM}/{name}", start, block)
+                update(block.numel() * block.element_size())
+            records.append(record)
+    return records
+
+
+def _copy_aux_files(store: Store, files: CheckpointFiles, owner: str, dest: str) -> ManifestWriter:
+    """Copy the checkpoint's needed files to ``<owner>/<dest>/``; returns the owner's manifest
+    writer (the caller adds its other files and closes it)."""
+    manifest = ManifestWriter(store, owner)
+    for rel, f in files.needed:
+        with open(f, "rb") as src:
+            manifest.put_stream(f"{dest}/{rel}", src)
+    return manifest
 
 
 # -- fine-tuned models --------------------------------------------------------------------------
 
 
 def ingest_model(url: str, model_id: str, path: str | Path, modality: str, *, fmt: str | None = None,
-                 mapping_file: str | Path | None = None, lam: float = 1.0, progress: bool = True) -> ModelRecord:
-    """Add one fine-tuned MLLM to the store (not merged until the next ``merge``)."""
+                 mapping_file: str | Path | None = None, lam: float = 1.0, task: str | None = None,
+                 progress: bool = True) -> ModelRecord:
+    """Add one fine-tuned MLLM to the store (not merged until the next ``merge``). ``task`` names
+    what it was fine-tuned for (a new task of an existing modality, say)."""
     check_model_id(model_id)
     check_lam(lam, model_id)
     if not modality:
         raise InvalidInputError(f"model {model_id!r}: a modality name is required (e.g. image, audio)")
-    store = Store.open(url)
-    catalog = store.catalog()
-    if catalog.store is None:
-        raise StoreError(f"store {url!r} has no base model yet; ingest one with --base first")
-    if catalog.has_model(model_id):
-        raise InvalidInputError(f"model id {model_id!r} is already in the store; pick another id")
-
     reader = CheckpointReader(path)
     mapping = _resolve_mapping(reader, fmt, mapping_file)
-    plan = _plan_model(catalog, reader, mapping, model_id)
+    files = needed_files(reader)
+    store = Store.open(url)
     started = time.time()
     with store.writer_lock():
-        store.remove(layout.model_root(model_id))  # an interrupted earlier attempt, never visible
+        # Every check against the catalog happens under the lock, before anything is touched:
+        # a model committed by another writer is never removed or overwritten.
+        catalog = store.catalog()
+        if catalog.store is None:
+            raise StoreError(f"store {url!r} has no base model yet; ingest one with --base first")
+        if catalog.has_model(model_id):
+            raise InvalidInputError(f"model id {model_id!r} is already in the store; pick another id")
+        plan = _plan_model(catalog, reader, mapping, model_id)
+        store.remove(layout.model_root(model_id))  # an interrupted earlier attempt, never committed
+        hashing = _hash_in_background(reader)
         try:
-            histograms = _write_llm(store, catalog, reader, plan, model_id, progress)
-            component_params = _write_component(store, reader, plan.component, model_id, progress)
-            _copy_aux_files(store, reader, f"{layout.model_component(model_id)}/files")
-            store.put_bytes(f"{layout.model_meta(model_id)}/{KEYMAP}", json.dumps(plan.llm, indent=1).encode())
-            _write_histograms(store, model_id, histograms)
+            component_params = _write_model(store, catalog, reader, plan, files, model_id, progress)
             record = ModelRecord(
                 id=model_id, modality=modality, format=mapping.name, source=str(path), dtype=plan.dtype,
                 params=sum(t.numel for t in catalog.tensors), extra_rows=plan.extra_rows,
-                component_params=component_params, sha256=reader.sha256(), lam=float(lam),
-                ingested_at=utc_now(), ingest_seconds=round(time.time() - started, 3))
+                component_params=component_params, sha256=hashing.result(), lam=float(lam),
+                ingested_at=utc_now(), ingest_seconds=round(time.time() - started, 3), task=task)
+            store.commit(catalog.replace(models=catalog.models + (record,)), catalog.seq)
         except BaseException:
-            # NaN/Inf found while streaming, a read error, Ctrl-C: the model was never visible;
-            # leave no partial copy behind either
-            store.remove(layout.model_root(model_id))
+            # NaN/Inf found while streaming, a read error, a full disk, Ctrl-C, a lost commit race:
+            # the model was never visible; leave no partial copy behind either
+            _discard_uncommitted(store, model_id)
             raise
-        latest = store.catalog()
-        if latest.has_model(model_id):
-            raise InvalidInputError(f"model id {model_id!r} was added by another writer meanwhile")
-        if latest.models and latest.models[0].dtype != plan.dtype:  # a model committed since `catalog`
-            raise FormatError(f"model {model_id!r}: dtype {plan['dtype']} differs from the store's models' "
-                              f"{latest.models[0].dtype} (e.g. {latest.models[0].id!r}); convert the checkpoint first")
-        store.commit(latest.replace(models=latest.models + (record,)), latest.seq)
     if progress:
         print(f"ingested {model_id!r} ({mapping.name}, {modality}): {record.params:,} LLM parameters, "
-              f"{component_params:,} component parameters in {record.ingest_seconds:.1f}s")
+              f"{record.component_params:,} component parameters in {record.ingest_seconds:.1f}s")
+        if files.left_out:
+            print(f"  not copied (not needed by the model): {', '.join(files.left_out[:8])}"
+                  + (f" and {len(files.left_out) - 8} more" if len(files.left_out) > 8 else ""))
     return record
+
+
+def _discard_uncommitted(store: Store, model_id: str) -> None:
+    """Remove ``models/<id>/`` after a failed ingest, unless the catalog lists that model (a
+    writer that took a lease judged dead may have committed it: its files are never touched)."""
+    try:
+        committed = store.catalog().has_model(model_id)
+    except Exception:  # an unreadable catalog: keep the files, `mmer gc` decides later
+        return
+    if not committed:
+        try:
+            store.remove(layout.model_root(model_id))
+        except OSError:
+            pass  # the original error matters more; `mmer gc` removes the leftovers later
+
+
+def _write_model(store: Store, catalog, reader: CheckpointReader, plan: ModelPlan, files: CheckpointFiles,
+                 model_id: str, progress: bool) -> int:
+    """Write everything of one model under ``models/<id>/``; returns its component parameter
+    count. The caller commits the record."""
+    histograms = _write_llm(store, catalog, reader, plan, model_id, progress)
+    manifest = _copy_aux_files(store, files, layout.model_root(model_id), "component/files")
+    component_params = _write_component(store, manifest, reader, plan.component, model_id, progress)
+    manifest.put_bytes(f"meta/{KEYMAP}", json.dumps(plan.llm, indent=1).encode())
+    _write_histograms(manifest, histograms)
+    manifest.close()
+    return component_params
 
 
 def _resolve_mapping(reader: CheckpointReader, fmt: str | None, mapping_file) -> FormatMapping:
@@ -254,49 +306,65 @@ def _plan_model(catalog, reader: CheckpointReader, mapping: FormatMapping, model
             raise FormatError(f"{where}, tensor {name!r}: shape {tuple(shape)} differs from the base's {tuple(record.shape)}")
     if len(dtypes) > 1:
         raise FormatError(f"{where}: LLM tensors mix dtypes {sorted(map(str, dtypes))}")
+    # fine-tunes may differ in dtype from the base and from each other (each is stored as it
+    # came, losslessly); a merge reads them upcast to float32, which holds every value exactly
     dtype = layout.dtype_name(dtypes.pop())
-    if catalog.models and catalog.models[0].dtype != dtype:
-        raise FormatError(f"{where}: dtype {dtype} differs from the store's models' {catalog.models[0].dtype} "
-                          f"(e.g. {catalog.models[0].id!r}); convert the checkpoint first")
     return ModelPlan(split.llm, split.component, dtype, extra_rows)
+
+
+def _histogram_kernels(params: int, model_id: str) -> ChunkKernels:
+    """The high-digit key kernel of |theta_i - theta_pre|: compiled (ahead of time, cached on
+    disk, like the merge's) for models where that pays, eager for small ones."""
+    from mmer_dist.merge.options import COMPILE_THRESHOLD
+
+    fuse = None
+    if params >= COMPILE_THRESHOLD:
+        from mmer_dist.merge.kernel_cache import aot_fuser
+
+        fuse = aot_fuser()
+    return ChunkKernels(MergeSettings(lams=(1.0,)), [model_id], fuse=fuse)
 
 
 def _write_llm(store: Store, catalog, reader, plan, model_id, progress) -> dict[str, select.SparseCounts]:
     histograms = {}
     total = sum(t.numel for t in catalog.tensors) * layout.torch_dtype(plan.dtype).itemsize
-    with _progress(total, f"ingest {model_id}", progress) as bar:
+    kernels = _histogram_kernels(sum(t.numel for t in catalog.tensors), model_id)
+    # one buffer for the base's rows, reused chunk after chunk
+    buffer = torch.empty(max(t.rows_per_chunk * t.cols for t in catalog.tensors) * 4, dtype=torch.uint8)
+    with _progress(total, f"ingest {model_id}", progress) as update:
         for record in catalog.tensors:
             source = plan.llm[record.name]
             path = f"{layout.model_llm(model_id)}/{record.name}"
             store.create_array(path, record.rows, record.cols, record.rows_per_chunk, plan.dtype)
-            hist = None
+            dense = torch.zeros(2 * select.HIGH_BINS, dtype=torch.int64)
             for start in range(0, record.rows, record.rows_per_chunk):
                 stop = min(record.rows, start + record.rows_per_chunk)
                 block = _matrix_rows(reader, source, start, stop)
-                base = store.read_rows(f"{layout.BASE_LLM}/{record.name}", start, stop)
-                counts = _magnitude_histogram(block, base)
-                if counts.keys.numel() and int(counts.keys[-1]) >= select.NONFINITE_HIGH:
+                base = store.read_stacked([f"{layout.BASE_LLM}/{record.name}"], start, stop, buffer)[0]
+                if _add_magnitude_counts(dense, kernels, record, start, block, base):
                     # |theta_i - theta_pre| is not finite (the base is): locate the bad entry
                     check_finite(block, model_id, record.name, offset=start * record.cols)
-                hist = counts if hist is None else hist.merge(counts)
-                store.write_rows(path, start, block)
-                bar.update(block.numel() * block.element_size())
-            histograms[record.name] = hist
+                store.write_chunk(path, start, block)
+                update(block.numel() * block.element_size())
+            histograms[record.name] = select.sparse_high_counts(dense, 1)
             if record.vocab_rows and plan.extra_rows:
                 _write_extra_rows(store, reader, source, record, plan.extra_rows, model_id)
     return histograms
 
 
-def _magnitude_histogram(block: torch.Tensor, base: torch.Tensor, block_elems: int = 1 << 20) -> select.SparseCounts:
-    """High-digit histogram of |block - base| (float32), in row blocks of ~1M entries so the
-    float32 temporaries stay small and the allocator keeps reusing them."""
+def _add_magnitude_counts(dense: torch.Tensor, kernels: ChunkKernels, record: TensorRecord, start: int,
+                          block: torch.Tensor, base: torch.Tensor, block_elems: int = 1 << 20) -> bool:
+    """Add the high-digit counts of |block - base| (float32) to ``dense``, in row blocks of ~1M
+    entries (kernel temporaries stay in cache); True if any |delta| is not finite. Counts are
+    accumulated dense per tensor and sparsified once (not per block)."""
     step = max(1, block_elems // max(1, block.shape[1]))
-    hist = None
+    nonfinite = False
     for a in range(0, block.shape[0], step):
-        tau = block[a:a + step].float() - base[a:a + step].float()
-        counts = select.counts_from_high_keys(select.high_digit_keys(tau.unsqueeze(0)))
-        hist = counts if hist is None else hist.merge(counts)
-    return hist
+        info = ChunkInfo(record.name, record.name, (start + a) * record.cols, len(record.shape))
+        counts = select.dense_high_counts(kernels.high_keys(block[None, a:a + step], base[a:a + step], info))
+        nonfinite = nonfinite or bool(counts[2 * select.NONFINITE_HIGH:].any())
+        dense += counts
+    return nonfinite
 
 
 def _write_extra_rows(store, reader, source, record, n_extra, model_id) -> None:
@@ -309,25 +377,25 @@ def _write_extra_rows(store, reader, source, record, n_extra, model_id) -> None:
         store.write_rows(path, start, block)
 
 
-def _write_component(store: Store, reader: CheckpointReader, keys: list[str], model_id: str, progress) -> int:
+def _write_component(store: Store, manifest: ManifestWriter, reader: CheckpointReader, keys: list[str],
+                     model_id: str, progress) -> int:
     """Copy the modality component's tensors into one safetensors file, tensor by tensor."""
     if not keys:
         return 0
     entries = [(k, tuple(reader.info(k).shape), reader.info(k).dtype) for k in keys]
     with tempfile.TemporaryDirectory() as tmp:
         with SafetensorsWriter(tmp, entries, max_shard_bytes=1 << 62) as writer:
-            for key in tqdm(keys, desc=f"component {model_id}", disable=not progress, leave=False):
+            for key in keys:
                 tensor = reader.read(key)
                 check_finite(tensor, model_id, key)
                 writer.write(key, 0, tensor)
         produced = sorted(Path(tmp).glob("*.safetensors"))
-        dest = f"{layout.model_component(model_id)}/{COMPONENT_WEIGHTS}"
-        store.fs.makedirs(store.abspath(layout.model_component(model_id)), exist_ok=True)
-        store.fs.put_file(str(produced[0]), store.abspath(dest))
+        with open(produced[0], "rb") as src:
+            manifest.put_stream(f"component/{COMPONENT_WEIGHTS}", src)
     return sum(int(torch.Size(shape).numel()) for _, shape, _ in entries)
 
 
-def _write_histograms(store: Store, model_id: str, histograms: dict[str, select.SparseCounts]) -> None:
+def _write_histograms(manifest: ManifestWriter, histograms: dict[str, select.SparseCounts]) -> None:
     names, keys, total, floor = [], [], [], []
     for name, h in histograms.items():
         names += [name] * h.keys.numel()
@@ -339,12 +407,13 @@ def _write_histograms(store: Store, model_id: str, histograms: dict[str, select.
                                        ("floor", pa.int64())]))
     buf = io.BytesIO()
     pq.write_table(table, buf)
-    store.put_bytes(f"{layout.model_meta(model_id)}/{HISTOGRAM}", buf.getvalue())
+    manifest.put_bytes(f"meta/{HISTOGRAM}", buf.getvalue())
 
 
 def read_histograms(store: Store, model_id: str) -> dict[str, select.SparseCounts]:
     """Per tensor: high-digit counts (2, M) of |theta_i - theta_pre| recorded at ingest."""
-    table = pq.read_table(io.BytesIO(store.get_bytes(f"{layout.model_meta(model_id)}/{HISTOGRAM}")))
+    table = pq.read_table(pa.BufferReader(store.get_bytes(f"{layout.model_meta(model_id)}/{HISTOGRAM}")),
+                          use_threads=False)  # no Arrow thread calling back into Python (see catalog.py)
     names = table.column("tensor").to_numpy(zero_copy_only=False)
     keys = table.column("key").to_numpy()
     counts = np.stack([table.column("count").to_numpy(), table.column("floor").to_numpy()])

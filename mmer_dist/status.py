@@ -21,6 +21,8 @@ def store_status(url: str) -> dict:
         "parameters": sum(t.numel for t in catalog.tensors),
         "models": [dataclasses.asdict(m) for m in catalog.models],
         "versions": [{**dataclasses.asdict(v), "details": json.loads(v.details)} for v in catalog.versions],
+        "serving": {"version": catalog.serving_version(), "stack": catalog.serving_stack()} if catalog.versions
+        else None,
     }
 
 
@@ -40,17 +42,25 @@ def print_status(url: str, as_json: bool = False) -> None:
     for col in ("id", "modality", "format", "dtype", "LLM params", "extra rows", "component params", "lambda", "sha256"):
         models.add_column(col)
     for m in status["models"]:
-        models.add_row(m["id"], m["modality"], m["format"], m["dtype"], f"{m['params']:,}", str(m["extra_rows"]),
+        note = f" (task {m['task']})" if m.get("task") else ""
+        note += " [removed]" if m.get("removed_at") else ""
+        models.add_row(m["id"] + note, m["modality"], m["format"], m["dtype"], f"{m['params']:,}", str(m["extra_rows"]),
                        f"{m['component_params']:,}", f"{m['lam']:g}", m["sha256"][:12])
     console.print(models)
     versions = Table(title="versions")
-    for col in ("version", "created", "merge", "mask", "K", "scope", "alpha", "mask density per model", "tau* density",
+    for col in ("version", "served", "created", "merge", "mask", "K", "scope", "alpha", "mask density per model", "tau* density",
                 "backend", "seconds"):
         versions.add_column(col)
     for v in status["versions"]:
         density = "\n".join(f"{m} {d:.3f} (lambda {lam:g})" for m, d, lam in zip(v["models"], v["mask_density"], v["lams"]))
         dare = f"+dare {v['dare_rate']:g}" if v["dare_rate"] else ""
-        versions.add_row(str(v["version"]), v["created_at"].replace("T", " ")[:19], v["method"] + dare, v["mask_rule"],
-                         f"{v['topk']:g}", v["scope"], f"{v['alpha']:g}", density, f"{v['tau_star_density']:.3f}",
+        served = "serving" if status["serving"] and status["serving"]["version"] == v["version"] else ""
+        versions.add_row(str(v["version"]), served, v["created_at"].replace("T", " ")[:19], v["method"] + dare, v["mask_rule"],
+                         "-" if v["topk"] is None else f"{v['topk']:g}", v["scope"] or "-", f"{v['alpha']:g}", density, f"{v['tau_star_density']:.3f}",
                          v["backend"], f"{v['seconds']:.1f}")
     console.print(versions)
+    if status["serving"]:
+        stack = status["serving"]["stack"]
+        console.print(f"serving version {status['serving']['version']}"
+                      + (f" (promoted: {' -> '.join(map(str, stack))}; `mmer rollback` goes back one)" if stack
+                         else " (the latest; none promoted yet)"))

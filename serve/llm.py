@@ -27,11 +27,12 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mmer_dist.errors import InvalidInputError
+from mmer_dist.errors import InvalidInputError, MmerError
 from mmer_dist.model.async_engine import AsyncEngine
 from mmer_dist.model.engine import Engine, EngineLimits, GenerationRequest, Pipeline
 from mmer_dist.model.prompt import Expansion, Retention, check_text_policy, plan_prompt
 from mmer_dist.model.sampling import SamplingParams
+from mmer_dist.store.serving import ServerLease
 from mmer_dist.store.store import Store
 from mmer_dist.store.weights import VersionWeights
 from serve.chat import ChatAssets, Media, expansion_parts, retention_parts
@@ -107,6 +108,7 @@ class LLMServer:
         self._retiring: list[ServedVersion] = []
         self._lock = threading.RLock()  # versions change from the follower thread and the event loop
         self._switching = threading.Lock()
+        self.lease = ServerLease(options.store)  # `mmer gc` keeps every version this server holds
 
     # -- versions --------------------------------------------------------------------------------
 
@@ -158,11 +160,22 @@ class LLMServer:
             if old is not None and old is not served:
                 self._retiring.append(old)
         self._drop_idle()
+        self._hold()
+
+    def _hold(self) -> None:
+        with self._lock:
+            versions = [v.version for v in (*self._retiring, *([self.current] if self.current else []))]
+        try:
+            self.lease.hold(versions)
+        except (OSError, MmerError) as e:  # a read-only store (a pinned RayService) still serves
+            log.warning("could not write the server lease: %s", e)
 
     def _drop_idle(self) -> None:
         with self._lock:
             idle = [v for v in self._retiring if v.active == 0]
             self._retiring = [v for v in self._retiring if v.active != 0]
+        if idle:
+            self._hold()
         for v in idle:
             v.engine.shutdown()
             shutdown = getattr(v.pipeline, "shutdown", None)
@@ -314,6 +327,7 @@ class LLMServer:
             if (shutdown := getattr(v.pipeline, "shutdown", None)) is not None:
                 shutdown()
         self._retiring, self.current = [], None
+        self.lease.release()
 
 
 async def _detokenize(events, assets: ChatAssets, stops: list[str]) -> AsyncIterator[dict]:

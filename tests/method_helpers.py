@@ -71,10 +71,10 @@ class MemoryWriter:
 
 
 def streaming_merge(base, models, settings: MergeSettings, model_ids, rows_per_chunk=3, compile=False,
-                    cached_high=None, block_elems=1 << 20):
+                    cached_high=None, block_elems=1 << 20, fuse=None):
     chunks = chunk_specs(base, rows_per_chunk)
     sizes = {k: v.numel() for k, v in base.items()}
-    kernels = ChunkKernels(settings, list(model_ids), compile=compile)  # validates, naming model ids
+    kernels = ChunkKernels(settings, list(model_ids), compile=compile, fuse=fuse)  # validates, naming model ids
     driver = MergeDriver(settings, sizes, len(models), cached_high=cached_high)
     writer = MemoryWriter(base, len(models))
     stats = run_local(driver, chunks, MemoryReader(base, models), kernels, writer, block_elems=block_elems,

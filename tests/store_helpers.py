@@ -183,9 +183,6 @@ def reference_for_version(version: dict, base: dict[str, torch.Tensor],
                           models: dict[str, dict[str, torch.Tensor]]) -> ReferenceResult:
     """``reference_merge`` with a published version's settings (from ``mmer status --json``),
     over the source checkpoints' shared rows, models in the version's order."""
-    neuro = version["details"].get("neuro", {})
-    settings = MergeSettings(version["method"], version["topk"], version["scope"], version["alpha"],
-                             version["mask_rule"], tuple(version["lams"]), version["dare_rate"], version["dare_seed"],
-                             neuro.get("energy", 1.0), neuro.get("keep_parallel", False))
+    settings = MergeSettings.from_record(version)  # the version record's settings columns
     ids = version["models"]
     return reference_merge(base, [shared_rows(models[m], base) for m in ids], settings, ids)

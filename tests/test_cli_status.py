@@ -96,7 +96,8 @@ def test_ingest_lambda_is_recorded_and_used_by_merge(stores, ckpts, tmp_path):
     assert versions[0]["mask_density"][0] > versions[1]["mask_density"][0]  # larger lambda, sparser mask
 
 
-@pytest.mark.parametrize("command", ["ingest", "merge", "export", "status"])
+@pytest.mark.parametrize("command", ["ingest", "merge", "export model", "export original", "export merged",
+                                     "export text", "status"])
 def test_help(command):
-    r = run_cli(command, "--help", ok=True)
+    r = run_cli(*command.split(), "--help", ok=True)
     assert "--store" in r.out

@@ -65,8 +65,8 @@ def parse_merge(command: str):
 
 def test_mmer_console_script_is_the_cli():
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["mmer"] == "mmer_dist.cli:main"
-    assert callable(cli.main)
+    assert scripts["mmer"] == "mmer_dist.cli:console_main"  # main(), then background threads stopped
+    assert callable(cli.main) and callable(cli.console_main)
     assert "if __name__ == \"__main__\"" in (REPO / "mmer_dist" / "cli" / "__main__.py").read_text()  # python -m mmer_dist.cli
 
 

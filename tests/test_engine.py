@@ -50,10 +50,10 @@ def exported(merged_store, tmp_path_factory, ckpts):
     out = tmp_path_factory.mktemp("exports")
     sets = {}
     for model in FMT:
-        run_cli("export", "--store", merged_store, "--model", model, "--version", "1", "--out", out / model, "--quiet")
+        run_cli("export", "model", "--store", merged_store, "--model", model, "--version", "1", "--out", out / model, "--quiet")
         llm, _ = split_checkpoint(out / model, FMT[model])
         sets[WeightSet.hat(model)] = {k: v.float() for k, v in llm.items()}
-    run_cli("export", "--store", merged_store, "--text", "--version", "1", "--out", out / "text", "--quiet")
+    run_cli("export", "text", "--store", merged_store, "--version", "1", "--out", out / "text", "--quiet")
     sets[WeightSet.bar()] = {k: v.float() for k, v in load_dir(out / "text").items()}
     return out, sets
 

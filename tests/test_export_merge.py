@@ -78,7 +78,7 @@ def test_reconstructed_export_matches_reference(merged, ckpts, sources, tmp_path
     """theta_hat_i = theta_pre + m_i * tau* on the shared rows, the model's own extra rows, its own
     component and aux files, under its own key names."""
     out = tmp_path / "out"
-    run_cli("export", "--store", merged.path, "--model", fmt, "--version", version, "--out", out, "--quiet")
+    run_cli("export", "model", "--store", merged.path, "--model", fmt, "--version", version, "--out", out, "--quiet")
     ref = merged.refs[version]
     i = merged.versions[version]["models"].index(fmt)
     want = _cast(reference_reconstruct(merged.base, ref.tau_star, ref.masks[i]), BF16)
@@ -99,7 +99,7 @@ def test_reconstructed_export_matches_reference(merged, ckpts, sources, tmp_path
 
 def test_default_version_is_latest(merged, tmp_path):
     out = tmp_path / "out"
-    run_cli("export", "--store", merged.path, "--model", "llava", "--out", out, "--quiet")
+    run_cli("export", "model", "--store", merged.path, "--model", "llava", "--out", out, "--quiet")
     ref = merged.refs[3]
     want = _cast(reference_reconstruct(merged.base, ref.tau_star, ref.masks[1]), BF16)
     got, _ = split_checkpoint(out, "llava")
@@ -118,7 +118,7 @@ def _image_inputs(path, model_vocab):
                                      ("video-llava-hf", VideoLlavaForConditionalGeneration)])
 def test_reconstructed_hf_model_loads_and_runs(merged, tmp_path, fmt, cls):
     out = tmp_path / "out"
-    run_cli("export", "--store", merged.path, "--model", fmt, "--version", 1, "--out", out, "--quiet")
+    run_cli("export", "model", "--store", merged.path, "--model", fmt, "--version", 1, "--out", out, "--quiet")
     model = cls.from_pretrained(out)
     assert model.dtype == BF16
     # the loaded model's LLM parameters are the reference reconstruction
@@ -144,7 +144,7 @@ def test_reconstructed_hf_model_loads_and_runs(merged, tmp_path, fmt, cls):
 def test_reconstructed_original_llava_llm_loads(merged, tmp_path):
     """The original LLaVA layout has no transformers class: its LLM part loads as Llama."""
     out = tmp_path / "out"
-    run_cli("export", "--store", merged.path, "--model", "llava", "--version", 1, "--out", out, "--quiet")
+    run_cli("export", "model", "--store", merged.path, "--model", "llava", "--version", 1, "--out", out, "--quiet")
     model = LlamaForCausalLM.from_pretrained(out)
     ref = merged.refs[1]
     want = _cast(reference_reconstruct(merged.base, ref.tau_star, ref.masks[FORMATS.index("llava")]), BF16)
@@ -160,7 +160,7 @@ def test_reconstructed_original_llava_llm_loads(merged, tmp_path):
 @pytest.mark.parametrize("version", [1, 2, 3])
 def test_merged_export_matches_reference(merged, ckpts, tmp_path, version):
     out = tmp_path / "out"
-    run_cli("export", "--store", merged.path, "--merged", "--version", version, "--out", out, "--quiet")
+    run_cli("export", "merged", "--store", merged.path, "--version", version, "--out", out, "--quiet")
     ref = merged.refs[version]
     want = _cast(reference_merged(merged.base, ref.tau_star, merged.versions[version]["alpha"]), BF16)
     assert_state_dicts_identical(load_dir(out), want, f"merged v{version}")
@@ -173,7 +173,7 @@ def test_merged_export_matches_reference(merged, ckpts, tmp_path, version):
 @pytest.mark.parametrize("version", [1, 2, 3])
 def test_text_export_matches_reference(merged, tmp_path, version):
     out = tmp_path / "out"
-    run_cli("export", "--store", merged.path, "--text", "--version", version, "--out", out, "--quiet")
+    run_cli("export", "text", "--store", merged.path, "--version", version, "--out", out, "--quiet")
     ref = merged.refs[version]
     want = _cast(reference_text_weights(merged.base, ref.tau_star, ref.masks), BF16)
     assert_state_dicts_identical(load_dir(out), want, f"text v{version}")
@@ -197,7 +197,7 @@ def test_baseline_export_matches_reference(merged, tmp_path, method, args, setti
     """``export --merged --method M`` computes the baseline from the stored models now."""
     out = tmp_path / "out"
     before = status_json(merged.path)
-    run_cli("export", "--store", merged.path, "--merged", "--method", method, *args, "--out", out, "--quiet")
+    run_cli("export", "merged", "--store", merged.path, "--method", method, *args, "--out", out, "--quiet")
     ids = list(FORMATS)
     settings = MergeSettings(settings.method, settings.topk, settings.scope, settings.alpha, settings.mask_rule,
                              (1.0,) * len(ids), settings.dare_rate, settings.dare_seed)
@@ -212,8 +212,13 @@ def test_export_refuses_a_nonempty_output(merged, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    r = run_cli("export", "--store", merged.path, "--merged", "--out", out, "--quiet", ok=False)
+    r = run_cli("export", "merged", "--store", merged.path, "--out", out, "--quiet", ok=False)
     assert str(out) in r.err and "--overwrite" in r.err
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
-    run_cli("export", "--store", merged.path, "--merged", "--out", out, "--overwrite", "--quiet")
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+    # --overwrite replaces only a previous export, never a directory holding the user's files
+    r = run_cli("export", "merged", "--store", merged.path, "--out", out, "--overwrite", "--quiet", ok=False)
+    assert "not one" in r.err and [p.name for p in out.iterdir()] == ["keep.txt"]
+    exported = tmp_path / "exported"
+    run_cli("export", "text", "--store", merged.path, "--out", exported, "--quiet")
+    run_cli("export", "merged", "--store", merged.path, "--out", exported, "--overwrite", "--quiet")
+    assert (exported / "model.safetensors").exists() and (out / "keep.txt").read_text() == "mine"

@@ -13,7 +13,7 @@ import torch
 import zarr
 from conftest import copy_store, ingest_args
 from safetensors.torch import load_file, save_file
-from store_helpers import StoreState, run_cli
+from store_helpers import StoreState, run_cli, status_json
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from mmer_dist.demo import tiny_models
@@ -158,9 +158,12 @@ def test_mixed_dtypes_in_one_checkpoint(victim, ckpts, tmp_path):
     refused(victim, *ingest_args(victim, "vid2", path, "video-llava-hf"), expect=("'vid2'", "mix dtypes"))
 
 
-def test_dtype_differs_from_the_stores_models(victim, ckpts):
-    refused(victim, *ingest_args(victim, "img16", ckpts.finetuned("llava-hf", "fp16"), "llava-hf"),
-            expect=("'img16'", "float16", "bfloat16", "'llava-hf'"))
+def test_a_model_in_another_dtype_than_the_others_is_accepted(stores, ckpts, tmp_path):
+    """Fine-tunes may differ in dtype from the base and from each other (merged upcast to
+    float32; see test_merge_mixed_dtypes): an fp16 model joins a bf16 store as float16."""
+    store = stores.fresh(tmp_path / "store", models=True)
+    run_cli(*ingest_args(store, "img16", ckpts.finetuned("llava-hf", "fp16"), "llava-hf"))
+    assert {m["id"]: m["dtype"] for m in status_json(store)["models"]}["img16"] == "float16"
 
 
 # -- NaN / Inf, found while streaming (after writing has begun) ----------------------------------------
@@ -291,29 +294,29 @@ def test_merge_with_bad_settings(victim, args, expect):
 
 def test_export_of_unknown_model(victim, tmp_path):
     out = tmp_path / "out"
-    refused(victim, "export", "--store", victim, "--model", "nope", "--out", out, "--quiet",
+    refused(victim, "export", "model", "--store", victim, "--model", "nope", "--out", out, "--quiet",
             expect=("'nope'", "llava-hf"))
     assert not out.exists() and not any(p.name.startswith(".out") for p in tmp_path.iterdir())
 
 
 def test_export_of_model_not_in_version(victim, tmp_path):
     out = tmp_path / "out"
-    refused(victim, "export", "--store", victim, "--model", "video-llava-hf", "--version", "3", "--out", out,
+    refused(victim, "export", "model", "--store", victim, "--model", "video-llava-hf", "--version", "3", "--out", out,
             expect=("'video-llava-hf'", "version 3"))
     assert not out.exists()
 
 
 def test_export_of_unknown_version(victim, tmp_path):
     out = tmp_path / "out"
-    refused(victim, "export", "--store", victim, "--merged", "--version", "9", "--out", out, expect=("version 9",))
+    refused(victim, "export", "merged", "--store", victim, "--version", "9", "--out", out, expect=("version 9",))
     assert not out.exists()
 
 
 def test_export_before_any_merge(stores, tmp_path):
     store = stores.fresh(tmp_path / "store", models=True)
     out = tmp_path / "out"
-    refused(store, "export", "--store", store, "--model", "llava", "--out", out, expect=("mmer merge",))
-    refused(store, "export", "--store", store, "--text", "--out", out, expect=("mmer merge",))
+    refused(store, "export", "model", "--store", store, "--model", "llava", "--out", out, expect=("mmer merge",))
+    refused(store, "export", "text", "--store", store, "--out", out, expect=("mmer merge",))
     assert not out.exists()
 
 
@@ -349,7 +352,7 @@ def test_store_path_that_is_not_a_store(ckpts, tmp_path, kind, command):
     args = {
         "ingest": ingest_args(store, "m", ckpts.finetuned("llava", "bf16"), "llava"),
         "merge": ["merge", "--store", store, "--quiet"],
-        "export": ["export", "--store", store, "--merged", "--out", out, "--quiet"],
+        "export": ["export", "merged", "--store", store, "--out", out, "--quiet"],
         "status": ["status", "--store", store],
     }[command]
     refused(store, *args, expect=(str(store), "not an mmer store"))
@@ -388,6 +391,6 @@ def test_a_failed_ingest_does_not_block_a_good_one(stores, ckpts, tmp_path):
     good = ckpts.finetuned("generic", "bf16")
     run_cli(*ingest_args(victim, "aud2", good, "generic"))
     out = tmp_path / "out"
-    run_cli("export", "--store", victim, "--model", "aud2", "--original", "--out", out, "--quiet")
+    run_cli("export", "original", "--store", victim, "--model", "aud2", "--out", out, "--quiet")
     assert_state_dicts_identical(load_dir(out), load_dir(good))
     assert json.loads((out / "mmer_mapping.json").read_text())["name"] == "tiny-audio-llm"

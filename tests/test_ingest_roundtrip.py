@@ -20,7 +20,7 @@ def test_original_export_is_bit_identical(stores, ckpts, tmp_path, fmt, dtype):
     store = stores.ingested(dtype)
     src = ckpts.finetuned(fmt, dtype)
     out = tmp_path / "out"
-    run_cli("export", "--store", store, "--model", fmt, "--original", "--out", out, "--quiet")
+    run_cli("export", "original", "--store", store, "--model", fmt, "--out", out, "--quiet")
 
     want = load_dir(src)
     got = load_dir(out)
@@ -66,7 +66,7 @@ def test_original_export_sharded_output(stores, ckpts, tmp_path):
     from transformers import LlavaForConditionalGeneration
 
     out = tmp_path / "out"
-    run_cli("export", "--store", stores.ingested("bf16"), "--model", "llava-hf", "--original", "--out", out,
+    run_cli("export", "original", "--store", stores.ingested("bf16"), "--model", "llava-hf", "--out", out,
             "--max-shard-size", "30KB", "--quiet")
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 2

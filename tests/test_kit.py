@@ -195,12 +195,12 @@ def test_kit_ingests_merges_and_exports(kit, tmp_path) -> None:
                 "--format", m.format, "--quiet")
     run_cli("merge", "--store", store, "--quiet", "--no-compile", "--device", "cpu")
     digits = kit.models["digits"]
-    run_cli("export", "--store", store, "--model", "digits", "--original", "--out", tmp_path / "orig", "--quiet")
+    run_cli("export", "original", "--store", store, "--model", "digits", "--out", tmp_path / "orig", "--quiet")
     assert evaluate(tmp_path / "orig") == digits.accuracy
-    run_cli("export", "--store", store, "--model", "digits", "--out", tmp_path / "rebuilt", "--quiet")
+    run_cli("export", "model", "--store", store, "--model", "digits", "--out", tmp_path / "rebuilt", "--quiet")
     rebuilt = evaluate(tmp_path / "rebuilt")
     assert rebuilt >= digits.chance + 0.1  # MMER's θ̂ keeps most of what the model learnt
-    run_cli("export", "--store", store, "--merged", "--out", tmp_path / "merged", "--quiet")
+    run_cli("export", "merged", "--store", store, "--out", tmp_path / "merged", "--quiet")
     # the merged LLM around the digit model's own encoder (how the benchmark scores baselines)
     merged = evaluate(digits.path, llm=tmp_path / "merged")
     base = evaluate(digits.path, llm=kit.base)

@@ -57,11 +57,13 @@ def test_variant_versions_match_the_reference(variant_store, tmp_path, index):
     version = status["versions"][index]
     assert (version["method"], version["mask_rule"]) == (method, rule)
     if method == "neuro":
-        assert version["details"]["neuro"] == {"energy": 0.9 if "--neuro-energy" in args else 1.0,
-                                               "keep_parallel": "--neuro-keep-parallel" in args}
+        assert (version["neuro_energy"], version["neuro_keep_parallel"]) == \
+            (0.9 if "--neuro-energy" in args else 1.0, "--neuro-keep-parallel" in args)
+    else:
+        assert version["neuro_energy"] is None and version["neuro_keep_parallel"] is None
     ref = reference_for_version(version, base, models)
     out = tmp_path / "merged"
-    run_cli("export", "--store", path, "--merged", "--version", version["version"], "--out", out, "--quiet")
+    run_cli("export", "merged", "--store", path, "--version", version["version"], "--out", out, "--quiet")
     want = reference_merged(base, ref.tau_star, version["alpha"])
     got = load_dir(out)
     for name, w in want.items():
@@ -69,7 +71,7 @@ def test_variant_versions_match_the_reference(variant_store, tmp_path, index):
     for fmt in ("llava-hf", "generic"):
         i = version["models"].index(fmt)
         out = tmp_path / fmt
-        run_cli("export", "--store", path, "--model", fmt, "--version", version["version"], "--out", out, "--quiet")
+        run_cli("export", "model", "--store", path, "--model", fmt, "--version", version["version"], "--out", out, "--quiet")
         got_llm, _ = split_checkpoint(out, fmt)
         want = reference_reconstruct(base, ref.tau_star, ref.masks[i])
         mismatched = 0
@@ -105,7 +107,7 @@ def test_neuro_baseline_export_matches_reference(variant_store, tmp_path):
     path, status, base, models = variant_store
     before = status_json(path)["catalog_snapshot"]
     out = tmp_path / "neuro"
-    run_cli("export", "--store", path, "--merged", "--method", "neuro", "--topk", "0.7", "--out", out, "--quiet")
+    run_cli("export", "merged", "--store", path, "--method", "neuro", "--topk", "0.7", "--out", out, "--quiet")
     ids = list(FORMATS)
     settings = MergeSettings("neuro", 0.7, lams=(1.0,) * len(ids))
     ref = reference_merge(base, [shared_rows(models[m], base) for m in ids], settings, ids)

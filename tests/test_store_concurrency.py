@@ -43,7 +43,7 @@ def test_second_writer_in_the_same_process_is_refused(stores, ckpts, tmp_path):
     store = stores.fresh(tmp_path / "store", models=True)
     before = StoreState.capture(store)
     with Store.open(str(store)).writer_lock():
-        with pytest.raises(StoreError, match=r"another writer \(ingest or merge\) holds .*\.writer\.lock"):
+        with pytest.raises(StoreError, match=r"another writer \(ingest, merge or gc\) holds .*\.writer\.lock"):
             ingest_model(str(store), "extra", ckpts.finetuned("llava", "bf16"), "image", progress=False)
         with pytest.raises(StoreError, match="another writer"):
             merge(str(store), MergeRequest(), LocalBackend(), progress=False)

@@ -92,8 +92,8 @@ def _kill(proc) -> None:
 
 def _exports(store: Path, dest: Path, model_id: str = "a") -> dict[str, dict[str, torch.Tensor]]:
     """The latest version's reconstructed model and merged weights, as a reader sees them now."""
-    run_cli("export", "--store", store, "--model", model_id, "--out", dest / "model", "--quiet")
-    run_cli("export", "--store", store, "--merged", "--out", dest / "merged", "--quiet")
+    run_cli("export", "model", "--store", store, "--model", model_id, "--out", dest / "model", "--quiet")
+    run_cli("export", "merged", "--store", store, "--out", dest / "merged", "--quiet")
     return {"model": load_dir(dest / "model"), "merged": load_dir(dest / "merged")}
 
 
@@ -134,7 +134,7 @@ def test_killed_ingest_leaves_the_store_as_it_was(big, tmp_path):
     # the same ingest, re-run, completes, and b round-trips
     run_cli(*_ingest(store, "b", big.b))
     assert [m["id"] for m in status_json(store)["models"]] == ["a", "b"]
-    run_cli("export", "--store", store, "--model", "b", "--original", "--out", tmp_path / "b", "--quiet")
+    run_cli("export", "original", "--store", store, "--model", "b", "--out", tmp_path / "b", "--quiet")
     assert_state_dicts_identical(load_dir(tmp_path / "b"), load_dir(big.b), "b after re-ingest")
 
 

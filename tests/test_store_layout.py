@@ -63,7 +63,8 @@ def test_catalog_snapshots_and_pointer(tmp_path):
     c2 = store.commit(c1.replace(models=c1.models + (record.__class__(**{**record.__dict__, "id": "m2"}),)), c1.seq)
     assert (c1.seq, c2.seq) == (1, 2)
     assert (root / "catalog" / "CURRENT").read_text().strip() == "2"
-    assert sorted(p.name for p in (root / "catalog" / "snapshots").iterdir()) == ["00000001", "00000002"]
+    assert sorted(p.name for p in (root / "catalog" / "commits").iterdir()) == ["00000001.json", "00000002.json"]
+    assert sorted(p.name[:8] for p in (root / "catalog" / "snapshots").iterdir()) == ["00000001", "00000002"]
     # a fresh handle reads the snapshot CURRENT names, records intact
     again = Store.open(str(root)).catalog()
     assert again.seq == 2 and again.models == c2.models

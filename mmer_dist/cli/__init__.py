@@ -7,12 +7,14 @@ sets ``run``; this module only collects them and turns ``MmerError`` into one li
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 
-from mmer_dist.cli import calibrate, demo, export, ingest, merge, serve, status
+from mmer_dist.cli import calibrate, demo, export, gc, ingest, live, merge, serve, status, verify
+from mmer_dist.cli.shutdown import release_background_threads
 from mmer_dist.errors import MmerError
 
-COMMAND_MODULES = (demo, ingest, merge, calibrate, export, serve, status)
+COMMAND_MODULES = (demo, ingest, merge, live, calibrate, export, serve, status, verify, gc)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,10 +27,38 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. A user's mistake or a damaged store (MmerError) is one line and exit 2;
+    the machine refusing (disk full, permissions, I/O: OSError) one line and exit 1; Ctrl-C one
+    line and exit 130. The commands clean up their own staging before the error reaches here."""
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
     except MmerError as e:
-        print(f"mmer {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return _fail(args.command, f"error: {e}", 2)
+    except KeyboardInterrupt:
+        return _fail(args.command, "interrupted; nothing was committed by the interrupted step (re-run it)", 130)
+    except OSError as e:
+        return _fail(args.command, f"error: {describe_os_error(e)}", 1)
     return 0
+
+
+def console_main() -> int:
+    """The ``mmer`` script: run one command, then stop the background threads it left running
+    so that the process exits with the command's status, never an abort at finalization."""
+    try:
+        return main()
+    finally:
+        release_background_threads()
+
+
+def _fail(command: str, message: str, code: int) -> int:
+    print(f"mmer {command}: {message}", file=sys.stderr)
+    return code
+
+
+def describe_os_error(e: OSError) -> str:
+    what = e.strerror or str(e) or type(e).__name__
+    where = f": {e.filename}" if e.filename else ""
+    hints = {errno.ENOSPC: " (free space, then re-run; `mmer gc` removes what interrupted commands left)",
+             errno.EACCES: " (no permission to write there)", errno.EROFS: " (the filesystem is read-only)"}
+    return f"{what}{where}{hints.get(e.errno, '')}"

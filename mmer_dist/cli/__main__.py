@@ -2,7 +2,7 @@
 
 import sys
 
-from mmer_dist.cli import main
+from mmer_dist.cli import console_main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())

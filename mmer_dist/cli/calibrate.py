@@ -13,7 +13,7 @@ def register(sub) -> None:
         description="For each lambda of the grid, merge a version like the base version (same models and "
         "settings, the calibrated models at that lambda), report data-free statistics per model (mask density, "
         "||m_i o tau* - tau_i||_1 / ||tau_i||_1) and the hook's score, record the best lambda per model in the "
-        "store, and remove the calibration versions again. The hook is fn(model_id, store, version) -> float, "
+        "store, and remove the calibration versions again (they are never served). The hook is fn(model_id, store, version) -> float, "
         "higher is better; it reads theta_hat of model_id from that version of the store.")
     store_arg(p)
     p.add_argument("--eval", required=True, metavar="MODULE:FUNCTION", dest="hook",
@@ -26,7 +26,7 @@ def register(sub) -> None:
     p.add_argument("--version", type=int, default=None, help="base version whose settings each merge repeats "
                    "(default: the latest)")
     p.add_argument("--keep-versions", action="store_true",
-                   help="keep the calibration versions (they become the store's latest, so the one served)")
+                   help="keep the calibration versions (published, not served; `mmer promote --version V` serves one)")
     p.add_argument("--device", default="auto", help="torch device of the merges: auto, cpu, cuda (default auto)")
     p.add_argument("--json", action="store_true", help="print the recorded calibration as JSON")
     p.set_defaults(run=run)

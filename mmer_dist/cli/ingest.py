@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mmer_dist.cli.args import store_arg
+from mmer_dist.cli.args import positive_int, store_arg
 from mmer_dist.errors import InvalidInputError
 
 
@@ -20,7 +20,7 @@ def register(sub) -> None:
                    help="checkpoint format (default: detected from config.json)")
     p.add_argument("--mapping", metavar="FILE", help="key-mapping JSON for --format generic")
     p.add_argument("--lam", type=float, default=1.0, help="default mask lambda of this model (default 1.0)")
-    p.add_argument("--chunk-elems", type=int, default=None, help="entries per chunk (with --base; default 4M)")
+    p.add_argument("--chunk-elems", type=positive_int, default=None, help="entries per chunk (with --base; default 4M)")
     p.set_defaults(run=run)
 
 

@@ -9,7 +9,6 @@ weight space and in the next-token predictions of the reconstructed LLaVA on an 
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
@@ -21,9 +20,11 @@ from mmer_dist import export
 from mmer_dist.demo import tiny_models
 from mmer_dist.formats import FormatMapping
 from mmer_dist.merge.engine import MergeRequest, merge
+from mmer_dist.outputs import prepare_workdir
 from mmer_dist.status import print_status
 from mmer_dist import ingest
 
+WORKDIR_ENTRIES = ("checkpoints", "store", "export")  # what a run creates in its workdir (and may replace)
 MODELS = (  # id, format, modality, seed
     ("llava-image", "llava-hf", "image", 11),
     ("videollava-video", "video-llava-hf", "video", 12),
@@ -54,9 +55,8 @@ def _distance(a: dict, b: dict) -> float:
 
 def run_demo(workdir: str | Path = "mmer-demo", workers: int = 2, progress: bool = True) -> dict:
     console = Console()
-    workdir = Path(workdir)
+    workdir = prepare_workdir(workdir, WORKDIR_ENTRIES)  # refuses a directory an earlier demo did not make
     store = str(workdir / "store")
-    shutil.rmtree(workdir, ignore_errors=True)
     console.rule("1. tiny checkpoints (save_pretrained, bf16)")
     paths = build_checkpoints(workdir)
     console.print(", ".join(f"{k}: {v}" for k, v in paths.items()))

@@ -191,7 +191,11 @@ def _read_mapping_text(name_or_path: str | Path) -> tuple[str, str]:
     path = Path(name_or_path)
     if not path.is_file():
         raise FormatError(f"mapping file {path} does not exist")
-    return path.read_text(encoding="utf-8"), str(path)
+    try:
+        return path.read_text(encoding="utf-8"), str(path)
+    except UnicodeDecodeError as e:
+        raise FormatError(f"mapping file {path} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8 "
+                          "JSON") from None
 
 
 def _string(value: Any, source: str, name: str) -> str:

@@ -13,15 +13,15 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
-from tqdm.auto import tqdm
-
 from mmer_dist.errors import InvalidInputError
 from mmer_dist.method import select, streaming
 from mmer_dist.method.neuro import check_neuron_rank
 from mmer_dist.method.settings import MergeSettings
 from mmer_dist.method.trim import selection_group
+from mmer_dist.merge.kernel_cache import default_cache_dir
 from mmer_dist.merge.passes import MergeJob, final_stats_from_record
 from mmer_dist.merge.plan import ShardSpec, plan_shards
+from mmer_dist.merge.progress import progress_bar
 from mmer_dist.store import layout
 from mmer_dist.store.catalog import Catalog, VersionRecord, details_json
 from mmer_dist.ingest import read_histograms
@@ -31,19 +31,17 @@ from mmer_dist.store.versions import Staging, fingerprint, publish_version
 
 @dataclass(frozen=True)
 class MergeRequest:
-    """What the user asks for; unset fields come from the catalog (models, their lambda)."""
+    """What the user asks for: the settings (their ``lams`` filled in from the catalog), lambda
+    overrides per model, and which models (default: all, in catalog order)."""
 
-    method: str = "ties"
-    topk: float = 0.8
-    scope: str = "global"
-    alpha: float = 1.0
-    mask_rule: str = "mmer"
+    settings: MergeSettings = field(default_factory=MergeSettings)
     lam: dict[str, float] = field(default_factory=dict)
-    dare_rate: float = 0.0
-    dare_seed: int = 0
-    neuro_energy: float = 1.0
-    neuro_keep_parallel: bool = False
     models: tuple[str, ...] | None = None
+
+    @classmethod
+    def of(cls, *, lam: dict[str, float] | None = None, models=None, **settings) -> MergeRequest:
+        """A request from settings fields given as keywords (``MergeRequest.of(method="ta")``)."""
+        return cls(MergeSettings(**settings), dict(lam or {}), tuple(models) if models else None)
 
 
 class Backend(Protocol):
@@ -60,6 +58,10 @@ class Backend(Protocol):
 def resolve_settings(catalog: Catalog, request: MergeRequest) -> tuple[MergeSettings, tuple[str, ...]]:
     known = [m.id for m in catalog.models]
     model_ids = tuple(request.models) if request.models else tuple(known)
+    repeated = sorted({m for m in model_ids if model_ids.count(m) > 1})
+    if repeated:
+        raise InvalidInputError(f"--models names {', '.join(map(repr, repeated))} more than once; "
+                                "each model can be merged once")
     for m in model_ids:
         catalog.model(m)  # raises naming the unknown id
     if not model_ids:
@@ -68,9 +70,7 @@ def resolve_settings(catalog: Catalog, request: MergeRequest) -> tuple[MergeSett
         if m not in model_ids:
             raise InvalidInputError(f"--lam names model {m!r}, which is not in this merge ({', '.join(model_ids)})")
     lams = tuple(float(request.lam.get(m, catalog.model(m).lam)) for m in model_ids)
-    settings = MergeSettings(request.method, request.topk, request.scope, request.alpha, request.mask_rule,
-                             lams, request.dare_rate, request.dare_seed, request.neuro_energy,
-                             request.neuro_keep_parallel).validated(list(model_ids))
+    settings = request.settings.with_lams(lams).validated(list(model_ids))
     if settings.method == "neuro":
         for t in catalog.tensors:
             check_neuron_rank(t.name, len(t.shape))
@@ -131,26 +131,36 @@ def drive_passes(driver: streaming.MergeDriver, backend: Backend, plan: MergePla
     state = staging.load_state()
     while (req := driver.next_pass()) is not None:
         name = type(req).__name__
-        done = staging.done_shards() if isinstance(req, streaming.FinalPass) else {}
+        done = staging.done_shards() if req.writes else {}  # finished shards of an earlier run
         todo = [s for s in plan.shards if s.index not in done]
         t0 = time.perf_counter()
-        with tqdm(total=sum(s.numel for s in todo), desc=f"{name} ({len(todo)} shards)", unit="param",
-                  unit_scale=True, disable=not progress, leave=False) as bar:
-            results = backend.run_pass(req, todo, bar.update)
+        with progress_bar(f"{name} ({len(todo)} shards)", sum(s.numel for s in todo), progress) as update:
+            results = backend.run_pass(req, todo, update)
         pass_seconds[name] = round(time.perf_counter() - t0, 3)
         shard_seconds[name] = {s.index: round(sec, 3) for s, (_, sec) in zip(todo, results)}
         partials = [r for r, _ in results] + [final_stats_from_record(d) for d in done.values()]
+        reruns = driver.majority_reruns
         driver.accept(streaming.merge_results(partials))
         decided = driver.decided_state()
-        if decided is not None and state is None:  # a resumed run can skip to the final pass
+        if driver.majority_reruns != reruns:  # an assumed majority sign was wrong: redo the final pass
+            staging.forget_done_shards()
+            staging.save_state(decided)
+            state = decided
+        elif decided is not None and state is None:  # a resumed run can skip to the final pass
             staging.save_state(decided)
             state = decided
     return {"pass_seconds": pass_seconds, "shard_seconds": shard_seconds}
 
 
 def merge(url: str, request: MergeRequest, backend: Backend, *, workers: int = 1, compile: bool = False,
-          device: str = "cpu", progress: bool = True) -> VersionRecord:
-    """Merge the store's models into a new published version; returns its catalog record."""
+          device: str = "cpu", progress: bool = True, promote: bool = True,
+          known: Callable[[Catalog, MergePlan], dict | None] | None = None) -> VersionRecord:
+    """Merge the store's models into a new published version; returns its catalog record.
+
+    ``promote`` makes it the served version in the same commit. ``known(catalog, plan)`` may give
+    a decided state (threshold bits and majority signs, ``MergeDriver.decided_state``'s form) to
+    start from: the thresholds must be exact, the majority signs are checked during the final
+    pass (and the pass redone if they were wrong), so the result is the same as counting them."""
     started = time.time()
     store = Store.open(url)
     # The catalog is read under the writer lock: read before it, a version published meanwhile
@@ -169,14 +179,23 @@ def merge(url: str, request: MergeRequest, backend: Backend, *, workers: int = 1
             cached_high=cached_high_histogram(store, plan.model_ids, settings.scope) if use_cache else None)
         if (state := staging.load_state()) is not None:
             driver.restore(state)
-        backend.start(MergeJob(url, plan.model_ids, settings, plan.version, plan.fingerprint, compile=compile,
-                               device=device), plan.shards)
+        elif known is not None and (given := known(catalog, plan)) is not None:
+            driver.restore(given)
+            driver.check_majority = True
         try:
-            timings = drive_passes(driver, backend, plan, staging, progress)
-        finally:
-            backend.stop()
-        record = version_record(catalog, plan, driver, backend.name, timings, staging.resumed, time.time() - started)
-        publish_version(store, record, catalog)  # fails if another writer committed since (object stores)
+            backend.start(MergeJob(url, plan.model_ids, settings, plan.version, plan.fingerprint, compile=compile,
+                                   device=device, kernel_cache=default_cache_dir()), plan.shards)
+            try:
+                timings = drive_passes(driver, backend, plan, staging, progress)
+            finally:
+                backend.stop()
+            record = version_record(catalog, plan, driver, backend.name, timings, staging.resumed,
+                                    time.time() - started)
+            # fails if another writer committed since (object stores)
+            publish_version(store, record, catalog, promote=promote)
+        except BaseException:
+            staging.abandon()  # an error or Ctrl-C leaves no staging behind (a SIGKILL leaves it to resume)
+            raise
         staging.discard()
     return record
 
@@ -189,13 +208,10 @@ def version_record(catalog: Catalog, plan: MergePlan, driver: streaming.MergeDri
     details = dict(
         thresholds={g: v.tolist() for g, v in driver.thresholds().items()} if global_scope else "per-tensor",
         majority=driver.majority if global_scope else _majority_summary(driver.majority),
-        resumed=resumed, shards=[s.describe() for s in plan.shards], **timings)
-    if settings.method == "neuro":
-        details["neuro"] = {"energy": settings.neuro_energy, "keep_parallel": settings.neuro_keep_parallel}
+        resumed=resumed, shards=[s.describe() for s in plan.shards], majority_reruns=driver.majority_reruns,
+        **timings)
     return VersionRecord(
-        version=plan.version, created_at=utc_now(), method=settings.method, mask_rule=settings.mask_rule,
-        topk=settings.topk, scope=settings.scope, alpha=settings.alpha, dare_rate=settings.dare_rate,
-        dare_seed=settings.dare_seed, models=list(plan.model_ids), lams=list(settings.lams),
+        version=plan.version, created_at=utc_now(), **settings.record(), models=list(plan.model_ids),
         mask_density=[int(c) / params for c in stats.mask_counts],
         tau_star_density=stats.nonzero / max(1, stats.entries), backend=backend,
         passes=list(driver.passes_run), seconds=round(seconds, 3), details=details_json(**details))

@@ -21,17 +21,26 @@ def resolve_compile(flag: bool | None, catalog: Catalog) -> bool:
 
 
 def resolve_device(name: str) -> str:
+    from mmer_dist.errors import InvalidInputError
+
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        from mmer_dist.errors import InvalidInputError
-
-        raise InvalidInputError(f"--device {name}: no CUDA device is visible to this process")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise InvalidInputError(f"--device {name!r} is not a torch device; use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise InvalidInputError(f"--device {name!r}: merges run on cpu or cuda")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InvalidInputError(f"--device {name}: no CUDA device is visible to this process")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise InvalidInputError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
     return name
 
 
 def choose_backend(name: str, address: str | None, workers: int | None,
-                   worker_resources: dict[str, float] | None = None):
+                   worker_resources: dict[str, float] | None = None, progress: bool = False):
     """(backend, number of shards)."""
     if name == "local":
         from mmer_dist.merge.local import LocalBackend
@@ -39,5 +48,6 @@ def choose_backend(name: str, address: str | None, workers: int | None,
         return LocalBackend(), workers or 1
     from mmer_dist.merge.ray_backend import RayBackend
 
-    backend = RayBackend(address or os.environ.get("RAY_ADDRESS") or "local", worker_resources=worker_resources)
+    backend = RayBackend(address or os.environ.get("RAY_ADDRESS") or "local", worker_resources=worker_resources,
+                         bars=progress)
     return backend, workers or backend.default_workers()

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from mmer_dist.method import streaming
+from mmer_dist.method.elect import SignCounts
 from mmer_dist.method.kernels import ChunkKernels
 from mmer_dist.method.settings import MergeSettings
 from mmer_dist.merge.plan import ShardSpec
@@ -34,6 +35,8 @@ class MergeJob:
     fingerprint: str
     compile: bool = False
     device: str = "cpu"
+    # where compiled kernels are kept (resolved on the driver, so every actor on a node shares it)
+    kernel_cache: str | None = None
 
 
 class StoreChunkReader:
@@ -44,26 +47,42 @@ class StoreChunkReader:
     stores, decompression) overlaps compute. At most two chunks are held at a time.
     """
 
+    # Buffers cycled through: the chunk being computed on, the one being read ahead, and one
+    # spare for a caller still holding the previous chunk. Reusing them (instead of a fresh
+    # allocation per chunk, which the kernel has to fault in page by page) saves sys time.
+    RING = 3
+
     def __init__(self, store: Store, model_ids: tuple[str, ...], prefetch: Sequence[streaming.ChunkSpec] = ()):
         self.store = store
         self.model_ids = model_ids
         self._next = dict(zip(prefetch, list(prefetch)[1:]))
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmer-prefetch") if prefetch else None
         self._pending: dict[streaming.ChunkSpec, Future] = {}
+        largest = max((c.numel for c in prefetch), default=0) * (len(model_ids) + 1) * 4
+        self._ring = [torch.empty(largest, dtype=torch.uint8) for _ in range(self.RING)] if largest else []
+        self._turn = 0
 
-    def _read_now(self, chunk: streaming.ChunkSpec) -> tuple[torch.Tensor, torch.Tensor]:
-        a, b = chunk.row_start, chunk.row_stop
-        base = self.store.read_rows(f"{layout.BASE_LLM}/{chunk.tensor}", a, b)
-        models = torch.stack([self.store.read_rows(f"{layout.model_llm(m)}/{chunk.tensor}", a, b)
-                              for m in self.model_ids])
-        return models, base
+    def _read_now(self, chunk: streaming.ChunkSpec, buffer: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        # base and models in one buffer: one read per file, no stacking copy; fine-tunes in other
+        # dtypes than the base come back upcast to float32 (exact), as task vectors need anyway
+        paths = [f"{layout.BASE_LLM}/{chunk.tensor}"] + [f"{layout.model_llm(m)}/{chunk.tensor}" for m in self.model_ids]
+        stacked = self.store.read_stacked(paths, chunk.row_start, chunk.row_stop, buffer)
+        return stacked[1:], stacked[0]
+
+    def _buffer(self) -> torch.Tensor | None:
+        """The next ring buffer; called only from the caller's thread, in read order."""
+        if not self._ring:
+            return None
+        self._turn = (self._turn + 1) % len(self._ring)
+        return self._ring[self._turn]
 
     def read(self, chunk: streaming.ChunkSpec) -> tuple[torch.Tensor, torch.Tensor]:
         pending = self._pending.pop(chunk, None)
         following = self._next.get(chunk)
+        now = self._buffer() if pending is None else None
         if self._pool is not None and following is not None and following not in self._pending:
-            self._pending[following] = self._pool.submit(self._read_now, following)
-        return pending.result() if pending is not None else self._read_now(chunk)
+            self._pending[following] = self._pool.submit(self._read_now, following, self._buffer())
+        return pending.result() if pending is not None else self._read_now(chunk, now)
 
     def close(self) -> None:
         if self._pool is not None:
@@ -86,9 +105,8 @@ class VersionWriter:
         self._pending: list[Future] = []
 
     def _write_now(self, chunk: streaming.ChunkSpec, tau_star: torch.Tensor, packed: torch.Tensor) -> None:
-        rows = slice(chunk.row_start, chunk.row_stop)
-        self.store.write(f"{layout.version_tau_star(self.version)}/{chunk.tensor}", tau_star, rows)
-        self.store.write(f"{layout.version_masks(self.version)}/{chunk.tensor}", packed, slice(None), rows)
+        self.store.write_chunk(f"{layout.version_tau_star(self.version)}/{chunk.tensor}", chunk.row_start, tau_star)
+        self.store.write_chunk(f"{layout.version_masks(self.version)}/{chunk.tensor}", chunk.row_start, packed)
 
     def write(self, chunk: streaming.ChunkSpec, tau_star: torch.Tensor, packed: torch.Tensor) -> None:
         while len(self._pending) >= 2:
@@ -111,12 +129,12 @@ class ShardWorker:
         self.job = job
         self.shard = shard
         self.store = Store.open(job.store_url)
-        self.kernels = ChunkKernels(job.settings, list(job.model_ids), compile=job.compile)
+        self.kernels = make_kernels(job)
 
     def run(self, request: streaming.PassRequest, progress: Callable[[int], None] | None = None):
         """Returns (partial result, seconds). A final pass marks the shard done when finished."""
         started = time.perf_counter()
-        writer = VersionWriter(self.store, self.job.version) if isinstance(request, streaming.FinalPass) else None
+        writer = VersionWriter(self.store, self.job.version) if request.writes else None
         reader = StoreChunkReader(self.store, self.job.model_ids, prefetch=self.shard.chunks)
         try:
             result = streaming.run_pass(request, self.shard.chunks, reader, self.kernels, writer=writer,
@@ -126,27 +144,45 @@ class ShardWorker:
             if writer is not None:
                 writer.close()
         seconds = time.perf_counter() - started
-        if isinstance(request, streaming.FinalPass):
+        if request.writes:
             staging = Staging(self.store, self.job.version, self.job.fingerprint, resumed=True)
             staging.mark_shard_done(self.shard.index, final_stats_record(result, seconds))
         return result, seconds
 
 
+def make_kernels(job: MergeJob) -> ChunkKernels:
+    """Compiled kernels on CPU come ahead-of-time compiled from the on-disk cache (no tracing in
+    this process); on GPUs torch.compile (inductor's own caches persist its work)."""
+    fuse = None
+    if job.compile and torch.device(job.device).type == "cpu":
+        from mmer_dist.merge.kernel_cache import aot_fuser
+
+        fuse = aot_fuser(job.kernel_cache)
+    return ChunkKernels(job.settings, list(job.model_ids), compile=job.compile, fuse=fuse)
+
+
 def final_stats_record(stats: streaming.FinalStats, seconds: float) -> dict:
-    return {"mask_counts": stats.mask_counts.tolist(), "nonzero": stats.nonzero, "entries": stats.entries,
-            "seconds": seconds}
+    record = {"mask_counts": stats.mask_counts.tolist(), "nonzero": stats.nonzero, "entries": stats.entries,
+              "seconds": seconds}
+    if stats.signs is not None:
+        record["signs"] = {g: c.tolist() for g, c in stats.signs.groups.items()}
+    return record
 
 
 def final_stats_from_record(record: dict) -> streaming.FinalStats:
+    signs = None
+    if "signs" in record:
+        signs = SignCounts({g: torch.tensor(c, dtype=torch.int64) for g, c in record["signs"].items()})
     return streaming.FinalStats(torch.tensor(record["mask_counts"], dtype=torch.int64), record["nonzero"],
-                                record["entries"])
+                                record["entries"], signs)
 
 
 def worker_memory_bytes(job: MergeJob, shard: ShardSpec) -> int:
     """What one shard worker needs: its largest chunk for N models plus float32 temporaries
     (the working set is bounded by a chunk, not by the shard), and the interpreter and torch."""
     largest = max((c.numel for c in shard.chunks), default=0)
-    per_entry = (len(job.model_ids) + 1) * (2 + 4 * 4) + 4 * 3
+    # the reader's ring of buffers (fine-tunes in other dtypes than the base are read as float32)
+    per_entry = (len(job.model_ids) + 1) * (StoreChunkReader.RING * 4 + 4 * 4) + 4 * 3
     return int(largest * per_entry + (1 << 30))
 
 

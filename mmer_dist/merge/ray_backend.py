@@ -3,8 +3,10 @@
 Only pass requests (thresholds, signs: bytes) go to actors and only partial results (counts)
 come back; tensors never travel through the driver. Actors restart after a crash and their
 pass calls are retried (``max_restarts`` / ``max_task_retries``): a pass over a shard is
-idempotent (same chunks, same bytes), so a retry is always safe. Progress flows from the actors
-through one small counter actor that the driver polls for its single progress bar.
+idempotent (same chunks, same bytes), so a retry is always safe. Progress: on a terminal each
+actor shows its shard's bar through Ray's tqdm integration (``ray.experimental.tqdm_ray``, drawn
+by the driver from the actors' output); the driver's own count advances by a shard's entries when
+that shard's pass returns (a retried shard counts once).
 """
 
 from __future__ import annotations
@@ -17,30 +19,12 @@ import ray
 from mmer_dist.errors import MmerError
 from mmer_dist.merge.passes import MergeJob, ShardWorker, worker_memory_bytes
 from mmer_dist.merge.plan import ShardSpec
+from mmer_dist.merge.progress import on_terminal
 
 ACTOR_RESTARTS = 4
 # How long start() waits for every shard actor to be placed and constructed (an autoscaling
 # cluster may first have to add nodes) before failing with what it asked for.
 START_TIMEOUT_S = float(os.environ.get("MMER_RAY_START_TIMEOUT", "900"))
-
-
-@ray.remote(num_cpus=0)
-class ProgressCounter:
-    """Entries done per shard in the current pass. Each report is cumulative for the reporting
-    attempt and the counter keeps the maximum, so a retried shard (an actor restarted after a
-    crash counts again from 0) neither double-counts nor moves the bar backwards."""
-
-    def __init__(self):
-        self.done: dict[int, int] = {}
-
-    def reset(self) -> None:
-        self.done = {}
-
-    def report(self, shard: int, done: int) -> None:
-        self.done[shard] = max(self.done.get(shard, 0), done)
-
-    def read(self) -> int:
-        return sum(self.done.values())
 
 
 @ray.remote
@@ -56,23 +40,17 @@ class ShardActor:
     def node(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
-    def run(self, request, counter):
-        shard = self.worker.shard.index
-        done, unreported = [0], [0]
+    def run(self, request, show_bar: bool = False):
+        if not show_bar:
+            return self.worker.run(request)
+        from ray.experimental.tqdm_ray import tqdm
 
-        def progress(n: int) -> None:
-            done[0] += n
-            unreported[0] += n
-            if unreported[0] >= 1 << 22:  # report in batches: one small RPC per ~4M entries
-                counter.report.remote(shard, done[0])
-                unreported[0] = 0
-
-        result = self.worker.run(request, progress)
-        try:  # acknowledged, so the driver sees all of this shard's progress once the pass returns
-            ray.get(counter.report.remote(shard, done[0]), timeout=30)
-        except Exception:  # progress is best-effort; never fail a finished pass over it
-            pass
-        return result
+        shard = self.worker.shard
+        bar = tqdm(total=shard.numel, desc=f"{type(request).__name__} shard {shard.index}", unit="param")
+        try:
+            return self.worker.run(request, bar.update)
+        finally:
+            bar.close()
 
     def pid(self) -> int:
         return os.getpid()
@@ -86,21 +64,22 @@ class RayBackend:
     name = "ray"
 
     def __init__(self, address: str = "local", worker_resources: dict[str, float] | None = None,
-                 start_timeout: float = START_TIMEOUT_S):
+                 start_timeout: float = START_TIMEOUT_S, bars: bool = False):
         self.address = address
         self.worker_resources = dict(worker_resources or {})
         self.start_timeout = start_timeout
+        # actors' tqdm_ray bars, on a terminal only (Ray draws them from the actors' output)
+        self.bars = bars and on_terminal()
         self.actors: dict[int, ray.actor.ActorHandle] = {}
         self.nodes: dict[int, str] = {}
-        self.counter = None
 
     def _connect(self) -> None:
         if ray.is_initialized():
             return
         if self.address in ("local", None):
-            ray.init(include_dashboard=False, log_to_driver=False)
+            ray.init(include_dashboard=False, log_to_driver=self.bars)
         else:
-            ray.init(address=self.address, log_to_driver=False)
+            ray.init(address=self.address, log_to_driver=self.bars)
 
     def _worker_nodes(self) -> list[dict]:
         """Alive nodes that can host a shard actor: some CPU and every custom worker resource
@@ -116,6 +95,12 @@ class RayBackend:
         self._connect()
         nodes = self._worker_nodes() or [n for n in ray.nodes() if n.get("Alive")]
         total = {k: sum(n["Resources"].get(k, 0.0) for n in nodes) for k in ("CPU", "GPU", "memory")}
+        # what is free now: a merge beside a running endpoint (``mmer add``) takes what it leaves
+        free = ray.available_resources()
+        budget = {k: min(v, free.get(k, 0.0)) for k, v in total.items()}
+        if budget["CPU"] < 0.1 * len(shards):  # nothing free at all: ask for a share and wait for it
+            budget["CPU"] = total["CPU"]
+        total = budget
         n = len(shards)
         node_cpus = max((node["Resources"].get("CPU", 0.0) for node in nodes), default=1.0)
         # share the worker nodes' CPUs, but never ask one actor for more than one node has
@@ -125,7 +110,6 @@ class RayBackend:
         # actors compute where Ray gives them a device: CUDA with a GPU share, else CPU (a
         # driver-side "cuda" with no GPU in the cluster would fail in every actor)
         job = MergeJob(**{**job.__dict__, "device": "cuda" if gpus > 0 else "cpu"})
-        self.counter = ProgressCounter.options(**_near_driver()).remote()
         demands = {}
         for s in shards:
             memory = min(memory_cap, worker_memory_bytes(job, s)) if memory_cap else None
@@ -162,50 +146,21 @@ class RayBackend:
             raise
 
     def run_pass(self, request, shards, progress):
-        total = sum(s.numel for s in shards)
-        reported = 0
-        counter_ok = True
-        try:
-            ray.get(self.counter.reset.remote())
-        except ray.exceptions.RayError:
-            counter_ok = False
-        refs = [self.actors[s.index].run.remote(request, self.counter) for s in shards]
+        refs = {self.actors[s.index].run.remote(request, self.bars): s for s in shards}
         pending = list(refs)
         while pending:
-            _, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5)
-            if counter_ok:
-                try:
-                    now = min(total, ray.get(self.counter.read.remote()))
-                except ray.exceptions.RayError:  # the counter's node died: go on without progress
-                    counter_ok = False
-                    continue
-                if now > reported:
-                    progress(now - reported)
-                    reported = now
-        results = ray.get(refs)
-        if not counter_ok and reported < total:
-            progress(total - reported)
-        return results
+            done, pending = ray.wait(pending, num_returns=1)
+            for ref in done:
+                progress(refs[ref].numel)
+        return ray.get(list(refs))
 
     def stop(self) -> None:
-        for actor in [*self.actors.values(), *([self.counter] if self.counter is not None else [])]:
+        for actor in self.actors.values():
             try:
                 ray.kill(actor, no_restart=True)
             except Exception:  # already gone
                 pass
         self.actors = {}
-        self.counter = None
-
-
-def _near_driver() -> dict:
-    """Scheduling options placing a small actor on the driver's node when Ray can say which."""
-    try:
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-        return {"scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
-                                                                       soft=True)}
-    except Exception:
-        return {}
 
 
 def _describe(resources: dict) -> str:

@@ -13,6 +13,7 @@ are identical (tests check it); compilation costs seconds once per process and s
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -62,12 +63,14 @@ def merge_step(settings: MergeSettings, tau: torch.Tensor, thresholds: torch.Ten
 
 
 def final_chunk(models, base, thresholds, majority, lams, flat_offset, *, settings, model_keys, tensor_key, ndim=2):
-    """tau* (rows, cols) float32, packed masks (N, rows, ceil(cols/8)) uint8, set bits per model (N,)."""
+    """tau* (rows, cols) float32, packed masks (N, rows, ceil(cols/8)) uint8, set bits per model
+    (N,), and tau*'s nonzero and non-finite entry counts (0-d): the statistics come out of the
+    same fused loop instead of two more passes over tau*."""
     tau = prepared_task_vectors(models, base, settings, model_keys, tensor_key, flat_offset)
     tau_star = merge_step(settings, tau, thresholds, majority, base, ndim)
     masks = compute_masks(settings.mask_rule, tau, tau_star, lams)
     counts = masks.reshape(masks.shape[0], -1).sum(-1)
-    return tau_star, pack_bits(masks), counts
+    return tau_star, pack_bits(masks), counts, (tau_star != 0).sum(), (~torch.isfinite(tau_star)).sum()
 
 
 def high_key_chunk(models, base, flat_offset, *, settings, model_keys, tensor_key):
@@ -95,10 +98,37 @@ def sign_count_chunk(models, base, lower, upper, flat_offset, *, settings, model
     return torch.stack([((total > 0) & decided).sum(), ((total < 0) & decided).sum(), undecided.sum()])
 
 
-class ChunkKernels:
-    """The kernels of one merge, bound to its settings and models, eager or compiled."""
+# Dynamic axes of each kernel's tensor arguments, for a ``fuse`` strategy that compiles ahead of
+# time: (N, rows, cols) models, (rows, cols) base, then per-model vectors and scalars (static).
+_CHUNK_DIMS = ({1: "rows", 2: "cols"}, {0: "rows", 1: "cols"})
+FINAL_DIMS = _CHUNK_DIMS + ({}, {}, {}, {})  # thresholds (N,), majority (), lams (N,), offset ()
+SIGN_DIMS = _CHUNK_DIMS + ({}, {}, {})  # lower (N,), upper (N,), offset ()
+TASK_DIMS = _CHUNK_DIMS + ({},)  # offset ()
 
-    def __init__(self, settings: MergeSettings, model_ids: list[str], compile: bool = False):
+
+def _task_vectors_only(models, base, flat_offset, *, settings, model_keys, tensor_key):
+    """``prepared_task_vectors`` with a tuple result (what an exported graph returns)."""
+    return (prepared_task_vectors(models, base, settings, model_keys, tensor_key, flat_offset),)
+
+
+def _high_keys_only(models, base, flat_offset, *, settings, model_keys, tensor_key):
+    return (high_key_chunk(models, base, flat_offset, settings=settings, model_keys=model_keys, tensor_key=tensor_key),)
+
+
+class ChunkKernels:
+    """The kernels of one merge, bound to its settings and models: eager, ``torch.compile``d
+    (``compile=True``), or built by a ``fuse`` strategy.
+
+    ``fuse(name, fn, consts, tag, dims)`` returns a callable taking only the tensors (``consts``
+    are bound; ``tag`` names them; ``dims`` the dynamic axes), e.g. kernels compiled ahead of time
+    and cached on disk (``mmer_dist.merge.kernel_cache``). It serves kernels whose constants are
+    the same for every chunk: not DARE (its seed depends on the tensor) nor NeuroMerging's final
+    step (per-row eigendecompositions); chunks whose width is no multiple of ``fuse_cols_multiple``
+    run eagerly.
+    """
+
+    def __init__(self, settings: MergeSettings, model_ids: list[str], compile: bool = False,
+                 fuse: Callable | None = None, fuse_cols_multiple: int = 8):
         self.settings = settings.validated(list(model_ids))
         self.model_ids = list(model_ids)
         self.model_keys = tuple(baselines.stable_key(m) for m in model_ids)
@@ -106,27 +136,50 @@ class ChunkKernels:
         self._signs = sign_count_chunk
         self._prepare = prepared_task_vectors
         self._high_keys = high_key_chunk
-        if compile:
+        self._fused: dict[str, Callable] = {}
+        self._fuse_cols_multiple = fuse_cols_multiple
+        if fuse is not None and settings.dare_rate == 0.0:
+            consts = dict(settings=settings, model_keys=self.model_keys, tensor_key=0)
+            tag = f"{settings.method}|{settings.mask_rule}"
+            if settings.method != "neuro":
+                self._fused["final"] = fuse("final", final_chunk, {**consts, "ndim": 2}, tag, FINAL_DIMS)
+            self._fused["signs"] = fuse("signs", sign_count_chunk, consts, tag, SIGN_DIMS)
+            self._fused["tau"] = fuse("tau", _task_vectors_only, consts, tag, TASK_DIMS)
+            self._fused["high"] = fuse("high", _high_keys_only, consts, tag, TASK_DIMS)
+        elif compile:
             # dynamic from the start: chunk shapes vary by tensor, one graph serves them all
-            fuse = functools.partial(torch.compile, dynamic=True)
+            fuse_ = functools.partial(torch.compile, dynamic=True)
             # NeuroMerging's per-row eigendecomposition does not fuse; its final pass stays eager
             if settings.method != "neuro":
-                self._final = fuse(final_chunk)
-            self._signs = fuse(sign_count_chunk)
-            self._prepare = fuse(prepared_task_vectors)
-            self._high_keys = fuse(high_key_chunk)
+                self._final = fuse_(final_chunk)
+            self._signs = fuse_(sign_count_chunk)
+            self._prepare = fuse_(prepared_task_vectors)
+            self._high_keys = fuse_(high_key_chunk)
+
+    def _fused_for(self, name: str, models: torch.Tensor) -> Callable | None:
+        kernel = self._fused.get(name)
+        cols = models.shape[-1]
+        multiple = self._fuse_cols_multiple
+        return kernel if kernel is not None and cols >= 2 * multiple and cols % multiple == 0 else None
 
     def _offset(self, info: ChunkInfo, device) -> torch.Tensor:
         return torch.tensor(info.flat_offset, dtype=torch.int64, device=device)
 
     def task_vectors(self, models, base, info: ChunkInfo) -> torch.Tensor:
+        if (fused := self._fused_for("tau", models)) is not None:
+            return fused(models, base, self._offset(info, models.device))[0]
         return self._prepare(models, base, self.settings, self.model_keys,
                              baselines.stable_key(info.tensor), self._offset(info, models.device))
 
-    def high_counts(self, models, base, info: ChunkInfo) -> select.SparseCounts:
-        keys = self._high_keys(models, base, self._offset(info, models.device), settings=self.settings,
+    def high_keys(self, models, base, info: ChunkInfo) -> torch.Tensor:
+        """``select.high_digit_keys`` of the chunk's task vectors, int32 (N, n)."""
+        if (fused := self._fused_for("high", models)) is not None:
+            return fused(models, base, self._offset(info, models.device))[0]
+        return self._high_keys(models, base, self._offset(info, models.device), settings=self.settings,
                                model_keys=self.model_keys, tensor_key=baselines.stable_key(info.tensor))
-        return select.counts_from_high_keys(keys)
+
+    def high_counts(self, models, base, info: ChunkInfo) -> select.SparseCounts:
+        return select.counts_from_high_keys(self.high_keys(models, base, info))
 
     def low_counts(self, models, base, info: ChunkInfo, lower, upper) -> select.SparseCounts:
         return select.low_digit_counts(self.task_vectors(models, base, info), lower, upper)
@@ -137,7 +190,10 @@ class ChunkKernels:
             # weights use (and so vote on) the majority sign
             return torch.zeros(3, dtype=torch.int64)
         dev = models.device
-        return self._signs(models, base, lower.to(dev, torch.int32), upper.to(dev, torch.int32), self._offset(info, dev),
+        lower, upper = lower.to(dev, torch.int32), upper.to(dev, torch.int32)
+        if (fused := self._fused_for("signs", models)) is not None:
+            return fused(models, base, lower, upper, self._offset(info, dev))[0].cpu()
+        return self._signs(models, base, lower, upper, self._offset(info, dev),
                            settings=self.settings, model_keys=self.model_keys,
                            tensor_key=baselines.stable_key(info.tensor)).cpu()
 
@@ -145,6 +201,9 @@ class ChunkKernels:
         if self.settings.method == "neuro":
             check_neuron_rank(info.tensor, info.ndim)
         dev = models.device
+        if (fused := self._fused_for("final", models)) is not None:
+            return fused(models, base, thresholds.to(dev), torch.tensor(majority, dtype=torch.float32, device=dev),
+                         lams.to(dev), self._offset(info, dev))
         return self._final(models, base, thresholds.to(dev), torch.tensor(majority, dtype=torch.float32, device=dev),
                            lams.to(dev), self._offset(info, dev), settings=self.settings,
                            model_keys=self.model_keys, tensor_key=baselines.stable_key(info.tensor), ndim=info.ndim)

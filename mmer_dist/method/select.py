@@ -103,13 +103,22 @@ def high_digit_keys(tau: torch.Tensor) -> torch.Tensor:
     return keys + torch.arange(tau.shape[0], dtype=torch.int32, device=tau.device).unsqueeze(1) * (2 * HIGH_BINS)
 
 
-def counts_from_high_keys(keys: torch.Tensor) -> SparseCounts:
-    """High-digit histogram (2, N, M) from ``high_digit_keys``: channel 0 counts all entries,
-    channel 1 those whose low 16 bits are zero."""
-    n_models = keys.shape[0]
-    dense = torch.bincount(keys.reshape(-1), minlength=n_models * 2 * HIGH_BINS).cpu()
+def dense_high_counts(keys: torch.Tensor) -> torch.Tensor:
+    """Dense counts (N * 2 * HIGH_BINS,) of ``high_digit_keys``, on the CPU: they add up across
+    chunks, so a long stream of chunks can accumulate them and sparsify once."""
+    return torch.bincount(keys.reshape(-1), minlength=keys.shape[0] * 2 * HIGH_BINS).cpu()
+
+
+def sparse_high_counts(dense: torch.Tensor, n_models: int) -> SparseCounts:
+    """High-digit histogram (2, N, M) from dense counts: channel 0 counts all entries, channel 1
+    those whose low 16 bits are zero."""
     dense = dense.view(n_models, HIGH_BINS, 2)
     return SparseCounts.from_dense(torch.stack([dense.sum(-1), dense[..., 0]]))
+
+
+def counts_from_high_keys(keys: torch.Tensor) -> SparseCounts:
+    """High-digit histogram (2, N, M) from ``high_digit_keys``."""
+    return sparse_high_counts(dense_high_counts(keys), keys.shape[0])
 
 
 def high_digit_counts(tau: torch.Tensor) -> SparseCounts:

@@ -67,44 +67,24 @@ class ChunkWriter(Protocol):
         """tau_star (rows, cols) float32, packed_masks (N, rows, ceil(cols/8)) uint8."""
 
 
-# -- pass requests (small, picklable: they travel to Ray actors) --------------------------------
-
-
-@dataclass(frozen=True)
-class HighPass:
-    pass
-
-
-@dataclass(frozen=True)
-class LowPass:
-    bounds: select.TrimBounds
-
-
-@dataclass(frozen=True)
-class SignPass:
-    bounds: select.TrimBounds
-
-
-@dataclass(frozen=True)
-class FinalPass:
-    thresholds: Mapping[str, torch.Tensor]
-    majority: Mapping[str, float]
-
-
-PassRequest = HighPass | LowPass | SignPass | FinalPass
+# -- partial results (merge associatively across any split of the chunks) -----------------------
 
 
 @dataclass(frozen=True)
 class FinalStats:
-    """Totals of the final pass: set mask bits per model, nonzero tau* entries, entries."""
+    """Totals of the final pass: set mask bits per model, nonzero tau* entries, entries, and
+    (when it checks a majority sign it was given) the elected-sign counts."""
 
     mask_counts: torch.Tensor
     nonzero: int = 0
     entries: int = 0
+    signs: SignCounts | None = None
 
     def merge(self, other: FinalStats) -> FinalStats:
+        signs = self.signs.merge(other.signs) if self.signs is not None and other.signs is not None else \
+            (self.signs or other.signs)
         return FinalStats(self.mask_counts + other.mask_counts, self.nonzero + other.nonzero,
-                          self.entries + other.entries)
+                          self.entries + other.entries, signs)
 
 
 @dataclass(frozen=True)
@@ -125,6 +105,140 @@ def merge_results(results: Iterable[PassResult]) -> PassResult:
     for r in results[1:]:
         out = out.merge(r)
     return out
+
+
+@dataclass(frozen=True)
+class Block:
+    """One kernel-sized row block of a chunk: where it sits, and its models / base rows."""
+
+    info: ChunkInfo
+    models: torch.Tensor
+    base: torch.Tensor
+
+
+@dataclass(frozen=True)
+class ChunkWork:
+    """What a pass step gets for one chunk: the chunk, its selection group, its blocks, the
+    whole chunk's tensors (for error reports) and where the final pass writes."""
+
+    chunk: ChunkSpec
+    group: str
+    blocks: list[Block]
+    models: torch.Tensor
+    base: torch.Tensor
+    writer: ChunkWriter | None
+    lams: torch.Tensor
+
+
+# -- the passes: each is small and picklable (it travels to Ray actors), knows its per-chunk step,
+# the empty partial it starts from, and how the driver takes its combined result ---------------
+
+
+@dataclass(frozen=True)
+class HighPass:
+    """High-digit |tau| histograms (only when the store has none cached, or with DARE)."""
+
+    writes = False
+
+    def start(self, n_models: int) -> select.GroupHistogram:
+        return select.GroupHistogram()
+
+    def step(self, partial: select.GroupHistogram, kernels: ChunkKernels, work: ChunkWork) -> select.GroupHistogram:
+        for blk in work.blocks:
+            counts = kernels.high_counts(blk.models, blk.base, blk.info)
+            if counts.keys.numel() and int(counts.keys[-1]) >= select.NONFINITE_HIGH:
+                _raise_nonfinite(work.models, work.base, work.chunk, kernels)
+            partial = partial.add(work.group, counts)
+        return partial
+
+    def advance(self, driver: MergeDriver, result: select.GroupHistogram) -> None:
+        driver.bounds = select.locate_high(result, driver.sizes, driver.settings.topk)
+
+
+@dataclass(frozen=True)
+class LowPass:
+    """Low-digit histograms of the still-open threshold bins, and the elected-sign counts of
+    every parameter whose trim is already settled."""
+
+    bounds: select.TrimBounds
+    writes = False
+
+    def start(self, n_models: int) -> LowPassResult:
+        return LowPassResult(select.GroupHistogram(), SignCounts())
+
+    def step(self, partial: LowPassResult, kernels: ChunkKernels, work: ChunkWork) -> LowPassResult:
+        lower, upper = self.bounds.lower[work.group], self.bounds.upper[work.group]
+        hist, signs = partial.histogram, partial.signs
+        for blk in work.blocks:
+            if bool((lower != upper).any()):
+                hist = hist.add(work.group, kernels.low_counts(blk.models, blk.base, blk.info, lower, upper))
+            signs = signs.merge(SignCounts({work.group: kernels.sign_counts(blk.models, blk.base, blk.info, lower, upper)}))
+        return LowPassResult(hist, signs)
+
+    def advance(self, driver: MergeDriver, result: LowPassResult) -> None:
+        if not driver.bounds.is_exact():
+            driver.bounds = select.refine_low(driver.bounds, result.histogram)
+        driver.take_signs(result.signs)
+
+
+@dataclass(frozen=True)
+class SignPass:
+    """Elected-sign counts with exact thresholds, when the LowPass left a majority undecided."""
+
+    bounds: select.TrimBounds
+    writes = False
+
+    def start(self, n_models: int) -> SignCounts:
+        return SignCounts()
+
+    def step(self, partial: SignCounts, kernels: ChunkKernels, work: ChunkWork) -> SignCounts:
+        lower, upper = self.bounds.lower[work.group], self.bounds.upper[work.group]
+        for blk in work.blocks:
+            partial = partial.merge(SignCounts({work.group: kernels.sign_counts(blk.models, blk.base, blk.info,
+                                                                                lower, upper)}))
+        return partial
+
+    def advance(self, driver: MergeDriver, result: SignCounts) -> None:
+        driver.take_signs(result)
+
+
+@dataclass(frozen=True)
+class FinalPass:
+    """tau*, the bit-packed masks (through the writer) and their counts. With ``check`` (the exact
+    bounds), it also counts elected signs, to check a majority sign that was assumed rather than
+    counted (an incremental merge starts from the previous version's)."""
+
+    thresholds: Mapping[str, torch.Tensor]
+    majority: Mapping[str, float]
+    check: select.TrimBounds | None = None
+    writes = True
+
+    def start(self, n_models: int) -> FinalStats:
+        return FinalStats(torch.zeros(n_models, dtype=torch.int64), signs=SignCounts() if self.check else None)
+
+    def step(self, partial: FinalStats, kernels: ChunkKernels, work: ChunkWork) -> FinalStats:
+        g = work.group
+        outs = [kernels.final(blk.models, blk.base, blk.info, self.thresholds[g], self.majority[g], work.lams)
+                for blk in work.blocks]
+        tau_star = torch.cat([o[0] for o in outs]) if len(outs) > 1 else outs[0][0]
+        packed = torch.cat([o[1] for o in outs], dim=1) if len(outs) > 1 else outs[0][1]
+        if sum(int(o[4]) for o in outs):
+            _raise_nonfinite(work.models, work.base, work.chunk, kernels)
+        if work.writer is not None:
+            work.writer.write(work.chunk, tau_star.cpu(), packed.cpu())
+        counts = sum(o[2].cpu().to(torch.int64) for o in outs)
+        signs = None
+        if self.check is not None:
+            bits = self.check.upper[g]
+            signs = SignCounts({g: sum(kernels.sign_counts(blk.models, blk.base, blk.info, bits, bits)
+                                       for blk in work.blocks)})
+        return partial.merge(FinalStats(counts, sum(int(o[3]) for o in outs), work.chunk.numel, signs))
+
+    def advance(self, driver: MergeDriver, result: FinalStats) -> None:
+        driver.finish(result)
+
+
+PassRequest = HighPass | LowPass | SignPass | FinalPass
 
 
 # -- one pass over a list of chunks ------------------------------------------------------------
@@ -148,48 +262,18 @@ def run_pass(request: PassRequest, chunks: Sequence[ChunkSpec], reader: ChunkRea
              progress: Callable[[int], None] | None = None, block_elems: int = DEFAULT_BLOCK_ELEMS) -> PassResult:
     """Do one pass over ``chunks``, returning this split's partial result."""
     settings = kernels.settings
-    n_models = len(kernels.model_keys)
-    hist = select.GroupHistogram()
-    signs = SignCounts()
-    stats = FinalStats(torch.zeros(n_models, dtype=torch.int64))
     # float64 so that 0.5 * lam_i is rounded to float32 once, as on the reference path
     lams = torch.tensor(settings.lams, dtype=torch.float64)
+    partial = request.start(len(kernels.model_keys))
     for chunk in chunks:
         models, base = reader.read(chunk)
         models, base = models.to(device), base.to(device)
-        g = chunk.info(settings.scope).group
-        blocks = [(sub.info(settings.scope), models[:, a:b], base[a:b]) for sub, a, b in row_blocks(chunk, block_elems)]
-        if isinstance(request, HighPass):
-            for info, m, b in blocks:
-                counts = kernels.high_counts(m, b, info)
-                if counts.keys.numel() and int(counts.keys[-1]) >= select.NONFINITE_HIGH:
-                    _raise_nonfinite(models, base, chunk, kernels)
-                hist = hist.add(g, counts)
-        elif isinstance(request, (LowPass, SignPass)):
-            lower, upper = request.bounds.lower[g], request.bounds.upper[g]
-            for info, m, b in blocks:
-                if isinstance(request, LowPass) and bool((lower != upper).any()):
-                    hist = hist.add(g, kernels.low_counts(m, b, info, lower, upper))
-                signs = signs.merge(SignCounts({g: kernels.sign_counts(m, b, info, lower, upper)}))
-        else:
-            outs = [kernels.final(m, b, info, request.thresholds[g], request.majority[g], lams) for info, m, b in blocks]
-            tau_star = torch.cat([o[0] for o in outs]) if len(outs) > 1 else outs[0][0]
-            packed = torch.cat([o[1] for o in outs], dim=1) if len(outs) > 1 else outs[0][1]
-            if not bool(torch.isfinite(tau_star).all()):
-                _raise_nonfinite(models, base, chunk, kernels)
-            if writer is not None:
-                writer.write(chunk, tau_star.cpu(), packed.cpu())
-            counts = sum(o[2].cpu().to(torch.int64) for o in outs)
-            stats = stats.merge(FinalStats(counts, int((tau_star != 0).sum()), chunk.numel))
+        blocks = [Block(sub.info(settings.scope), models[:, a:b], base[a:b]) for sub, a, b in row_blocks(chunk, block_elems)]
+        work = ChunkWork(chunk, chunk.info(settings.scope).group, blocks, models, base, writer, lams)
+        partial = request.step(partial, kernels, work)
         if progress is not None:
             progress(chunk.numel)
-    if isinstance(request, HighPass):
-        return hist
-    if isinstance(request, LowPass):
-        return LowPassResult(hist, signs)
-    if isinstance(request, SignPass):
-        return signs
-    return stats
+    return partial
 
 
 def _raise_nonfinite(models: torch.Tensor, base: torch.Tensor, chunk: ChunkSpec, kernels: ChunkKernels) -> None:
@@ -235,6 +319,8 @@ class MergeDriver:
     majority: dict[str, float] | None = None
     stats: FinalStats | None = None
     passes_run: list[str] = field(default_factory=list)
+    check_majority: bool = False  # the majority was assumed (restored): count signs to check it
+    majority_reruns: int = 0
 
     def __post_init__(self):
         # the driver has no model ids; callers with ids validate first and get their names in messages
@@ -258,24 +344,29 @@ class MergeDriver:
             return SignPass(self.bounds)
         if self.stats is None:
             thresholds = {g: self.bounds.thresholds(g) for g in self.sizes}
-            return FinalPass(thresholds, dict(self.majority))
+            check = self.bounds if self.check_majority and self.settings.elects else None
+            return FinalPass(thresholds, dict(self.majority), check)
         return None
+
+    def finish(self, stats: FinalStats) -> None:
+        """The final pass's totals; when it checked an assumed majority sign that turns out wrong,
+        the driver takes the counted one and asks for the final pass again (only then is the
+        result the same as counting first)."""
+        if stats.signs is not None:
+            counted = stats.signs.majority()
+            self.check_majority = False
+            if counted != self.majority:
+                self.majority = counted
+                self.majority_reruns += 1
+                return
+        self.stats = stats
 
     def accept(self, result: PassResult) -> None:
         request = self.next_pass()
         self.passes_run.append(type(request).__name__)
-        if isinstance(request, HighPass):
-            self.bounds = select.locate_high(result, self.sizes, self.settings.topk)
-        elif isinstance(request, LowPass):
-            if not self.bounds.is_exact():
-                self.bounds = select.refine_low(self.bounds, result.histogram)
-            self._take_signs(result.signs)
-        elif isinstance(request, SignPass):
-            self._take_signs(result)
-        else:
-            self.stats = result
+        request.advance(self, result)
 
-    def _take_signs(self, signs: SignCounts) -> None:
+    def take_signs(self, signs: SignCounts) -> None:
         if self.majority is not None:
             return
         if signs.is_certain():

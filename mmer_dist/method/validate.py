@@ -52,13 +52,14 @@ def check_finite(t: torch.Tensor, model: str, tensor: str, offset: int = 0) -> N
 def check_aligned(
     models: Sequence[torch.Tensor], base: torch.Tensor, names: Sequence[str], tensor: str
 ) -> None:
-    """All models must share the base's shape, and one floating dtype among themselves."""
+    """All models must share the base's shape and be floating point; their dtypes may differ
+    from the base's and from each other (task vectors are float32, which holds bf16, fp16 and
+    fp32 values exactly)."""
     check_model_count(len(models))
     if len(names) != len(models):
         raise InvalidInputError(f"tensor {tensor!r}: {len(models)} models but {len(names)} names")
     if not base.is_floating_point():
         raise InvalidInputError(f"base, tensor {tensor!r}: dtype {base.dtype} is not floating point")
-    first_dtype = models[0].dtype
     for name, m in zip(names, models):
         if tuple(m.shape) != tuple(base.shape):
             raise InvalidInputError(
@@ -67,11 +68,6 @@ def check_aligned(
             )
         if not m.is_floating_point():
             raise InvalidInputError(f"model {name!r}, tensor {tensor!r}: dtype {m.dtype} is not floating point")
-        if m.dtype != first_dtype:
-            raise InvalidInputError(
-                f"model {name!r}, tensor {tensor!r}: dtype {m.dtype} differs from model "
-                f"{names[0]!r}'s {first_dtype}"
-            )
 
 
 def check_models(base: Mapping[str, torch.Tensor], models: Sequence[Mapping[str, torch.Tensor]],

@@ -1,10 +1,11 @@
 """The store's on-disk layout: every path, the chunk grid, and dtype codes live here.
 
     <root>/zarr.json                          root group; attributes mark an mmer store
-    <root>/catalog/CURRENT                    name of the live catalog snapshot (atomic pointer)
-    <root>/catalog/snapshots/<seq>/*.parquet  immutable catalog snapshots
+    <root>/catalog/commits/<seq>.json         commit records: snapshot seq's directory + file sha256s
+    <root>/catalog/snapshots/<seq>-<id>/      immutable catalog snapshots (*.parquet)
+    <root>/catalog/CURRENT                    hint: a committed snapshot number (readers look ahead)
     <root>/base/llm/<tensor>                  the base LLM (theta_pre)
-    <root>/base/files/                        the base's config, tokenizer, ... (verbatim)
+    <root>/base/files/                        the base's config, tokenizer, ... (verbatim, + MANIFEST.json)
     <root>/models/<id>/llm/<tensor>           model id's LLM tensors (theta_i), base key names
     <root>/models/<id>/extra/<tensor>         rows beyond the base vocabulary (model-specific)
     <root>/models/<id>/component/             encoder + connector weights and every aux file
@@ -18,6 +19,10 @@ Every tensor is viewed as 2-D (rows, cols): 1-D tensors as one row, >2-D as (dim
 chunks are blocks of whole rows, the same grid for base, models, tau* and masks, so one chunk
 index selects aligned data everywhere, each chunk is its own object (no zarr sharding, so no
 read-modify-write between writers), and per-row methods (NeuroMerging) stay chunk-local.
+
+Layout 2 (this one) adds a crc32c checksum to every chunk (zarr's own codec, checked on every
+read), writes every chunk (so a missing one is damage, never "all zeros"), and commits the
+catalog by exclusive creation. Layout 1 stores are refused with a message saying so: re-ingest.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import math
 import numpy as np
 import torch
 
-STORE_LAYOUT_VERSION = 1
+STORE_LAYOUT_VERSION = 2
 STORE_MARKER = "mmer_store"
 
 # zarr has no bfloat16: bf16 is stored as its raw uint16 bits, the logical dtype recorded.
@@ -62,6 +67,15 @@ def to_storage(t: torch.Tensor) -> np.ndarray:
     if t.dtype == torch.bfloat16:
         t = t.view(torch.uint16)
     return t.numpy()
+
+
+def storage_torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of the stored bits (bf16 as uint16)."""
+    return torch.uint16 if name == "bfloat16" else _STORAGE[name][1]
+
+
+def from_storage_tensor(t: torch.Tensor, name: str) -> torch.Tensor:
+    return t.view(torch.bfloat16) if name == "bfloat16" else t
 
 
 def from_storage(a: np.ndarray, name: str) -> torch.Tensor:

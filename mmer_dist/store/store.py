@@ -3,11 +3,18 @@
 It opens or creates the zarr hierarchy, reads and commits catalog snapshots, and reads and
 writes row blocks of tensor arrays and plain files by their layout paths. It does no merge
 math and knows nothing of checkpoint formats.
+
+Integrity: every array's codec pipeline ends in zarr's crc32c codec (a damaged chunk fails its
+checksum when read), every chunk is written even when it is all zeros, and reads go through a
+zarr store that raises on a missing chunk instead of returning the fill value. Both surface as
+a StoreError naming the array and the chunk.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
+import os
 import datetime as _dt
 import re
 from collections.abc import Iterator
@@ -16,11 +23,15 @@ import fsspec
 import torch
 import zarr
 import zarr.storage
-from zarr.codecs import ZstdCodec
+from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from mmer_dist.errors import InvalidInputError, StoreError
 from mmer_dist.store import layout
+from mmer_dist.store.atomic import is_local
 from mmer_dist.store.catalog import Catalog, read_catalog, write_catalog
+from mmer_dist.store.chunk_files import ChunkFiles
+from mmer_dist.store.chunks import StrictChunkStore, chunk_errors
+from mmer_dist.store.locks import writer_lock
 
 _MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -41,20 +52,29 @@ class Store:
     """A handle on one store. Cheap to create; pass the URL to other processes and reopen."""
 
     def __init__(self, url: str, fs: fsspec.AbstractFileSystem, root: str, group: zarr.Group):
-        self.url = url
+        self.url = os.fspath(url) if isinstance(url, os.PathLike) else url
         self.fs = fs
         self.root = root
         self.group = group
+        self._checked = StrictChunkStore(group.store)  # reads: a missing chunk raises
         self._arrays: dict[str, zarr.Array] = {}
+        self._read_arrays: dict[str, zarr.Array] = {}
+        # local stores: whole chunks read and written as files, past zarr (``chunk_files``)
+        self._chunk_files: dict[str, ChunkFiles | None] = {}
+        self._local_root = root if is_local(fs) else None
 
     # -- opening -----------------------------------------------------------------------------
 
     @staticmethod
     def _connect(url: str):
-        fs, root = fsspec.core.url_to_fs(url)
-        root = root.rstrip("/")
-        if "file" in fs.protocol or "local" in fs.protocol:
+        fs, root = connect(url)
+        if is_local(fs):
             zstore = zarr.storage.LocalStore(root)
+        elif getattr(fs, "async_impl", False):
+            # zarr runs its I/O on its own event loop: it needs an instance made for async use
+            # (the sync one is bound to fsspec's loop); same options, a separate instance
+            zstore = zarr.storage.FsspecStore(fs=type(fs)(**fs.storage_options, asynchronous=True,
+                                                          skip_instance_cache=True), path=root)
         else:
             zstore = zarr.storage.FsspecStore(fs=_async_fs(fs), path=root)
         return fs, root, zstore
@@ -70,9 +90,14 @@ class Store:
         except Exception as e:  # a zarr array, or unreadable metadata: not ours either
             raise StoreError(f"{url!r} is not an mmer store: its zarr.json does not describe a zarr group "
                              f"({type(e).__name__}: {e})") from None
-        if group.attrs.get(layout.STORE_MARKER) != layout.STORE_LAYOUT_VERSION:
-            raise StoreError(f"{url!r} is a zarr group but not an mmer store (layout "
-                             f"{group.attrs.get(layout.STORE_MARKER)!r})")
+        found = group.attrs.get(layout.STORE_MARKER)
+        if found == 1:
+            raise StoreError(f"{url!r} is an mmer store of layout 1, written before chunk checksums and "
+                             f"exclusive catalog commits; this version reads layout {layout.STORE_LAYOUT_VERSION}. "
+                             "Export what you need with the older mmer (`mmer export --original`) and ingest it "
+                             "into a new store")
+        if found != layout.STORE_LAYOUT_VERSION:
+            raise StoreError(f"{url!r} is a zarr group but not an mmer store (layout {found!r})")
         return cls(url, fs, root, group)
 
     @classmethod
@@ -87,8 +112,8 @@ class Store:
 
     @classmethod
     def exists(cls, url: str) -> bool:
-        fs, root = fsspec.core.url_to_fs(url)
-        return fs.exists(f"{root.rstrip('/')}/zarr.json")
+        fs, root = connect(url)
+        return fs.exists(f"{root}/zarr.json")
 
     def __reduce__(self):  # reopen from the URL in other processes (Ray workers)
         return (Store.open, (self.url,))
@@ -103,21 +128,8 @@ class Store:
 
     @contextlib.contextmanager
     def writer_lock(self) -> Iterator[None]:
-        """Serialise writers (ingest, merge) on a local store; object stores rely on the
-        catalog's snapshot-sequence check at commit instead."""
-        if "file" in self.fs.protocol or "local" in self.fs.protocol:
-            from filelock import FileLock, Timeout
-
-            lock = FileLock(f"{self.root}/.writer.lock")
-            try:
-                lock.acquire(timeout=1)
-            except Timeout:
-                raise StoreError(f"another writer (ingest or merge) holds {self.root}/.writer.lock") from None
-            try:
-                yield
-            finally:
-                lock.release()
-        else:
+        """Serialise writers (ingest, merge, gc) on every backend (``store/locks.py``)."""
+        with writer_lock(self.fs, self.root, self.url):
             yield
 
     # -- arrays ----------------------------------------------------------------------------------
@@ -132,30 +144,60 @@ class Store:
         arr = zarr.create_array(
             self.group.store, name=path, shape=shape, chunks=chunks,
             dtype=layout.storage_dtype(dtype), fill_value=0, overwrite=True,
-            # level 1: ~1.3 GB/s on 2 cores; pays 3-7x on sparse masks, costs ~nothing on dense ones
-            compressors=[ZstdCodec(level=1)] if compress else None,
-            attributes={"dtype": dtype},
+            # level 1: ~1.3 GB/s on 2 cores; pays 3-7x on sparse masks, costs ~nothing on dense ones.
+            # crc32c last: the checksum covers the bytes as stored, checked before decoding.
+            compressors=[ZstdCodec(level=1), Crc32cCodec()] if compress else [Crc32cCodec()],
+            attributes={"dtype": dtype}, config=_ARRAY_CONFIG,
         )
         self._arrays[path] = arr
+        self._read_arrays.pop(path, None)
+        self._chunk_files.pop(path, None)
         return arr
 
     def array(self, path: str) -> zarr.Array:
         arr = self._arrays.get(path)
         if arr is None:
-            try:
-                arr = zarr.open_array(self.group.store, path=path, mode="r+")
-            except FileNotFoundError:
-                raise StoreError(f"array {path!r} is missing from store {self.url!r}") from None
+            arr = self._open_array(self.group.store, path)
             self._arrays[path] = arr
+        return arr
+
+    def _open_array(self, zstore, path: str) -> zarr.Array:
+        try:
+            # (open_array takes no runtime config: it is set on the opened array)
+            return zarr.open_array(zstore, path=path, mode="r+", zarr_format=3).with_config(_ARRAY_CONFIG)
+        except FileNotFoundError:
+            raise StoreError(f"array {path!r} is missing from store {self.url!r}") from None
+        except (ValueError, TypeError, KeyError) as e:  # unreadable zarr.json
+            raise StoreError(f"array {path!r} of store {self.url!r} has damaged metadata ({e})") from None
+
+    def checked_array(self, path: str) -> zarr.Array:
+        """The array for reading: a missing chunk raises MissingChunkError, never reads as zeros."""
+        arr = self._read_arrays.get(path)
+        if arr is None:
+            arr = self._open_array(self._checked, path)
+            self._read_arrays[path] = arr
         return arr
 
     def read(self, path: str, *index) -> torch.Tensor:
         """``array[index]`` as a tensor in its logical dtype."""
-        arr = self.array(path)
-        return layout.from_storage(arr[index], arr.attrs["dtype"])
+        arr = self.checked_array(path)
+        with chunk_errors(self.url, path, arr, index):
+            data = arr[index]
+        return layout.from_storage(data, arr.attrs["dtype"])
 
     def write(self, path: str, block: torch.Tensor, *index) -> None:
         self.array(path)[index] = layout.to_storage(block)
+
+    def write_chunk(self, path: str, start: int, block: torch.Tensor) -> None:
+        """Write one whole chunk (rows [start, start + block rows) of every leading index, all
+        columns): straight to its file on a local store (``chunk_files``), else through zarr."""
+        files = self._files(path)
+        rows = block.shape[-2]
+        if files is not None and files.is_one_chunk(start, start + rows):
+            files.write(start, layout.to_storage(block))
+            return
+        index = (slice(None),) * (block.dim() - 2) + (slice(start, start + rows),)
+        self.write(path, block, *index)
 
     def read_rows(self, path: str, start: int, stop: int) -> torch.Tensor:
         return self.read(path, slice(start, stop))
@@ -163,8 +205,48 @@ class Store:
     def write_rows(self, path: str, start: int, block: torch.Tensor) -> None:
         self.write(path, block, slice(start, start + block.shape[0]))
 
+    def read_stacked(self, paths: list[str], start: int, stop: int, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows [start, stop) of several (rows, cols) arrays on one chunk grid, stacked
+        (len(paths), stop - start, cols) in one buffer, in their common logical dtype (float32,
+        exactly, when the arrays' dtypes differ). Whole local uncompressed chunks are read
+        straight into the buffer (``chunk_files``); anything else through zarr. ``buffer``, a
+        flat uint8 tensor at least that large, is reused instead of allocating one."""
+        dtypes = [self.array_dtype(p) for p in paths]
+        if len(set(dtypes)) > 1:  # e.g. fp16 and bf16 fine-tunes: every value is exact in float32
+            return torch.stack([self.read_rows(p, start, stop).float() for p in paths])
+        first = self._files(paths[0])
+        cols = first.cols if first is not None else self.array(paths[0]).shape[1]
+        shape, dtype = (len(paths), stop - start, cols), layout.storage_torch_dtype(dtypes[0])
+        nbytes = math.prod(shape) * dtype.itemsize
+        if buffer is not None and buffer.numel() >= nbytes:
+            out = buffer[:nbytes].view(dtype).view(shape)
+        else:
+            out = torch.empty(shape, dtype=dtype)
+        view = out.numpy()
+        for i, p in enumerate(paths):
+            files = self._files(p)
+            if files is not None and files.leading_axes == 0 and files.is_one_chunk(start, stop):
+                files.read_into(start, view[i])
+            else:
+                view[i] = layout.to_storage(self.read_rows(p, start, stop))
+        return layout.from_storage_tensor(out, dtypes[0])
+
+    def _files(self, path: str) -> ChunkFiles | None:
+        if path not in self._chunk_files:
+            files = None
+            if self._local_root is not None:
+                files = ChunkFiles.read_metadata(f"{self._local_root}/{path}")
+                if files is None and not self.exists_path(f"{path}/zarr.json"):
+                    raise StoreError(f"array {path!r} is missing from store {self.url!r}")
+            self._chunk_files[path] = files
+        return self._chunk_files[path]
+
+    def write_rows(self, path: str, start: int, block: torch.Tensor) -> None:
+        self.write(path, block, slice(start, start + block.shape[0]))
+
     def array_dtype(self, path: str) -> str:
-        return self.array(path).attrs["dtype"]
+        files = self._files(path)
+        return files.dtype if files is not None else self.array(path).attrs["dtype"]
 
     # -- plain paths -------------------------------------------------------------------------------
 
@@ -176,8 +258,9 @@ class Store:
 
     def remove(self, path: str) -> None:
         """Delete a subtree (arrays or files); used for staging and orphan clean-up only."""
-        for p in [k for k in self._arrays if k == path or k.startswith(path + "/")]:
-            del self._arrays[p]
+        for cache in (self._arrays, self._read_arrays, self._chunk_files):
+            for p in [k for k in cache if k == path or k.startswith(path + "/")]:
+                del cache[p]
         if self.exists_path(path):
             self.fs.rm(self.abspath(path), recursive=True)
 
@@ -203,6 +286,34 @@ class Store:
         if not self.exists_path(path):
             return 0
         return int(self.fs.du(self.abspath(path)))
+
+
+# every chunk is written, zeros included: a chunk that is not there is then always damage
+_ARRAY_CONFIG = {"write_empty_chunks": True}
+
+
+def connect(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, root path) of a store URL, with a clear error for an unknown scheme or a
+    filesystem package that is not installed."""
+    if isinstance(url, os.PathLike):
+        url = os.fspath(url)
+    if not isinstance(url, str) or not url.strip():
+        raise InvalidInputError(f"store location {url!r} is empty")
+    scheme = url.split("://", 1)[0] if "://" in url else "file"
+    try:
+        fsspec.get_filesystem_class(scheme)
+    except ValueError:
+        raise StoreError(f"store {url!r}: unknown URL scheme {scheme!r} (use a local path, s3://, gs:// or "
+                         "another fsspec filesystem)") from None
+    except ImportError as e:
+        extra = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}.get(scheme)
+        hint = f"install it with `pip install 'mmer-dist[{extra}]'`" if extra else f"install what it needs ({e})"
+        raise StoreError(f"store {url!r}: the {scheme}:// filesystem is not installed; {hint}") from None
+    try:
+        fs, root = fsspec.core.url_to_fs(url)
+    except (ValueError, TypeError) as e:
+        raise StoreError(f"store {url!r}: {e}") from None
+    return fs, root.rstrip("/")
 
 
 def _async_fs(fs: fsspec.AbstractFileSystem):

@@ -71,8 +71,25 @@ class Staging:
                 out[int(name.split(".")[0])] = record
         return out
 
+    def forget_done_shards(self) -> None:
+        """The final pass must be redone (its assumed majority sign was wrong): no shard is done."""
+        self.store.remove(f"{self._dir}/shards")
+
     def discard(self) -> None:
         self.store.remove(self._dir)
+
+    def abandon(self) -> None:
+        """After a failed run: remove the whole unpublished version (arrays and staging). Never a
+        version the catalog lists; an unreadable catalog leaves it to `mmer gc`."""
+        try:
+            published = any(v.version == self.version for v in self.store.catalog().versions)
+        except Exception:
+            return
+        if not published:
+            try:
+                self.store.remove(layout.version_root(self.version))
+            except OSError:
+                pass  # e.g. the store went read-only; `mmer gc` removes it later
 
 
 def _read_json(store: Store, path: str):
@@ -86,7 +103,11 @@ def _read_json(store: Store, path: str):
         return None
 
 
-def publish_version(store: Store, record: VersionRecord, expected: Catalog) -> Catalog:
-    """Make ``record`` the latest version: one catalog commit, after all its arrays are written."""
+def publish_version(store: Store, record: VersionRecord, expected: Catalog, promote: bool = True) -> Catalog:
+    """Make ``record`` the latest version — and, with ``promote``, the served one — in one catalog
+    commit, after all its arrays are written: a server never sees a promoted version that is not
+    complete."""
     catalog = expected.replace(versions=expected.versions + (record,))
+    if promote:
+        catalog = catalog.promoted(record.version, at=record.created_at)
     return store.commit(catalog, expected.seq)

@@ -24,7 +24,6 @@ the base vocabulary is ``VocabularyLayout``.
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -32,11 +31,12 @@ from pathlib import Path
 
 import torch
 
-from mmer_dist.errors import InvalidInputError, StoreError
+from mmer_dist.errors import InvalidInputError
 from mmer_dist.method import reconstruct
 from mmer_dist.method.masks import unpack_bits
 from mmer_dist.store import layout
 from mmer_dist.store.catalog import Catalog, TensorRecord, VersionRecord
+from mmer_dist.store.files import copy_file, copy_files, safe_join  # noqa: F401  (safe_join re-exported)
 from mmer_dist.store.store import Store
 from mmer_dist.store.weightsets import WeightSet
 
@@ -170,10 +170,9 @@ class StoreWeights:
             prefix = f"{layout.model_component(model_id)}/files"
             weights_path = f"{layout.model_component(model_id)}/{layout.COMPONENT_WEIGHTS}"
         dest.mkdir(parents=True, exist_ok=True)
-        for rel in self.store.list_files(prefix):
-            self._copy(f"{prefix}/{rel}", safe_join(dest, rel))
+        copy_files(self.store, prefix, dest)  # names never leave dest; bytes checked against the manifest
         if weights and weights_path is not None and self.store.exists_path(weights_path):
-            self._copy(weights_path, dest / layout.COMPONENT_WEIGHTS)
+            copy_file(self.store, weights_path, dest / layout.COMPONENT_WEIGHTS)
         return dest
 
     def fetch_component_weights(self, model_id: str, dest: str | Path) -> Path | None:
@@ -183,22 +182,8 @@ class StoreWeights:
         if not self.store.exists_path(path):
             return None
         local = Path(dest) / layout.COMPONENT_WEIGHTS
-        self._copy(path, local)
+        copy_file(self.store, path, local)
         return local
-
-    def _copy(self, src: str, target: Path) -> None:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with self.store.open_file(src) as f, open(target, "wb") as out:
-            shutil.copyfileobj(f, out, 1 << 20)
-
-
-def safe_join(root: Path, rel: str) -> Path:
-    """``root / rel`` for a relative name read from a store, refusing anything that would land
-    outside ``root`` (absolute names, ``..``): a store may be shared, its names are not trusted."""
-    parts = Path(rel).parts
-    if not rel or Path(rel).is_absolute() or any(p in ("..", "") for p in parts) or "\\" in rel:
-        raise StoreError(f"the store names a file {rel!r} that would leave the output directory; refusing it")
-    return root.joinpath(*parts)
 
 
 class VersionWeights(StoreWeights):

@@ -1,0 +1,185 @@
+"""Adding a model to the served version, or removing one, without redoing what it already knows.
+
+A from-scratch merge of N models reads every model twice: a LowPass (exact top-K thresholds,
+elected-sign counts for the majority sign) and the FinalPass (tau*, masks). A version derived
+from the served one (same K, scope, merge step, mask rule; the models plus one, or minus one)
+knows most of the first:
+
+- each model's trim threshold depends on that model alone (and K, scope): the served version's
+  details record them, so only an added model's threshold is found, by a pass over that model
+  and the base (``model_thresholds``) — 2 arrays read instead of N + 2;
+- the majority sign (used only where the elected sign sum is exactly 0) depends on every model,
+  but adding or removing one rarely flips it: the served version's is assumed, and the final
+  pass counts the elected signs as it goes; if the count disagrees, the final pass is redone
+  with the counted sign (``MergeDriver.check_majority``).
+
+So a derived version costs about one pass where a re-merge costs two, and equals a from-scratch
+merge of the same models in the same order bit for bit (tests hold it to that). Per-entry sums
+and sign counts of the task vectors (which would make tau* an update by the new model alone)
+are deliberately not kept: the masks compare every model's tau_i with the new tau*, so the final
+pass reads every model anyway, and those statistics (~14 bytes per parameter, 7 bf16 models'
+worth) would save no read (bench/add_bench.py measures both paths).
+
+When nothing is reusable (per-tensor scope, whose thresholds are not recorded; DARE, whose
+dropped task vectors change with the model set), it is an ordinary merge of the same models.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+
+import torch
+
+from mmer_dist.errors import InvalidInputError
+from mmer_dist.ingest import ingest_model
+from mmer_dist.merge.engine import Backend, MergePlan, MergeRequest, cached_high_histogram, merge
+from mmer_dist.merge.passes import StoreChunkReader
+from mmer_dist.merge.plan import tensor_chunks
+from mmer_dist.method import streaming
+from mmer_dist.method.kernels import ChunkKernels
+from mmer_dist.method.settings import MergeSettings
+from mmer_dist.store.catalog import Catalog, VersionRecord
+from mmer_dist.store.store import Store, utc_now
+
+
+@dataclass(frozen=True)
+class Derived:
+    record: VersionRecord
+    reused: bool  # thresholds and majority came from the served version
+    seconds: dict  # where the time went
+
+
+def served_settings(catalog: Catalog, version: int | None = None) -> tuple[VersionRecord, MergeSettings]:
+    served = catalog.version(catalog.serving_version() if version is None else version)
+    return served, MergeSettings.from_record(served)
+
+
+def model_thresholds(store: Store, catalog: Catalog, model_id: str, settings: MergeSettings) -> dict[str, int]:
+    """The exact trim threshold (float32 bits, per selection group) of one model under
+    ``settings``: its ingest-time histogram, then LowPasses over that model and the base only."""
+    one = settings.with_lams((1.0,)).validated([model_id])
+    sizes = {t.name: t.numel for t in catalog.tensors}
+    driver = streaming.MergeDriver(one, sizes, 1, cached_high=cached_high_histogram(store, (model_id,), one.scope))
+    chunks = [c for t in catalog.tensors for c in tensor_chunks(t)]
+    kernels = ChunkKernels(one, [model_id])
+    while not driver.bounds.is_exact():
+        request = driver.next_pass()
+        reader = StoreChunkReader(store, (model_id,), prefetch=chunks)
+        try:
+            driver.accept(streaming.run_pass(request, chunks, reader, kernels))
+        finally:
+            reader.close()
+    return {g: int(driver.bounds.upper[g][0]) for g in driver.sizes}
+
+
+def _float_bits(values: list[float]) -> list[int]:
+    return torch.tensor(values, dtype=torch.float32).view(torch.int32).to(torch.int64).tolist()
+
+
+def known_state(store: Store, served: VersionRecord, catalog: Catalog, plan: MergePlan,
+                timings: dict) -> dict | None:
+    """The decided state of ``plan`` as far as the served version knows it (see the module doc),
+    or None when it cannot be reused."""
+    settings = plan.settings
+    if settings.dare_rate or settings.with_lams(()) != MergeSettings.from_record(served).with_lams(()):
+        return None
+    details = json.loads(served.details)
+    thresholds, majority = details.get("thresholds"), details.get("majority")
+    if not isinstance(thresholds, dict) or not isinstance(majority, dict):
+        return None  # per-tensor scope: thresholds are not recorded
+    t0 = time.perf_counter()
+    bits = {g: {m: b for m, b in zip(served.models, _float_bits(v))} for g, v in thresholds.items()}
+    for m in plan.model_ids:
+        if m not in served.models:
+            for g, b in model_thresholds(store, catalog, m, settings).items():
+                bits.setdefault(g, {})[m] = b
+    timings["thresholds_of_new_models"] = round(time.perf_counter() - t0, 3)
+    if any(set(plan.model_ids) - set(per_model) for per_model in bits.values()):
+        return None
+    return {"threshold_bits": {g: [per_model[m] for m in plan.model_ids] for g, per_model in bits.items()},
+            "majority": {g: float(v) for g, v in majority.items()}}
+
+
+def derive_version(url: str, model_ids: tuple[str, ...], backend: Backend, *, lam: dict[str, float] | None = None,
+                   from_version: int | None = None, promote: bool = True, workers: int = 1, compile: bool = False,
+                   device: str = "cpu", progress: bool = True) -> Derived:
+    """A version over ``model_ids`` with the settings of ``from_version`` (default: the served
+    one), reusing what it knows."""
+    store = Store.open(url)
+    catalog = store.catalog()
+    served, settings = served_settings(catalog, from_version)
+    timings: dict = {}
+    reused = []
+
+    def known(current: Catalog, plan: MergePlan):
+        if current.seq != catalog.seq:  # the store changed since we looked: count everything
+            return None
+        state = known_state(store, served, current, plan, timings)
+        reused.append(state is not None)
+        return state
+
+    lams = {m: served.lams[served.models.index(m)] for m in model_ids if m in served.models}
+    lams.update(lam or {})
+    request = MergeRequest(settings, lams, tuple(model_ids))
+    t0 = time.perf_counter()
+    record = merge(url, request, backend, workers=workers, compile=compile, device=device, progress=progress,
+                   promote=promote, known=known)
+    timings["merge"] = round(time.perf_counter() - t0, 3)
+    return Derived(record, bool(reused and reused[0]), timings)
+
+
+def add_model(url: str, model_id: str, path: str, modality: str, backend: Backend, *, fmt: str | None = None,
+              mapping_file: str | None = None, lam: float = 1.0, task: str | None = None, promote: bool = True,
+              workers: int = 1, compile: bool = False, device: str = "cpu", progress: bool = True) -> Derived:
+    """``mmer add``: ingest, then a version over the served version's models plus this one."""
+    store = Store.open(url)
+    catalog = store.catalog()
+    if not catalog.versions:
+        raise InvalidInputError("the store has no version to add to yet; run `mmer merge` first (or ingest "
+                                "the model and merge)")
+    served, _ = served_settings(catalog)
+    if model_id in served.models:
+        raise InvalidInputError(f"model {model_id!r} is already in the served version {served.version}")
+    t0 = time.perf_counter()
+    if catalog.has_model(model_id):
+        raise InvalidInputError(f"model id {model_id!r} is already in the store (ingested earlier); pick another "
+                                "id, or add it to a version with `mmer merge --models ...`")
+    ingest_model(url, model_id, path, modality, fmt=fmt, mapping_file=mapping_file, lam=lam, task=task,
+                 progress=progress)
+    ingest_s = time.perf_counter() - t0
+    derived = derive_version(url, tuple(served.models) + (model_id,), backend, lam={model_id: lam},
+                             from_version=served.version, promote=promote, workers=workers, compile=compile,
+                             device=device, progress=progress)
+    derived.seconds["ingest"] = round(ingest_s, 3)
+    return derived
+
+
+def remove_model(url: str, model_id: str, backend: Backend, *, promote: bool = True, workers: int = 1,
+                 compile: bool = False, device: str = "cpu", progress: bool = True) -> Derived:
+    """``mmer remove``: a version over the served version's models without this one. The model's
+    data stays (earlier versions hold it; ``mmer gc --keep K`` removes it once none does)."""
+    store = Store.open(url)
+    catalog = store.catalog()
+    served, _ = served_settings(catalog)
+    if model_id not in served.models:
+        raise InvalidInputError(f"model {model_id!r} is not in the served version {served.version} "
+                                f"(models: {', '.join(served.models)})")
+    rest = tuple(m for m in served.models if m != model_id)
+    if not rest:
+        raise InvalidInputError(f"model {model_id!r} is the only model of version {served.version}; a version "
+                                "needs at least one")
+    derived = derive_version(url, rest, backend, from_version=served.version, promote=promote, workers=workers,
+                             compile=compile, device=device, progress=progress)
+    mark_removed(url, model_id)
+    return derived
+
+
+def mark_removed(url: str, model_id: str) -> None:
+    store = Store.open(url)
+    with store.writer_lock():
+        catalog = store.catalog()
+        models = tuple(m if m.id != model_id else type(m)(**{**m.__dict__, "removed_at": utc_now()})
+                       for m in catalog.models)
+        store.commit(catalog.replace(models=models), catalog.seq)

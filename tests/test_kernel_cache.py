@@ -1,0 +1,86 @@
+"""Chunk kernels compiled ahead of time and cached on disk (``mmer_dist.merge.kernel_cache``).
+
+Against eager kernels: tau*, masks, thresholds, majority and the pass sequence bit-identical
+(every pass: TIES with float32 noise deltas runs HighPass, LowPass and FinalPass, so all four
+kernels are built), with one tensor narrow enough to take the eager path beside fused ones. Then a
+new process loads the packages: no compile, no dynamo import, same results.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from method_helpers import assert_bit_identical, bits, streaming_merge
+
+from mmer_dist.merge.kernel_cache import aot_fuser
+from mmer_dist.method import MergeSettings
+from mmer_dist.method.reference import reference_merge
+
+pytestmark = pytest.mark.slow
+
+SETTINGS = MergeSettings(topk=0.6, lams=(0.5, 1.0, 2.0))
+IDS = ["img", "aud", "vid"]
+# cols 16 and 24 take the compiled kernels (multiples of 8); cols 12 runs eagerly
+SHAPES = {"a.weight": (8, 16), "b.weight": (5, 24), "c.weight": (6, 12)}
+
+
+def models_for():
+    g = torch.Generator().manual_seed(4)
+    base = {k: torch.randn(s, generator=g) for k, s in SHAPES.items()}
+    models = [{k: b + torch.randn(b.shape, generator=g) * 0.01 for k, b in base.items()} for _ in IDS]
+    return base, models
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("kernels")
+
+
+def test_aot_kernels_equal_eager(cache_dir):
+    base, models = models_for()
+    ts_e, m_e, drv_e, st_e = streaming_merge(base, models, SETTINGS, IDS, rows_per_chunk=4)
+    ts_a, m_a, drv_a, st_a = streaming_merge(base, models, SETTINGS, IDS, rows_per_chunk=4, fuse=aot_fuser(str(cache_dir)))
+    assert drv_a.passes_run == drv_e.passes_run == ["HighPass", "LowPass", "FinalPass"]
+    assert sorted(p.name.split("-")[0] for p in cache_dir.glob("*.pt2")) == ["final", "high", "signs", "tau"]
+    for k in base:
+        assert torch.equal(bits(ts_a[k]), bits(ts_e[k])), k
+        for i in range(len(IDS)):
+            assert torch.equal(m_a[i][k], m_e[i][k]), (k, i)
+    assert torch.equal(st_a.mask_counts, st_e.mask_counts)
+    assert drv_a.majority == drv_e.majority
+    assert {g: t.tolist() for g, t in drv_a.thresholds().items()} == {g: t.tolist() for g, t in drv_e.thresholds().items()}
+    assert_bit_identical(ts_a, m_a, reference_merge(base, models, SETTINGS, IDS))
+
+
+CHILD = """
+import json, sys, torch
+sys.path.insert(0, {tests!r})
+from method_helpers import streaming_merge, bits
+from test_kernel_cache import models_for, SETTINGS, IDS
+from mmer_dist.merge.kernel_cache import aot_fuser
+base, models = models_for()
+ts, ms, drv, st = streaming_merge(base, models, SETTINGS, IDS, rows_per_chunk=4, fuse=aot_fuser({cache!r}))
+print(json.dumps({{"dynamo": "torch._dynamo" in sys.modules, "inductor": "torch._inductor" in sys.modules,
+                  "tau": {{k: bits(v).tolist() for k, v in ts.items()}}}}))
+"""
+
+
+def test_a_new_process_loads_the_packages_without_compiling(cache_dir):
+    if not list(cache_dir.glob("*.pt2")):
+        test_aot_kernels_equal_eager(cache_dir)
+    before = {p.name: p.stat().st_mtime_ns for p in cache_dir.glob("*.pt2")}
+    tests = str(__import__("pathlib").Path(__file__).parent)
+    out = subprocess.run([sys.executable, "-c", CHILD.format(tests=tests, cache=str(cache_dir))],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert not got["dynamo"] and not got["inductor"], "loading a cached kernel must not import dynamo/inductor"
+    assert {p.name: p.stat().st_mtime_ns for p in cache_dir.glob("*.pt2")} == before  # nothing rebuilt
+    assert "compiling" not in out.stderr
+    base, models = models_for()
+    ts, *_ = streaming_merge(base, models, SETTINGS, IDS, rows_per_chunk=4)
+    assert got["tau"] == {k: bits(v).tolist() for k, v in ts.items()}
