@@ -87,6 +87,7 @@ def test_statistics_equal_a_whole_tensor_reference(store, sources):
             assert r.score == r.lam
     assert 0.0 < result.models["llava"].results[0].rel_l1 < 1.0  # the error is neither trivial nor total
     assert version_dirs(store) == ["000001", "000002", "000003"]  # kept on request
+    assert Store.open(url).catalog().serving_version() == 1  # published, never served
 
 
 def test_a_grid_value_the_base_version_has_reuses_it(store):
