@@ -50,7 +50,8 @@ def print_status(url: str, as_json: bool = False) -> None:
     versions = Table(title="versions")
     for col in ("version", "served", "created", "merge", "mask", "K", "scope", "alpha", "mask density per model", "tau* density",
                 "backend", "seconds"):
-        versions.add_column(col)
+        # short fields never wrap (a narrow terminal squeezes the per-model column instead)
+        versions.add_column(col, no_wrap=col not in ("created", "mask density per model"))
     for v in status["versions"]:
         density = "\n".join(f"{m} {d:.3f} (lambda {lam:g})" for m, d, lam in zip(v["models"], v["mask_density"], v["lams"]))
         dare = f"+dare {v['dare_rate']:g}" if v["dare_rate"] else ""

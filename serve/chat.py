@@ -125,7 +125,8 @@ def _media_spec(directory: Path, model_id: str, modality: str | None, tokenizer,
 
 
 def _template_type(tokenizer, template: str, placeholder: str, part_type: str) -> str:
-    for candidate in (_HF_CONTENT_TYPES[part_type], part_type):
+    # a LLaVA reading spectrograms or projections renders its media as an image
+    for candidate in dict.fromkeys((_HF_CONTENT_TYPES[part_type], part_type, "image", "video")):
         try:
             text = tokenizer.apply_chat_template([{"role": "user", "content": [{"type": candidate}]}], tokenize=False,
                                                  chat_template=template)

@@ -54,6 +54,7 @@ class ServedVersion:
     base: ChatAssets
     models: dict[str, ChatAssets]
     modalities: dict[str, str]
+    tasks: dict[str, str | None] = field(default_factory=dict)  # a model added for a new task (`mmer add --task`)
     created: int = field(default_factory=lambda: int(time.time()))
     active: int = 0  # requests admitted on this version and not yet finished
 
@@ -117,16 +118,17 @@ class LLMServer:
         weights = VersionWeights(store, version)
         root = self._cache / hashlib.sha256(self.options.store.encode()).hexdigest()[:12]
         base = ChatAssets.load(weights.fetch_files(None, root / "base"), None, None)
-        models, modalities = {}, {}
+        models, modalities, tasks = {}, {}, {}
         for m in weights.models:
             record = weights.catalog.model(m)
+            tasks[m] = record.task
             folder = weights.fetch_files(m, root / f"{m}-{record.sha256[:12]}", weights=False)
             models[m] = ChatAssets.load(folder, m, record.modality)
             modalities[m] = record.modality
         pipeline = self._pipeline_factory(weights)
         limits = EngineLimits(self.options.max_running, self.options.max_step_tokens)
         engine = AsyncEngine(Engine(pipeline, limits), name=f"mmer-engine-v{weights.version}")
-        return ServedVersion(weights.version, weights, pipeline, engine, base, models, modalities)
+        return ServedVersion(weights.version, weights, pipeline, engine, base, models, modalities, tasks)
 
     def target_version(self, pinned: int | None) -> int:
         """The version to serve: the pinned one, else the store's serving pointer (the latest
@@ -193,7 +195,7 @@ class LLMServer:
         return [{"id": MERGED, "object": "model", "created": v.created, "owned_by": "mmer",
                  "mmer": {"mode": "expansion", "version": v.version}}] + [
             {"id": m, "object": "model", "created": v.created, "owned_by": "mmer",
-             "mmer": {"mode": "retention", "modality": v.modalities[m], "version": v.version,
+             "mmer": {"mode": "retention", "modality": v.modalities[m], "task": v.tasks.get(m), "version": v.version,
                       "part_type": a.media.part_type if a.media else None}}
             for m, a in v.models.items()]
 
@@ -221,11 +223,14 @@ class LLMServer:
         default = self.options.default_part_models.get(kind)
         if default in candidates:
             return default
-        if len(candidates) == 1:
-            return candidates[0]
+        # a model added for a new task of a modality is reached by name (or a configured default):
+        # adding one never changes where the parts of existing clients go
+        primary = [m for m in candidates if not served.tasks.get(m)] or candidates
+        if len(primary) == 1:
+            return primary[0]
         if not candidates:
             raise ApiError(400, f"no model of version {served.version} takes {kind} parts", param="messages")
-        raise ApiError(400, f"several models take {kind} parts ({', '.join(candidates)}): name one with "
+        raise ApiError(400, f"several models take {kind} parts ({', '.join(primary)}): name one with "
                             f"\"model\": \"<id>\" in the part", param="messages")
 
     async def chat(self, request: dict, request_id: str | None = None) -> AsyncIterator[dict]:

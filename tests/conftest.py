@@ -18,15 +18,21 @@ Tests must treat the templates as read-only: copy with ``copy_store`` before cha
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from ray_helpers import RAY_TEST_ENV
 from store_helpers import run_cli, split_checkpoint
 
 from mmer_dist.demo import tiny_models
+
+# Pinned for the whole session, so no in-process ``ray.init`` (with or without the ``ray_env``
+# fixture) writes RAY_AUTH_MODE=token into os.environ for the Ray clusters of later tests.
+os.environ.update(RAY_TEST_ENV)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FORMATS = ("llava-hf", "video-llava-hf", "llava", "generic")

@@ -9,6 +9,8 @@ import re
 
 import pytest
 
+from ray_helpers import ray_env  # noqa: F401  (fixture)
+
 from mmer_dist.merge.passes import MergeJob
 from mmer_dist.method.settings import SETTINGS, MergeSettings
 from mmer_dist.store.catalog import Catalog, VersionRecord, read_catalog, write_catalog
@@ -58,7 +60,7 @@ def test_version_records_carry_every_setting():
 
 
 @pytest.mark.slow
-def test_settings_round_trip_through_a_ray_payload():
+def test_settings_round_trip_through_a_ray_payload(ray_env):
     import ray
 
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)

@@ -207,3 +207,25 @@ def test_killed_base_ingest_can_be_rerun(big, tmp_path):
     st = status_json(store)
     assert st["base"]["base_source"] == str(big.base) and st["base"]["chunk_elems"] == 64
     assert json.loads(st["base"]["base_config"])["num_hidden_layers"] == LAYERS
+
+
+def test_killed_add_leaves_the_served_version_and_a_rerun_finishes_it(big, tmp_path):
+    """SIGKILL in the final pass of `mmer add`: version 1 stays served and intact for readers;
+    running the same add again completes it, equal to an uninterrupted add."""
+    store = copy_store(big.store_a, tmp_path / "store")
+    clean = copy_store(big.store_a, tmp_path / "clean")
+    add = ("add", "--store", None, "--model", "b", "--modality", "image", "--path", big.b, *MERGE_ARGS)
+    before = _exports(store, tmp_path / "before")
+    proc = mmer_subprocess(*[store if a is None else a for a in add])
+    masks = store / "versions" / "000002" / "masks"
+    _wait_for(proc, lambda: len(list(masks.glob("*/c/*"))) >= 20, "the add's final pass writes chunks")
+    _kill(proc)
+    status = status_json(store)
+    assert status["serving"]["version"] == 1 and [v["version"] for v in status["versions"]] == [1]
+    after = _exports(store, tmp_path / "after")
+    for kind in before:
+        assert_state_dicts_identical(after[kind], before[kind], f"{kind} after the killed add")
+    run_cli(*[store if a is None else a for a in add])  # picks up the ingested model, merges it
+    run_cli(*[clean if a is None else a for a in add])
+    assert status_json(store)["serving"]["version"] == 2
+    _arrays_equal(store, clean, 2, ["a", "b"])

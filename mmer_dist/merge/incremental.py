@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from mmer_dist.errors import InvalidInputError
+from mmer_dist.formats.checkpoint import CheckpointReader
 from mmer_dist.ingest import ingest_model
 from mmer_dist.merge.engine import Backend, MergePlan, MergeRequest, cached_high_histogram, merge
 from mmer_dist.merge.passes import StoreChunkReader
@@ -144,10 +145,16 @@ def add_model(url: str, model_id: str, path: str, modality: str, backend: Backen
         raise InvalidInputError(f"model {model_id!r} is already in the served version {served.version}")
     t0 = time.perf_counter()
     if catalog.has_model(model_id):
-        raise InvalidInputError(f"model id {model_id!r} is already in the store (ingested earlier); pick another "
-                                "id, or add it to a version with `mmer merge --models ...`")
-    ingest_model(url, model_id, path, modality, fmt=fmt, mapping_file=mapping_file, lam=lam, task=task,
-                 progress=progress)
+        # an earlier `mmer add` of this very checkpoint that ingested it and was then interrupted:
+        # carry on with the merge; any other model of that id is a mistake
+        if catalog.model(model_id).sha256 != CheckpointReader(path).sha256():
+            raise InvalidInputError(f"model id {model_id!r} is already in the store, from another checkpoint; "
+                                    "pick another id")
+        if progress:
+            print(f"{model_id!r} was ingested by an earlier, interrupted add: merging it")
+    else:
+        ingest_model(url, model_id, path, modality, fmt=fmt, mapping_file=mapping_file, lam=lam, task=task,
+                     progress=progress)
     ingest_s = time.perf_counter() - t0
     derived = derive_version(url, tuple(served.models) + (model_id,), backend, lam={model_id: lam},
                              from_version=served.version, promote=promote, workers=workers, compile=compile,
