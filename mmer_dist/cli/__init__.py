@@ -10,11 +10,11 @@ import argparse
 import errno
 import sys
 
-from mmer_dist.cli import demo, export, gc, ingest, live, merge, serve, status, verify
+from mmer_dist.cli import calibrate, demo, export, gc, ingest, live, merge, serve, status, verify
 from mmer_dist.cli.shutdown import release_background_threads
 from mmer_dist.errors import MmerError
 
-COMMAND_MODULES = (demo, ingest, merge, live, export, serve, status, verify, gc)
+COMMAND_MODULES = (demo, ingest, merge, live, calibrate, export, serve, status, verify, gc)
 
 
 def build_parser() -> argparse.ArgumentParser:

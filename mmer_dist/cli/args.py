@@ -16,6 +16,11 @@ def lam_pair(text: str) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(f"lambda of {model!r} is not a number: {value!r}") from None
 
 
+def lam_or_auto(text: str) -> tuple[str, float] | str:
+    """``ID=VALUE``, or ``auto``: every model's lambda from the store's calibration (``mmer calibrate``)."""
+    return "auto" if text == "auto" else lam_pair(text)
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)

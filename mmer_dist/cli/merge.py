@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
-from mmer_dist.cli.args import json_object, lam_pair, positive_int, store_arg
+from mmer_dist.cli.args import json_object, lam_or_auto, positive_int, store_arg
 from mmer_dist.errors import InvalidInputError
 from mmer_dist.method.settings import SETTINGS
 
@@ -78,8 +79,9 @@ def settings_from_args(args, **fixed):
 
 def add_merge_options(p: argparse.ArgumentParser) -> None:
     add_settings_options(p)
-    p.add_argument("--lam", type=lam_pair, action="append", default=[], metavar="ID=VALUE",
-                   help="mask lambda of one model (repeatable; default: the model's ingest --lam)")
+    p.add_argument("--lam", type=lam_or_auto, action="append", default=[], metavar="ID=VALUE",
+                   help="mask lambda of one model (repeatable; default: the model's ingest --lam), or 'auto': "
+                   "each model's lambda recorded by `mmer calibrate`")
     p.add_argument("--models", nargs="+", metavar="ID", default=None, help="merge only these models (default: all)")
 
 
@@ -96,7 +98,15 @@ def merge_request(args):
 def run(args) -> None:
     from mmer_dist.merge.engine import merge
 
-    request = merge_request(args)
+    auto = "auto" in args.lam
+    if auto and len(args.lam) > 1:
+        raise InvalidInputError("--lam auto takes every model's lambda from the calibration; drop the ID=VALUE ones")
+    request = merge_request(argparse.Namespace(**{**vars(args), "lam": [] if auto else args.lam}))
+    if auto:
+        from mmer_dist.calibrate import auto_lams
+        from mmer_dist.store.store import Store
+
+        request = dataclasses.replace(request, lam=auto_lams(Store.open(args.store), request))
     options = run_options(args, args.store)
     backend = options.pop("backend")
     record = merge(args.store, request, backend, progress=not args.quiet, promote=not args.no_promote, **options)

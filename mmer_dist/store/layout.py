@@ -13,6 +13,7 @@
     <root>/versions/<v>/tau_star/<tensor>     merged task vector, float32
     <root>/versions/<v>/masks/<tensor>        bit-packed masks of all N models, uint8 (N, rows, ceil(cols/8))
     <root>/versions/<v>/_staging/             plan, pass state and per-shard completion marks
+    <root>/calibration.json                   the latest lambda calibration (mmer calibrate), replaced atomically
 
 Every tensor is viewed as 2-D (rows, cols): 1-D tensors as one row, >2-D as (dim0, rest). Its
 chunks are blocks of whole rows, the same grid for base, models, tau* and masks, so one chunk
@@ -110,6 +111,7 @@ CATALOG = "catalog"
 COMPONENT_WEIGHTS = "component.safetensors"  # a model's encoder + connector tensors, one file
 BASE_LLM = "base/llm"
 BASE_FILES = "base/files"
+CALIBRATION = "calibration.json"  # mmer calibrate's choice of lambda per model (mmer merge --lam auto)
 
 
 def model_root(model_id: str) -> str:
