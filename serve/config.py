@@ -13,7 +13,7 @@ import re
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from mmer_dist.errors import InvalidInputError
-from mmer_dist.model.prompt import DEFAULT_TEXT_POLICY, TEXT_POLICIES
+from mmer_dist.model.policies import DEFAULT_TEXT_POLICY, TEXT_POLICIES
 
 PART_TYPES = ("image_url", "input_audio", "video_url", "point_cloud")
 MODALITY_PART_TYPES = {"image": "image_url", "audio": "input_audio", "video": "video_url", "point": "point_cloud"}

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import KIT_SEED
 from store_helpers import run_cli
 from transformers import AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration, VideoLlavaForConditionalGeneration
 
@@ -25,7 +24,7 @@ from mmer_dist.errors import InvalidInputError, StoreError
 from mmer_dist.media import load_adapter
 from mmer_dist.media.processor import VideoLlavaFrameProcessor, load_processor
 
-SEED = 0
+SEED = KIT_SEED  # the session kit's (conftest)
 
 
 def test_same_seed_gives_bit_identical_checkpoints(kit_pair) -> None:
@@ -34,6 +33,12 @@ def test_same_seed_gives_bit_identical_checkpoints(kit_pair) -> None:
     for name in ["base", *kit.models]:
         assert (kit.root / name / "model.safetensors").read_bytes() == (twin.root / name / "model.safetensors").read_bytes()
     assert len(set(kit.sha256.values())) == len(kit.sha256)  # and the models do differ from each other
+
+
+def test_the_cli_offers_the_kit_sizes() -> None:
+    from mmer_dist.cli.demo import KIT_SIZES
+
+    assert set(KIT_SIZES) == set(kit_build.SIZES)
 
 
 def test_kit_layout_and_sizes(kit) -> None:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from mmer_dist.cli.args import positive_int
 
+# the kit's sizes (``mmer_dist.demo.kit.build.SIZES``, which tests/test_kit.py checks against):
+# named here so that `mmer --help` does not import the kit and transformers
+KIT_SIZES = ("demo", "test")
+
 
 def register(sub) -> None:
-    from mmer_dist.demo.kit import SIZES
-
     p = sub.add_parser(
         "demo", help="train (or reuse) small multimodal LLMs, merge them on an embedded Ray, serve and query them",
         description="End to end on a kit of small, really trained multimodal LLMs: ingest into a store, MMER merge "
@@ -17,7 +19,7 @@ def register(sub) -> None:
         "cached; later runs take it from the cache.")
     p.add_argument("--workdir", default="mmer-demo", help="where the store goes (default ./mmer-demo; a new or "
                    "empty directory, or one an earlier demo made, whose store is replaced)")
-    p.add_argument("--size", choices=sorted(SIZES), default="demo",
+    p.add_argument("--size", choices=KIT_SIZES, default="demo",
                    help="kit size: demo (default), or test (smaller and faster, lower accuracies)")
     p.add_argument("--kit-cache", default=None, metavar="DIR",
                    help="where the trained kit is cached (default $MMER_KIT_CACHE or ~/.cache/mmer-dist/kit)")

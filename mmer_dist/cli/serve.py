@@ -7,7 +7,7 @@ import signal
 import threading
 
 from mmer_dist.errors import StoreError
-from mmer_dist.model.prompt import DEFAULT_TEXT_POLICY, TEXT_POLICIES
+from mmer_dist.model.policies import DEFAULT_TEXT_POLICY, TEXT_POLICIES
 
 
 def register(sub) -> None:

@@ -85,8 +85,9 @@ def _first_word(text: str) -> str:
     return words[0].strip(".,!?") if words else ""
 
 
-def ask(client, model: str, messages: list, max_tokens: int = 4) -> str:
-    answer = client.chat.completions.create(model=model, messages=messages, temperature=0, max_tokens=max_tokens)
+def ask(client, model: str, messages: list, max_tokens: int = 4, **extra) -> str:
+    answer = client.chat.completions.create(model=model, messages=messages, temperature=0, max_tokens=max_tokens,
+                                            extra_body=extra or None)
     return answer.choices[0].message.content or ""
 
 
@@ -109,8 +110,12 @@ def retention_round(client, kit, model_id: str, n: int) -> ModelScore:
     return score
 
 
+EXPANSION_POLICIES = ("mean-mask", "present-mean")  # the paper's text weights, and ours for mixed prompts
+
+
 def expansion_round(client, kit, pairs: list[tuple[str, str]], n: int) -> list[tuple]:
-    """Requests to ``merged`` carrying two models' media, asking both questions in turn."""
+    """Requests to ``merged`` carrying two models' media, asking both questions in turn, under
+    each text policy of ``EXPANSION_POLICIES``: rows (media, question, right answer, answers...)."""
     from mmer_dist.demo.kit import get_task
     from mmer_dist.media.parts import media_part
 
@@ -121,11 +126,23 @@ def expansion_round(client, kit, pairs: list[tuple[str, str]], n: int) -> list[t
             for task, sample in ((ta, sa), (tb, sb)):
                 content = [media_part(ta.part_type, sa.raw), media_part(tb.part_type, sb.raw),
                            {"type": "text", "text": task.question}]
-                reply = ask(client, "merged", [{"role": "user", "content": content}],
-                            max_tokens=4)
-                rows.append((f"{a}+{b}", task.question, reply.strip(), sample.answer,
-                             _first_word(reply) == sample.answer))
+                replies = [ask(client, "merged", [{"role": "user", "content": content}], text_policy=policy).strip()
+                           for policy in EXPANSION_POLICIES]
+                rows.append((f"{a}+{b}", task.question, sample.answer, *replies))
     return rows
+
+
+def _expansion_table(rows: list[tuple]) -> Table:
+    table = Table(title="mixed requests to 'merged' (two media; the question asks about one), per text policy")
+    for col in ("media", "question", "right answer", *EXPANSION_POLICIES):
+        table.add_column(col)
+    for media, question, right, *replies in rows:
+        table.add_row(media, question, right, *(f"{r} {'✓' if _first_word(r) == right else '✗'}" for r in replies))
+    hits = [sum(_first_word(row[3 + i]) == row[2] for row in rows) for i in range(len(EXPANSION_POLICIES))]
+    table.caption = "right: " + ", ".join(f"{p} {h}/{len(rows)}" for p, h in zip(EXPANSION_POLICIES, hits)) + \
+        " (mean-mask: text through the mean mask, the paper's; present-mean: the mean mask of the models " \
+        "whose media are in the request)"
+    return table
 
 
 def _score_table(title: str, scores: list[ModelScore]) -> Table:
@@ -212,8 +229,7 @@ def run_demo(workdir: str | Path = "mmer-demo", *, size: str = "demo", kit_cache
         ids = [m.id for m in kit.initial]
         pairs = [(ids[0], ids[1]), (ids[2], ids[3])]
         mixed = expansion_round(client, kit, pairs, max(1, questions // 3))
-        console.print(_qa_table("mixed requests (the question asks about one of the two media)", mixed,
-                                first="media"))
+        console.print(_expansion_table(mixed))
 
         console.rule("6. a model for a new task joins the live endpoint")
         added = kit.added[0]

@@ -7,13 +7,20 @@ request's parts and mode (retention / expansion with a text policy) into per-tok
 No Ray, no HTTP here: ``serve/`` wraps it.
 """
 
-from mmer_dist.model.engine import Engine, EngineLimits, GenerationRequest, LocalPipeline, TokenEvent
-from mmer_dist.model.prompt import (
-    DEFAULT_TEXT_POLICY, TEXT_POLICIES, Expansion, MediaPart, Prompt, Retention, TextPart, plan_prompt,
-)
-from mmer_dist.model.sampling import SamplingParams
-from mmer_dist.model.stage import DecoderStage
+import importlib
 
-__all__ = ["DEFAULT_TEXT_POLICY", "TEXT_POLICIES", "DecoderStage", "Engine", "EngineLimits", "Expansion",
-           "GenerationRequest", "LocalPipeline", "MediaPart", "Prompt", "Retention", "SamplingParams", "TextPart",
-           "TokenEvent", "plan_prompt"]
+# Resolved on first use, so that importing one submodule (``mmer_dist.model.prompt`` for the CLI's
+# choices) does not import the engine and transformers with it.
+_EXPORTS = {
+    "Engine": "engine", "EngineLimits": "engine", "GenerationRequest": "engine", "LocalPipeline": "engine",
+    "TokenEvent": "engine", "DEFAULT_TEXT_POLICY": "prompt", "TEXT_POLICIES": "prompt", "Expansion": "prompt",
+    "MediaPart": "prompt", "Prompt": "prompt", "Retention": "prompt", "TextPart": "prompt", "plan_prompt": "prompt",
+    "SamplingParams": "sampling", "DecoderStage": "stage",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

@@ -36,8 +36,7 @@ from mmer_dist.model.batch import RunLengths, run_lengths
 from mmer_dist.store.weights import VocabularyLayout
 from mmer_dist.store.weightsets import WeightSet
 
-TEXT_POLICIES = ("mean-mask", "request-modality", "present-mean")
-DEFAULT_TEXT_POLICY = "mean-mask"
+from mmer_dist.model.policies import DEFAULT_TEXT_POLICY, TEXT_POLICIES  # noqa: F401  (re-exported)
 
 
 @dataclass(frozen=True)
