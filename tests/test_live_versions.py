@@ -9,10 +9,12 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from conftest import ingest_args
 from ray_helpers import version_arrays
 from store_helpers import run_cli, status_json
 
+from mmer_dist.demo import tiny_models
 from mmer_dist.merge.engine import MergeRequest, merge
 from mmer_dist.merge.incremental import known_state
 from mmer_dist.merge.local import LocalBackend
@@ -134,14 +136,27 @@ def test_gc_keeps_the_served_and_the_leased_versions(two, ckpts):
     assert "--keep must be at least 1" in r.err
 
 
-def test_a_failing_add_leaves_the_served_version_untouched(two, tmp_path, ckpts):
-    before = status_json(two)
-    broken = shutil.copytree(ckpts.finetuned("llava"), tmp_path / "broken")
+def _truncated(ckpts, tmp_path):
+    broken = shutil.copytree(ckpts.finetuned("llava-hf"), tmp_path / "broken")
     weights = sorted(broken.glob("*.safetensors"))[0]
     weights.write_bytes(weights.read_bytes()[:200])
-    r = run_cli("add", "--store", two, "--model", "newbie", "--modality", "image", "--path", broken, "--quiet",
+    return broken
+
+
+def _other_architecture(ckpts, tmp_path):
+    base = tiny_models.save_base(tmp_path / "other-base", dtype=torch.bfloat16, seed=5, num_hidden_layers=3)
+    return tiny_models.save_finetuned(base, tmp_path / "other", "llava-hf", dtype=torch.bfloat16, seed=6)
+
+
+@pytest.mark.parametrize("make, words", [(_truncated, ("broken", "safetensors")),
+                                         (_other_architecture, ("layers", "shape", "architecture"))],
+                         ids=["truncated", "other-architecture"])
+def test_a_failing_add_leaves_the_served_version_untouched(two, tmp_path, ckpts, make, words):
+    before = status_json(two)
+    path = make(ckpts, tmp_path)
+    r = run_cli("add", "--store", two, "--model", "newbie", "--modality", "image", "--path", path, "--quiet",
                 ok=False)
-    assert "newbie" in r.err or "broken" in r.err or "safetensors" in r.err
+    assert r.rc == 2 and "Traceback" not in r.err and any(w in r.err for w in words), r.err
     after = status_json(two)
     assert after["serving"] == before["serving"] and after["versions"] == before["versions"]
     assert [m["id"] for m in after["models"]] == [m["id"] for m in before["models"]]

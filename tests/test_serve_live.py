@@ -81,6 +81,8 @@ def test_add_and_rollback_under_load_without_a_failed_request(tmp_path):
             assert max(abs(t.logprob - w) for t, w in zip(reply.choices[0].logprobs.content, want_lp)) < 1e-4
             rollback(store)
             wait_for(lambda: "vision2" not in {m.id for m in client.models.list().data}, what="the rollback")
+            with pytest.raises(openai.NotFoundError, match="vision2"):  # a model the served version lacks
+                ask("vision2", content)
             time.sleep(1.0)
         finally:
             stop.set()

@@ -116,3 +116,21 @@ def test_a_failed_merge_leaves_no_staging(slow_store, tmp_path):
     assert [f for f in after.files if f.startswith("versions/000002")] == []
     assert (after.seq, after.versions) == (before.seq, before.versions)
     assert [v["version"] for v in status_json(store)["versions"]] == [1]
+
+
+def test_gc_removes_temporary_files_of_interrupted_writes_in_committed_folders(slow_store, tmp_path):
+    """A writer killed inside an atomic write leaves ``<name>.<32 hex>.partial`` (zarr's metadata
+    writes, the direct chunk path), also beside committed data: gc removes those and only those."""
+    store = copy_store(slow_store.store, tmp_path / "store")
+    before = StoreState.capture(store)
+    chunk = next((store / "models" / "a" / "llm").glob("*/c/0/0"))
+    litter = [store / f"zarr.{'a' * 32}.partial", chunk.parent / f"0.{'b' * 32}.partial"]
+    keep = [store / "notes.partial", chunk.parent / "0.partial"]  # not a temporary name: not ours to delete
+    for path in litter + keep:
+        path.write_bytes(b"half")
+    r = run_cli("gc", "--store", store)
+    assert r.out.count("temporary file of an interrupted write") == 2, r.out
+    assert not any(p.exists() for p in litter) and all(p.exists() for p in keep)
+    for p in keep:
+        p.unlink()
+    assert StoreState.capture(store) == before

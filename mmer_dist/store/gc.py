@@ -20,6 +20,7 @@ kept version holds: their records leave the catalog in one commit, then their ar
 from __future__ import annotations
 
 import posixpath
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -79,13 +80,35 @@ def _catalog_leftovers(store: Store, catalog: Catalog) -> Iterator[tuple[str, st
                 yield f"{folder}/{name}", "temporary file of an interrupted write"
 
 
+# zarr's LocalStore writes ``zarr.json`` through ``zarr.<32 hex>.partial``, the direct chunk path
+# ``<chunk>.<32 hex>.partial``: a SIGKILL between create and rename leaves one behind, also in a
+# committed group (a parent's metadata is rewritten when an array is created under it)
+_PARTIAL = re.compile(r"\.[0-9a-f]{32}\.partial$")
+
+
+def _interrupted_writes(store: Store, catalog: Catalog) -> Iterator[tuple[str, str]]:
+    protocols = store.fs.protocol if isinstance(store.fs.protocol, tuple) else (store.fs.protocol,)
+    if "file" not in protocols:
+        return  # only local stores write through temporary files (object stores put whole objects)
+    root = store.abspath("").rstrip("/")
+    for path in store.fs.find(root):
+        if _PARTIAL.search(path):
+            yield posixpath.relpath(path, root), "temporary file of an interrupted write"
+
+
 FINDERS: tuple[Callable[[Store, Catalog], Iterator[tuple[str, str]]], ...] = (
-    _uncommitted_models, _unpublished_versions, _orphan_base, _catalog_leftovers)
+    _uncommitted_models, _unpublished_versions, _orphan_base, _catalog_leftovers, _interrupted_writes)
 
 
 def find_garbage(store: Store, catalog: Catalog) -> list[Garbage]:
-    """What gc would remove; call under the writer lock, with the catalog read under it."""
-    return [Garbage(path, reason, store.disk_usage(path)) for finder in FINDERS for path, reason in finder(store, catalog)]
+    """What gc would remove; call under the writer lock, with the catalog read under it. A path
+    inside one already found (a file in a never-committed model's folder) is not listed again."""
+    found: list[Garbage] = []
+    for finder in FINDERS:
+        for path, reason in finder(store, catalog):
+            if not any(path.startswith(g.path + "/") for g in found):
+                found.append(Garbage(path, reason, store.disk_usage(path)))
+    return found
 
 
 def retired(store: Store, catalog: Catalog, keep: int) -> tuple[Catalog, list[tuple[str, str]]]:
