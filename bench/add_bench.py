@@ -51,12 +51,14 @@ def parse_args(argv=None):
     p.add_argument("--backend", choices=("local", "ray"), default="local")
     p.add_argument("--workers", type=int, default=1, help="shard workers (default 1)")
     p.add_argument("--repeats", type=int, default=2, help="timed runs per case (default 2; the median is shown)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed merges over the N + 1 models first (default 1): "
+                   "the first process to need the kernels for a model count compiles them into the kernel cache")
     p.add_argument("--quick", action="store_true", help="~20M params, N = 2, 4, one run each")
     p.add_argument("--timeout", type=float, default=3600)
     p.add_argument("--out", type=Path, default=OUT_DIR / "add_bench.json")
     args = p.parse_args(argv)
     if args.quick:
-        args.params, args.models, args.repeats = 20e6, "2,4", 1
+        args.params, args.models, args.repeats, args.warmup = 20e6, "2,4", 1, 1
     args.model_counts = [int(x) for x in args.models.split(",")]
     return args
 
@@ -142,7 +144,7 @@ def print_table(summary: list[dict], args, params: int) -> None:
         table.add_row(str(r["n"]), r["case"], f"{r['wall_s']:.1f}", f"{ratio:.2f}x", fmt_bytes(r["read_bytes"]),
                       "+".join(p[0] for p in r["passes"]), f"{r['tau_star_density']:.4f}", fmt_bytes(r["store_growth"]),
                       fmt_bytes(r["mask_bytes"]))
-    Console().print(table)
+    Console(width=160).print(table)
     for n, r in adds.items():
         per_model = r["mask_bytes"] / (n + 1)
         print(f"N={n}: one more model costs the store {fmt_bytes(r['model_bytes'])} of its own chunks (its task "
@@ -160,6 +162,9 @@ def main(argv=None) -> int:
     rows = []
     for n in args.model_counts:
         template = served_template(cs, n, args, log)
+        for _ in range(args.warmup):
+            log(f"N={n} warm-up (a merge over {n + 1} models)")
+            run_case(template, cs, n, "merge only", args)
         for rep in range(args.repeats):
             for case in ("add", "re-merge", "merge only"):
                 log(f"N={n} {case} (run {rep + 1}/{args.repeats})")

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import KIT_SEED
-from store_helpers import run_cli
+from store_helpers import assert_identical, reference_for_version, run_cli, split_checkpoint, status_json
 from transformers import AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration, VideoLlavaForConditionalGeneration
 
 from mmer_dist.demo.kit import build as kit_build
@@ -23,6 +23,7 @@ from mmer_dist.demo.kit.encoding import encode, render
 from mmer_dist.errors import InvalidInputError, StoreError
 from mmer_dist.media import load_adapter
 from mmer_dist.media.processor import VideoLlavaFrameProcessor, load_processor
+from mmer_dist.method.reference import reference_reconstruct
 
 SEED = KIT_SEED  # the session kit's (conftest)
 
@@ -188,6 +189,14 @@ def test_kit_ingests_merges_and_exports(kit, tmp_path) -> None:
     run_cli("export", "model", "--store", store, "--model", "digits", "--out", tmp_path / "rebuilt", "--quiet")
     rebuilt = evaluate(tmp_path / "rebuilt")
     assert rebuilt >= digits.chance + 0.1  # MMER's θ̂ keeps most of what the model learnt
+    # ... and it is the reference θ̂: the whole-tensor oracle over the kit's own checkpoints
+    version = status_json(store)["versions"][-1]
+    base, _ = split_checkpoint(kit.base, "llama")
+    ref = reference_for_version(version, base, {m.id: split_checkpoint(m.path, m.format)[0] for m in kit.initial})
+    got, _ = split_checkpoint(tmp_path / "rebuilt", digits.format)
+    want = reference_reconstruct(base, ref.tau_star, ref.masks[version["models"].index("digits")])
+    for name, w in want.items():
+        assert_identical(got[name][: w.shape[0]], w.to(got[name].dtype), f"digits {name}")
     run_cli("export", "merged", "--store", store, "--out", tmp_path / "merged", "--quiet")
     # the merged LLM around the digit model's own encoder (how the benchmark scores baselines)
     merged = evaluate(digits.path, llm=tmp_path / "merged")
