@@ -435,7 +435,8 @@ def _evaluate(args, suite: Suite, ev: Evaluator, w: Weights, prod: Producer, lam
 
 
 POLICY_NOTES = {"mean-mask": "text via θ̄ (the paper)", "request-modality": "text via θ̂_k if one model, else θ̄",
-                "present-mean": "text via mean of present models' masks"}
+                "present-mean": "text via mean of present models' masks",
+                "follow-media": "text via the θ̂ of the media before it"}
 
 
 def _expansion(args, suite: Suite, ev: Evaluator, prod: Producer, versions: dict, merged_versions: dict,

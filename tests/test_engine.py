@@ -143,11 +143,17 @@ def test_retention_with_extra_vocabulary_equals_transformers(weights, exported):
     torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("policy", ["mean-mask", "present-mean"])
+@pytest.mark.parametrize("policy", ["mean-mask", "present-mean", "follow-media"])
 def test_expansion_equals_the_per_token_reference(weights, exported, policy):
     _, sets = exported
     prompt = plan_prompt(expansion_prompt(policy), Expansion(policy), weights.vocabulary)
     got = full_logits(pipeline(weights), prompt)
+    if policy == "follow-media":  # text before the image: theta_bar; after each media part: its model
+        bar, image, audio = WeightSet.bar(), WeightSet.hat("llava-hf"), WeightSet.hat("generic")
+        assert list(prompt.route) == [(bar, 5), (image, 5), (audio, 3 + len(TEXT) - 3)], prompt.route
+        assert prompt.text == audio and prompt.vocab_model is None
+        embed = [k for k, n in prompt.embed_route for _ in range(n)]
+        assert embed[9] == WeightSet.hat("llava") and embed[-1] == audio  # wrapper rows stay their model's
     if policy == "present-mean":  # llava-hf and generic have media: their two masks' mean
         assert prompt.text == WeightSet.mean(["llava-hf", "generic"])
         mean = {n: weights.theta_mean(n, ["llava-hf", "generic"]).bfloat16().float().reshape(weights.tensors[n].shape)

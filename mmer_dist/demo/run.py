@@ -110,7 +110,7 @@ def retention_round(client, kit, model_id: str, n: int) -> ModelScore:
     return score
 
 
-EXPANSION_POLICIES = ("mean-mask", "present-mean")  # the paper's text weights, and ours for mixed prompts
+EXPANSION_POLICIES = ("mean-mask", "present-mean", "follow-media")  # the paper's text weights, and ours
 
 
 def expansion_round(client, kit, pairs: list[tuple[str, str]], n: int) -> list[tuple]:
@@ -141,7 +141,7 @@ def _expansion_table(rows: list[tuple]) -> Table:
     hits = [sum(_first_word(row[3 + i]) == row[2] for row in rows) for i in range(len(EXPANSION_POLICIES))]
     table.caption = "right: " + ", ".join(f"{p} {h}/{len(rows)}" for p, h in zip(EXPANSION_POLICIES, hits)) + \
         " (mean-mask: text through the mean mask, the paper's; present-mean: the mean mask of the models " \
-        "whose media are in the request)"
+        "whose media are in the request; follow-media: text through the model of the media before it)"
     return table
 
 

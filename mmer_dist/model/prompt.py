@@ -16,7 +16,11 @@ mode says which weights each token runs through (DESIGN.md, "Routed forward"):
     ``present-mean``     theta_pre + mean_{i in S}(m_i) * tau* over the set S of models whose media
                          are in the request (ours): absent models' task vectors no longer dilute
                          the text weights, and it equals theta_hat_k when S = {k} and theta_bar
-                         when every model is present.
+                         when every model is present;
+    ``follow-media``     text after a media part through that part's model's theta_hat (and
+                         embedded with its rows, wrapper tokens keeping their own model's), text
+                         before the first media part through theta_bar, generated tokens through
+                         the last media part's model (ours; best on mixed two-media prompts).
   Expansion answers in the base vocabulary (theta's LM head rows [0, V)), except under
   ``request-modality`` with one model present, which answers as that model.
 
@@ -101,6 +105,8 @@ def text_weights_for(mode: Mode, media_models: Sequence[str], version_models: Se
         if len(present) == 1:
             return WeightSet.hat(present[0])
         return WeightSet.bar() if len(present) == len(version_models) else WeightSet.mean(present)
+    if mode.text_policy == "follow-media" and media_models:
+        return WeightSet.hat(media_models[-1])  # generated tokens follow the last media part
     return WeightSet.bar()
 
 
@@ -123,9 +129,13 @@ def plan_prompt(parts: Sequence[TextPart | MediaPart], mode: Mode, vocabulary: V
     text = text_weights_for(mode, media_models, models)
     vocab_model = text.models[0] if text.kind == "hat" and (isinstance(mode, Retention)
                                                            or mode.text_policy == "request-modality") else None
+    follows = isinstance(mode, Expansion) and mode.text_policy == "follow-media"
+    part_text = WeightSet.bar() if follows else text  # follow-media: text before the first media part
     ids, route, embed, embeds = [], [], [], []
     for p in parts:
         if isinstance(p, MediaPart):
+            if follows:
+                part_text = WeightSet.hat(p.model)  # the text after it follows it
             if p.embeds.dim() != 2 or p.embeds.shape[0] == 0:
                 raise InvalidInputError(f"media of model {p.model!r}: expected (tokens, hidden) embeddings, "
                                         f"got shape {tuple(p.embeds.shape)}")
@@ -139,11 +149,11 @@ def plan_prompt(parts: Sequence[TextPart | MediaPart], mode: Mode, vocabulary: V
         if isinstance(mode, Retention) and owner not in (None, mode.model):
             raise InvalidInputError(f"text of a request to model {mode.model!r} is tokenized for {owner!r}")
         ids += vocabulary.to_global(owner, torch.tensor(p.ids, dtype=torch.int64)).tolist()
-        route += [text] * len(p.ids)
-        if isinstance(mode, Expansion) and p.embed_model is not None and text != WeightSet.hat(p.embed_model):
+        route += [part_text] * len(p.ids)
+        if isinstance(mode, Expansion) and p.embed_model is not None and part_text != WeightSet.hat(p.embed_model):
             embed += [WeightSet.hat(p.embed_model)] * len(p.ids)
         else:
-            embed += [text] * len(p.ids)
+            embed += [part_text] * len(p.ids)
     if not ids:
         raise InvalidInputError("a request needs at least one prompt token")
     return Prompt(torch.tensor(ids, dtype=torch.int64), torch.cat(embeds) if embeds else None,
