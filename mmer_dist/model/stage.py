@@ -210,15 +210,37 @@ class DecoderStage:
 
     def _logits(self, batch: StepBatch, plan: RoutingPlan, x: torch.Tensor,
                 sets: dict[WeightSet, DenseWeights]) -> list[torch.Tensor | None]:
-        head_extra = HEAD if not self.config.tie_embeddings else EMBED
-        out: list[torch.Tensor | None] = []
-        for r, (start, n, _) in zip(batch.requests, plan.spans):
-            if r.logits == "none":
-                out.append(None)
-                continue
-            rows = x[start + n - 1:start + n] if r.logits == "last" else x[start:start + n]
-            logits = rows @ sets[r.head].head.t()
-            if r.vocab_model is not None and head_extra in self.resident.extra[r.vocab_model]:
-                logits = torch.cat([logits, rows @ self.resident.extra[r.vocab_model][head_extra].t()], dim=-1)
-            out.append(logits.float().cpu())
+        """Each request's logits: its last token's (decode, and a prompt's end) or every token's.
+        Last tokens that share an LM head go through it in one matmul: one pass over the head's
+        weights per step, not one per request (what batch decode is bound by)."""
+        out: list[torch.Tensor | None] = [None] * len(batch.requests)
+        by_head: dict[WeightSet, list[int]] = {}
+        for i, (r, (start, n, _)) in enumerate(zip(batch.requests, plan.spans)):
+            if r.logits == "last":
+                by_head.setdefault(r.head, []).append(i)
+            elif r.logits != "none":
+                out[i] = self._head(r, x[start:start + n], sets).float().cpu()
+        for head, members in by_head.items():
+            last = torch.tensor([plan.spans[i][0] + plan.spans[i][1] - 1 for i in members], device=x.device)
+            rows = x.index_select(0, last)
+            logits = rows @ sets[head].head.t()
+            plain = [j for j, i in enumerate(members) if self._extra_head(batch.requests[i]) is None]
+            cpu = logits.float().cpu()
+            for j in plain:
+                out[members[j]] = cpu[j:j + 1]
+            for j, i in enumerate(members):  # a model's own extra vocabulary rows
+                if (extra := self._extra_head(batch.requests[i])) is not None:
+                    out[i] = torch.cat([logits[j:j + 1], rows[j:j + 1] @ extra.t()], dim=-1).float().cpu()
         return out
+
+    def _extra_head(self, r) -> torch.Tensor | None:
+        head_extra = HEAD if not self.config.tie_embeddings else EMBED
+        if r.vocab_model is not None and head_extra in self.resident.extra[r.vocab_model]:
+            return self.resident.extra[r.vocab_model][head_extra]
+        return None
+
+    def _head(self, r, rows: torch.Tensor, sets: dict[WeightSet, DenseWeights]) -> torch.Tensor:
+        logits = rows @ sets[r.head].head.t()
+        if (extra := self._extra_head(r)) is not None:
+            logits = torch.cat([logits, rows @ extra.t()], dim=-1)
+        return logits
