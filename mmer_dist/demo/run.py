@@ -132,14 +132,17 @@ def expansion_round(client, kit, pairs: list[tuple[str, str]], n: int) -> list[t
     return rows
 
 
-def _expansion_table(rows: list[tuple]) -> Table:
+def _expansion_table(rows: list[tuple], shown: int = 4) -> Table:
+    """The first ``shown`` rows of each media pair, and every row's totals per policy."""
     table = Table(title="mixed requests to 'merged' (two media; the question asks about one), per text policy")
     for col in ("media", "question", "right answer", *EXPANSION_POLICIES):
         table.add_column(col)
-    for media, question, right, *replies in rows:
-        table.add_row(media, question, right, *(f"{r} {'✓' if _first_word(r) == right else '✗'}" for r in replies))
+    for pair in dict.fromkeys(row[0] for row in rows):
+        for media, question, right, *replies in [row for row in rows if row[0] == pair][:shown]:
+            table.add_row(media, question, right, *(f"{r} {'✓' if _first_word(r) == right else '✗'}" for r in replies))
     hits = [sum(_first_word(row[3 + i]) == row[2] for row in rows) for i in range(len(EXPANSION_POLICIES))]
-    table.caption = "right: " + ", ".join(f"{p} {h}/{len(rows)}" for p, h in zip(EXPANSION_POLICIES, hits)) + \
+    table.caption = f"right, of all {len(rows)} questions: " + ", ".join(
+        f"{p} {h}" for p, h in zip(EXPANSION_POLICIES, hits)) + \
         " (mean-mask: text through the mean mask, the paper's; present-mean: the mean mask of the models " \
         "whose media are in the request; follow-media: text through the model of the media before it)"
     return table
@@ -228,7 +231,7 @@ def run_demo(workdir: str | Path = "mmer-demo", *, size: str = "demo", kit_cache
         console.rule("5. expansion: one request, two models' media, model 'merged'")
         ids = [m.id for m in kit.initial]
         pairs = [(ids[0], ids[1]), (ids[2], ids[3])]
-        mixed = expansion_round(client, kit, pairs, max(1, questions // 3))
+        mixed = expansion_round(client, kit, pairs, questions)
         console.print(_expansion_table(mixed))
 
         console.rule("6. a model for a new task joins the live endpoint")
