@@ -23,7 +23,10 @@ class ApiError(Exception):
     @classmethod
     def from_exception(cls, e: BaseException) -> ApiError:
         """A caller's mistake found below the ingress (bad media, a prompt over the context, ...)
-        is a 400 naming it; anything else is the server's fault."""
+        is a 400 naming it; anything else is the server's fault. Ray's task errors are unwrapped
+        first, however deep (ingress -> engine -> encoders): their text is a remote traceback,
+        and their class also derives from the cause's, so isinstance alone would keep it."""
+        e = root_cause(e)
         if isinstance(e, ApiError):
             return e
         if isinstance(e, InvalidInputError):
@@ -34,6 +37,13 @@ class ApiError(Exception):
 
     def __reduce__(self):  # crosses Ray process boundaries intact
         return (_rebuild, (self.status, self.message, self.param, self.code))
+
+
+def root_cause(e: BaseException) -> BaseException:
+    """The exception a deployment raised, out of Ray's task-error wrappers, however deep."""
+    while (cause := getattr(e, "cause", None)) is not None and cause is not e:
+        e = cause
+    return e
 
 
 def _rebuild(status, message, param, code) -> ApiError:

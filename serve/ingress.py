@@ -23,16 +23,11 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
 from serve.config import ServeOptions
-from serve.errors import ApiError
+from serve.errors import ApiError, root_cause
 from serve.protocol import ChatCompletionRequest, check_part_types
 
-def _cause(e: BaseException) -> BaseException:
-    """The exception a deployment raised, out of Ray's wrapper."""
-    return getattr(e, "cause", None) or e
-
-
 def error_response(e: BaseException) -> JSONResponse:
-    err = ApiError.from_exception(_cause(e))
+    err = ApiError.from_exception(e)
     return JSONResponse(err.body(), status_code=err.status)
 
 
@@ -123,7 +118,7 @@ class OpenAIIngress:
         try:
             stats = await self.engine.ready.remote()
         except Exception as e:  # noqa: BLE001
-            return JSONResponse({"status": "not ready", "error": str(_cause(e))}, status_code=503)
+            return JSONResponse({"status": "not ready", "error": str(root_cause(e))}, status_code=503)
         return {"status": "ready", **stats}
 
 
@@ -166,7 +161,7 @@ async def _sse(events, completion: dict, include_usage: bool, logprobs: bool):
                 if include_usage:
                     yield chunk({}, usage=event["usage"], choices=False)
     except Exception as e:  # noqa: BLE001 - the stream has started: report in band, then end it
-        yield f"data: {json.dumps(ApiError.from_exception(_cause(e)).body())}\n\n"
+        yield f"data: {json.dumps(ApiError.from_exception(e).body())}\n\n"
     yield "data: [DONE]\n\n"
 
 

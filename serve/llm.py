@@ -37,7 +37,7 @@ from mmer_dist.store.store import Store
 from mmer_dist.store.weights import VersionWeights
 from serve.chat import ChatAssets, Media, expansion_parts, retention_parts
 from serve.config import ServeOptions
-from serve.errors import ApiError
+from serve.errors import ApiError, root_cause
 
 log = logging.getLogger(__name__)
 MERGED = "merged"
@@ -281,8 +281,8 @@ class LLMServer:
                 prompt_parts = expansion_parts(served.base, served.models, messages, media)
                 mode = Expansion(policy)
             prompt = plan_prompt(prompt_parts, mode, served.weights.vocabulary)
-        except InvalidInputError as e:
-            raise ApiError(400, str(e), param="messages") from None
+        except InvalidInputError as e:  # also an encoder's, arriving wrapped in Ray's task error
+            raise ApiError(400, str(root_cause(e)), param="messages") from None
         if len(prompt) > limits.max_prompt_tokens:
             raise ApiError(400, f"the prompt has {len(prompt)} tokens; this server takes at most "
                                 f"{limits.max_prompt_tokens}", param="messages")

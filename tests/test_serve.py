@@ -188,7 +188,9 @@ BAD = [
     ({"model": "../../x", "messages": [{"role": "user", "content": "hi"}]}, 404, "does not exist"),
     ({"model": "merged", "messages": [{"role": "user", "content": [{"type": "hologram"}]}]}, 400, "hologram"),
     ({"model": "vision", "messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]}, 400, "image"),
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]}, 400, "not a readable png"),
+    ({"model": "merged", "messages": [{"role": "user", "content": [  # through the engine to the encoders
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}, ASK]}]}, 400, "not a readable png"),
     ({"model": "vision", "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,!!"}}]}]}, 400, "base64"),
     ({"model": "vision", "messages": [{"role": "user", "content": [
@@ -219,6 +221,7 @@ def test_a_burst_of_bad_requests_leaves_the_server_answering_exactly(served):
             assert r.status_code == status, (body if isinstance(body, dict) else body[:40], r.text[:300])
             err = r.json()["error"]
             assert set(err) == {"message", "type", "param", "code"} and words.lower() in err["message"].lower(), err
+            assert "Traceback" not in err["message"] and "ray::" not in err["message"], err  # one line, no internals
     after = chat(served, "vision", content, logprobs=True)
     assert after.choices[0].message.content == before.choices[0].message.content
     assert [t.logprob for t in after.choices[0].logprobs.content] == [t.logprob for t in before.choices[0].logprobs.content]

@@ -128,7 +128,13 @@ def test_gc_removes_temporary_files_of_interrupted_writes_in_committed_folders(s
     keep = [store / "notes.partial", chunk.parent / "0.partial"]  # not a temporary name: not ours to delete
     for path in litter + keep:
         path.write_bytes(b"half")
+    outside = tmp_path / "elsewhere"  # a link out of the store: nothing behind it is gc's
+    outside.mkdir()
+    (outside / f"x.{'c' * 32}.partial").write_bytes(b"not the store's")
+    (store / "link").symlink_to(outside)
     r = run_cli("gc", "--store", store)
+    assert (outside / f"x.{'c' * 32}.partial").exists()
+    (store / "link").unlink()
     assert r.out.count("temporary file of an interrupted write") == 2, r.out
     assert not any(p.exists() for p in litter) and all(p.exists() for p in keep)
     for p in keep:

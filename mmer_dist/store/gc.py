@@ -19,6 +19,7 @@ kept version holds: their records leave the catalog in one commit, then their ar
 
 from __future__ import annotations
 
+import os
 import posixpath
 import re
 from collections.abc import Callable, Iterator
@@ -91,8 +92,11 @@ def _interrupted_writes(store: Store, catalog: Catalog) -> Iterator[tuple[str, s
     if "file" not in protocols:
         return  # only local stores write through temporary files (object stores put whole objects)
     root = store.abspath("").rstrip("/")
+    real_root = os.path.realpath(root)
     for path in store.fs.find(root):
-        if _PARTIAL.search(path):
+        # never through a link out of the store: only files that really lie in it
+        if _PARTIAL.search(path) and not os.path.islink(path) and \
+                os.path.commonpath([os.path.realpath(path), real_root]) == real_root:
             yield posixpath.relpath(path, root), "temporary file of an interrupted write"
 
 
