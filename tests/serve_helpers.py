@@ -111,6 +111,24 @@ def serve_app(apps: dict[str, dict], *, port: int, ray_init: dict | None = None)
                 os.environ[k] = v
 
 
+def in_process_server(store: str):
+    """The endpoint's server code (``LLMServer``) in this process over a one-stage ``LocalPipeline``
+    and the store's encoders: the reference for what the endpoint answers."""
+    from mmer_dist.model.engine import LocalPipeline
+    from serve.config import ServeOptions
+    from serve.encoders import MediaEncoders
+    from serve.llm import LLMServer
+
+    options = ServeOptions.from_args(app_args(store))
+    encoders = MediaEncoders(store)
+
+    async def encode(m, p, data, limits):
+        return encoders.encode_sync(m, p, data, limits)
+
+    return LLMServer(options, encode, lambda w: LocalPipeline.build(w, 1, dtype=torch.float32,
+                                                                   slot_budget_bytes=options.slot_budget))
+
+
 def copy_tree(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst

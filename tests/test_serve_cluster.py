@@ -12,9 +12,8 @@ import os
 
 import openai
 import pytest
-import torch
 from ray_helpers import free_port
-from serve_helpers import RAY_ENV, TOKEN, app_args, build_store, image, serve_app
+from serve_helpers import RAY_ENV, TOKEN, app_args, build_store, image, in_process_server, serve_app
 
 from mmer_dist.media import parts as media_parts
 
@@ -22,19 +21,7 @@ pytestmark = pytest.mark.slow
 
 
 def in_process(store: str, request: dict) -> list[dict]:
-    from mmer_dist.model.engine import LocalPipeline
-    from serve.config import ServeOptions
-    from serve.encoders import MediaEncoders
-    from serve.llm import LLMServer
-
-    options = ServeOptions.from_args(app_args(store))
-    encoders = MediaEncoders(store)
-
-    async def encode(m, p, data, limits):
-        return encoders.encode_sync(m, p, data, limits)
-
-    server = LLMServer(options, encode, lambda w: LocalPipeline.build(w, 1, dtype=torch.float32,
-                                                                     slot_budget_bytes=options.slot_budget))
+    server = in_process_server(store)
     server.switch_to(server.load(None))
 
     async def run():

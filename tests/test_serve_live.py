@@ -17,7 +17,7 @@ import openai
 import pytest
 import torch
 from ray_helpers import free_port
-from serve_helpers import TOKEN, app_args, build_store, image, serve_app, tone
+from serve_helpers import TOKEN, app_args, build_store, image, in_process_server, serve_app, tone
 from test_serve import ASK, hf_generate
 
 from mmer_dist.demo import tiny_models
@@ -96,23 +96,11 @@ def test_add_and_rollback_under_load_without_a_failed_request(tmp_path):
 
 
 def test_a_request_keeps_the_version_it_was_admitted_on(tmp_path):
-    from mmer_dist.model.engine import LocalPipeline
-    from serve.config import ServeOptions
-    from serve.encoders import MediaEncoders
-    from serve.llm import LLMServer
-
     store, _ = build_store(tmp_path)
     newcomer = tiny_models.save_finetuned(tmp_path / "checkpoints" / "base", tmp_path / "checkpoints" / "vision2",
                                           "llava-hf", dtype=torch.bfloat16, seed=42)
     add_model(store, "vision2", str(newcomer), "image", LocalBackend(), progress=False, promote=False)
-    options = ServeOptions.from_args(app_args(store))
-    encoders = MediaEncoders(store)
-
-    async def encode(m, p, data, limits):
-        return encoders.encode_sync(m, p, data, limits)
-
-    server = LLMServer(options, encode, lambda w: LocalPipeline.build(w, 1, dtype=torch.float32,
-                                                                     slot_budget_bytes=options.slot_budget))
+    server = in_process_server(store)
     request = {"model": "merged", "temperature": 0, "max_tokens": 12, "logprobs": True,
                "messages": [{"role": "user", "content": "hi"}]}
 
