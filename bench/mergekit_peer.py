@@ -18,7 +18,8 @@ ratio pair by pair, > 1: mmer faster; peak RSS = the process's ``wait4`` max RSS
 - merge only: ``mergekit-yaml`` vs ``mmer merge --compile`` on a store ingested beforehand (local
   backend; the store keeps each version: tau* float32 + N packed masks);
 - end to end: ``mergekit-yaml`` (it reads the checkpoints directly) vs a fresh store's ``mmer ingest
-  --base`` + N x ``mmer ingest --model`` + ``mmer merge`` (one shell script, summed);
+  --manifest`` (the base and the N models in one process) + ``mmer merge`` (one shell script,
+  summed); ``--ingest per-model`` runs ``mmer ingest --base`` + N x ``mmer ingest --model`` instead;
 - each warm (mmer's compiled kernels already in its on-disk cache, ``MMER_KERNEL_CACHE``, as on any
   machine after its first merge) and cold (an empty kernel cache: the first merge on a new machine
   compiles them; one pair, after the warm ones).
@@ -82,15 +83,24 @@ def mergekit_config(cs: CheckpointSet, n: int, path: Path) -> Path:
     return path
 
 
-def e2e_script(cs: CheckpointSet, n: int, store: Path, cache: Path) -> str:
-    """ingest base + N models + merge, the way a user runs it; ``cache`` is the kernel cache."""
+def e2e_script(cs: CheckpointSet, n: int, store: Path, cache: Path, ingest: str = "manifest") -> str:
+    """ingest base + N models + merge, the way a user runs it; ``cache`` is the kernel cache.
+    ``ingest``: ``manifest`` (one ``mmer ingest --manifest`` process for the base and the N models)
+    or ``per-model`` (one ``mmer ingest`` process each, N + 1 of them)."""
     q = shlex.quote
-    lines = ["set -e", f"rm -rf {q(str(store))}",
-             f"{q(str(MMER))} ingest --store {q(str(store))} --base {q(str(cs.base))} --quiet"]
-    for i in range(n):
-        lines.append(f"{q(str(MMER))} ingest --store {q(str(store))} --model {model_id(i)} --path {q(str(cs.model(i)))} "
-                     f"--modality text --format llama --quiet")
-    lines.append(f"{q(str(MMER))} merge --store {q(str(store))} --compile --quiet")
+    mmer, at = q(str(MMER)), q(str(store))
+    lines = ["set -e", f"rm -rf {at}"]
+    if ingest == "manifest":
+        manifest = store.parent / f"{store.name}-manifest.yaml"
+        entries = [f"  - {{id: {model_id(i)}, path: {cs.model(i)}, modality: text, format: llama}}" for i in range(n)]
+        manifest.write_text("\n".join([f"base: {cs.base}", "models:", *entries, ""]))
+        lines.append(f"{mmer} ingest --store {at} --manifest {q(str(manifest))} --quiet")
+    else:
+        lines.append(f"{mmer} ingest --store {at} --base {q(str(cs.base))} --quiet")
+        for i in range(n):
+            lines.append(f"{mmer} ingest --store {at} --model {model_id(i)} --path {q(str(cs.model(i)))} "
+                         f"--modality text --format llama --quiet")
+    lines.append(f"{mmer} merge --store {at} --compile --quiet")
     return "\n".join([f"export MMER_KERNEL_CACHE={q(str(cache))} TORCHINDUCTOR_CACHE_DIR={q(str(cache))}/inductor",
                        *lines])
 
@@ -163,6 +173,8 @@ def parse_args(argv=None):
                    "0: no timing (with --compare: only the result comparison)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--e2e", action=argparse.BooleanOptionalAction, default=True, help="also ingest + merge vs mergekit")
+    p.add_argument("--ingest", choices=["manifest", "per-model"], default="manifest",
+                   help="end to end: one `mmer ingest --manifest` for the base and all models, or one process each")
     p.add_argument("--cold", action=argparse.BooleanOptionalAction, default=True,
                    help="also one pair each with an empty kernel cache (the first merge on a new machine)")
     p.add_argument("--compare", action=argparse.BooleanOptionalAction, default=True,
@@ -202,8 +214,8 @@ def print_tables(results: list[dict], params: int, args) -> None:
     console.print(t)
     console.print("mergekit: `mergekit-yaml config.yml OUT --lazy-unpickle --no-copy-tokenizer` (writes theta*, bf16). "
                   "mmer merge: `mmer merge --compile` (local backend; writes tau* float32 + N packed masks as a new store "
-                  "version). end to end: a new store, `mmer ingest` of the base and N models, then the merge (N + 2 "
-                  "processes; the peak RSS is the largest of them). warm: mmer's compiled kernels are in its on-disk "
+                  f"version). end to end: a new store, `mmer ingest` of the base and N models ({args.ingest}), then the "
+                  "merge (the peak RSS is the largest process). warm: mmer's compiled kernels are in its on-disk "
                   "cache (every merge after a machine's first); cold: an empty cache, so the run compiles them. "
                   "Mpm/s = params x N / s. Peak RSS: wait4 max RSS (= /usr/bin/time -v). Ratio > 1: mmer faster.")
     cmp_rows = [r for r in results if r.get("compare")]
@@ -270,7 +282,7 @@ def main(argv=None) -> int:
                     runs.append(("e2e_cold", Path(tempfile.mkdtemp(prefix="kernel-cache-cold-", dir=WORK)), 1))
                 for key, cache, repeats in runs:
                     script = WORK / f"{key}-n{n}.sh"
-                    script.write_text(e2e_script(cs, n, e2e_store, cache))
+                    script.write_text(e2e_script(cs, n, e2e_store, cache, args.ingest))
                     if cache == warm_cache and not any(cache.glob("high-*.pt2")):
                         measure(["bash", str(script)])  # ingest's kernel too, before timing "warm"
                     row[key] = pairs(mk_cmd, ["bash", str(script)], repeats, 0, None, None, log, key)

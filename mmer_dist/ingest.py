@@ -43,7 +43,7 @@ from mmer_dist.ingest_files import CheckpointFiles, needed_files
 from mmer_dist.merge.progress import progress_bar
 from mmer_dist.store.catalog import ModelRecord, StoreRecord, TensorRecord
 from mmer_dist.store.files import ManifestWriter
-from mmer_dist.store.store import Store, check_model_id, utc_now
+from mmer_dist.store.store import ArraySpec, Store, check_model_id, utc_now
 
 ARCH_FIELDS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size")
 VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
@@ -139,24 +139,26 @@ def _write_base(store: Store, reader: CheckpointReader, split, n_layers: int, ch
     records = []
     names = sorted(split.llm, key=lambda n: (_layer_of(n, n_layers), n))
     total = sum(_nbytes(reader.info(split.llm[n])) for n in names)
+    for name in names:
+        info = reader.info(split.llm[name])
+        dtype = layout.dtype_name(info.dtype) if info.dtype.is_floating_point else None
+        if dtype is None:
+            raise FormatError(f"base, tensor {name!r}: dtype {info.dtype} is not floating point")
+        rows, cols = layout.matrix_shape(tuple(info.shape))
+        records.append(TensorRecord(name, list(info.shape), dtype, rows, cols,
+                                    layout.rows_per_chunk(tuple(info.shape), chunk_elems),
+                                    _layer_of(name, n_layers), name in VOCAB_TENSORS))
+    store.create_arrays([ArraySpec(f"{layout.BASE_LLM}/{r.name}", r.rows, r.cols, r.rows_per_chunk, r.dtype)
+                         for r in records])
     with _progress(total, "ingest base", progress) as update:
-        for name in names:
-            info = reader.info(split.llm[name])
-            dtype = layout.dtype_name(info.dtype) if info.dtype.is_floating_point else None
-            if dtype is None:
-                raise FormatError(f"base, tensor {name!r}: dtype {info.dtype} is not floating point")
-            rows, cols = layout.matrix_shape(tuple(info.shape))
-            record = TensorRecord(name, list(info.shape), dtype, rows, cols,
-                                  layout.rows_per_chunk(tuple(info.shape), chunk_elems),
-                                  _layer_of(name, n_layers), name in VOCAB_TENSORS)
-            store.create_array(f"{layout.BASE_LLM}/{name}", rows, cols, record.rows_per_chunk, dtype)
-            for start in range(0, rows, record.rows_per_chunk):
-                stop = min(rows, start + record.rows_per_chunk)
+        for record in records:
+            name = record.name
+            for start in range(0, record.rows, record.rows_per_chunk):
+                stop = min(record.rows, start + record.rows_per_chunk)
                 block = _matrix_rows(reader, split.llm[name], start, stop)
-                check_finite(block, "base", name, offset=start * cols)
+                check_finite(block, "base", name, offset=start * record.cols)
                 store.write_chunk(f"{layout.BASE_LLM}/{name}", start, block)
                 update(block.numel() * block.element_size())
-            records.append(record)
     return records
 
 
@@ -173,18 +175,53 @@ def _copy_aux_files(store: Store, files: CheckpointFiles, owner: str, dest: str)
 # -- fine-tuned models --------------------------------------------------------------------------
 
 
-def ingest_model(url: str, model_id: str, path: str | Path, modality: str, *, fmt: str | None = None,
-                 mapping_file: str | Path | None = None, lam: float = 1.0, task: str | None = None,
-                 progress: bool = True) -> ModelRecord:
-    """Add one fine-tuned MLLM to the store (not merged until the next ``merge``). ``task`` names
-    what it was fine-tuned for (a new task of an existing modality, say)."""
+@dataclass(frozen=True)
+class ModelSource:
+    """A fine-tuned checkpoint, opened and checked on its own (id, lambda, format, files) before
+    any store is touched; ``ingest_source`` writes it."""
+
+    model_id: str
+    path: str | Path  # as given: the catalog records it
+    modality: str
+    reader: CheckpointReader
+    mapping: FormatMapping
+    files: CheckpointFiles
+    lam: float = 1.0
+    task: str | None = None
+
+
+def open_model(model_id: str, path: str | Path, modality: str, *, fmt: str | None = None,
+               mapping_file: str | Path | None = None, lam: float = 1.0, task: str | None = None) -> ModelSource:
+    """Open one fine-tuned checkpoint and resolve its format; every error names the model."""
     check_model_id(model_id)
     check_lam(lam, model_id)
     if not modality:
         raise InvalidInputError(f"model {model_id!r}: a modality name is required (e.g. image, audio)")
     reader = CheckpointReader(path)
     mapping = _resolve_mapping(reader, fmt, mapping_file)
-    files = needed_files(reader)
+    files = needed_files(reader)  # refuses links out of the checkpoint before anything is written
+    return ModelSource(model_id, path, modality, reader, mapping, files, float(lam), task)
+
+
+def check_against_base(catalog, source: ModelSource) -> None:
+    """Raise what ingesting ``source`` into a store with this catalog would raise before writing
+    (architecture, tensors, dtypes); an early check only, the ingest repeats it under the lock."""
+    _plan_model(catalog, source.reader, source.mapping, source.model_id)
+
+
+def ingest_model(url: str, model_id: str, path: str | Path, modality: str, *, fmt: str | None = None,
+                 mapping_file: str | Path | None = None, lam: float = 1.0, task: str | None = None,
+                 progress: bool = True) -> ModelRecord:
+    """Add one fine-tuned MLLM to the store (not merged until the next ``merge``). ``task`` names
+    what it was fine-tuned for (a new task of an existing modality, say)."""
+    source = open_model(model_id, path, modality, fmt=fmt, mapping_file=mapping_file, lam=lam, task=task)
+    return ingest_source(url, source, progress=progress)
+
+
+def ingest_source(url: str, source: ModelSource, *, progress: bool = True) -> ModelRecord:
+    """Write an opened model into the store and commit its catalog record."""
+    model_id, path, modality, lam, task = source.model_id, source.path, source.modality, source.lam, source.task
+    reader, mapping, files = source.reader, source.mapping, source.files
     store = Store.open(url)
     started = time.time()
     with store.writer_lock():
@@ -331,11 +368,12 @@ def _write_llm(store: Store, catalog, reader, plan, model_id, progress) -> dict[
     kernels = _histogram_kernels(sum(t.numel for t in catalog.tensors), model_id)
     # one buffer for the base's rows, reused chunk after chunk
     buffer = torch.empty(max(t.rows_per_chunk * t.cols for t in catalog.tensors) * 4, dtype=torch.uint8)
+    store.create_arrays([ArraySpec(f"{layout.model_llm(model_id)}/{r.name}", r.rows, r.cols, r.rows_per_chunk,
+                                   plan.dtype) for r in catalog.tensors])
     with _progress(total, f"ingest {model_id}", progress) as update:
         for record in catalog.tensors:
             source = plan.llm[record.name]
             path = f"{layout.model_llm(model_id)}/{record.name}"
-            store.create_array(path, record.rows, record.cols, record.rows_per_chunk, plan.dtype)
             dense = torch.zeros(2 * select.HIGH_BINS, dtype=torch.int64)
             for start in range(0, record.rows, record.rows_per_chunk):
                 stop = min(record.rows, start + record.rows_per_chunk)

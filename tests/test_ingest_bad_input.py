@@ -251,7 +251,7 @@ def test_checkpoint_path_missing(victim, tmp_path):
     (("--model", "x", "--path", "/p"), ("--modality",)),
     (("--base", "/b", "--modality", "image"), ("--modality is for --model",)),
     (("--model", "x", "--base", "/b"), ("not allowed with",)),
-    ((), ("one of the arguments --base --model is required",)),
+    ((), ("one of the arguments --base --model --manifest is required",)),
 ])
 def test_ingest_argument_errors(victim, args, expect):
     refused(victim, "ingest", "--store", victim, *args, expect=expect)

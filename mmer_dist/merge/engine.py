@@ -25,7 +25,7 @@ from mmer_dist.merge.progress import progress_bar
 from mmer_dist.store import layout
 from mmer_dist.store.catalog import Catalog, VersionRecord, details_json
 from mmer_dist.ingest import read_histograms
-from mmer_dist.store.store import Store, utc_now
+from mmer_dist.store.store import ArraySpec, Store, utc_now
 from mmer_dist.store.versions import Staging, fingerprint, publish_version
 
 
@@ -92,10 +92,10 @@ def cached_high_histogram(store: Store, model_ids, scope: str) -> select.GroupHi
 
 def create_version_arrays(store: Store, catalog: Catalog, model_ids, version: int) -> None:
     """All of the version's arrays, empty; workers then only write chunks (one writer each)."""
-    for t in catalog.tensors:
-        store.create_array(f"{layout.version_tau_star(version)}/{t.name}", t.rows, t.cols, t.rows_per_chunk, "float32")
-        store.create_array(f"{layout.version_masks(version)}/{t.name}", t.rows, layout.packed_cols(t.cols),
-                           t.rows_per_chunk, "uint8", compress=True, lead=len(model_ids))
+    store.create_arrays([spec for t in catalog.tensors for spec in (
+        ArraySpec(f"{layout.version_tau_star(version)}/{t.name}", t.rows, t.cols, t.rows_per_chunk, "float32"),
+        ArraySpec(f"{layout.version_masks(version)}/{t.name}", t.rows, layout.packed_cols(t.cols), t.rows_per_chunk,
+                  "uint8", compress=True, lead=len(model_ids)))])
 
 
 @dataclass(frozen=True)
