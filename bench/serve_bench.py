@@ -235,7 +235,7 @@ def main(argv=None) -> int:
         rows.append({"what": "transformers generate (batch)", "concurrency": c,
                      **run_transformers(export, prompts, args.new_tokens)})
         rows.append({"what": "engine in-process", "concurrency": c, **run_engine(store, prompts, args.new_tokens)})
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
     hop = actor_call_ms()
     try:
         for stages in [int(s) for s in args.stages.split(",")]:

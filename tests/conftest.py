@@ -217,3 +217,22 @@ def kit_pair(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="session")
 def kit(kit_pair):
     return kit_pair[0]
+
+
+# -- parallel runs (pytest-xdist, `-n`): tests that share an expensive session fixture run on one
+# worker, so it is built once per run, not once per worker
+
+SHARED_FIXTURE_GROUPS = {"kit_pair": "kit", "kit": "kit"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        groups = {SHARED_FIXTURE_GROUPS[f] for f in getattr(item, "fixturenames", ()) if f in SHARED_FIXTURE_GROUPS}
+        for group in groups:
+            item.add_marker(pytest.mark.xdist_group(group))
+
+
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto``: one worker per core, at most 4; every worker starts Ray clusters and Serve
+    applications of its own, and more would contend for memory rather than finish sooner."""
+    return max(1, min(os.cpu_count() or 1, 4))

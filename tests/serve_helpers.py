@@ -94,7 +94,7 @@ def serve_app(apps: dict[str, dict], *, port: int, ray_init: dict | None = None)
     os.environ.update(RAY_ENV)
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(**(ray_init or {"num_cpus": 8, "include_dashboard": False}), log_to_driver=False)
+    ray.init(**(ray_init or {"address": "local", "num_cpus": 8, "include_dashboard": False}), log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         for i, (prefix, args) in enumerate(apps.items()):

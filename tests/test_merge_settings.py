@@ -63,7 +63,7 @@ def test_version_records_carry_every_setting():
 def test_settings_round_trip_through_a_ray_payload(ray_env):
     import ray
 
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:
         @ray.remote
         def echo(job: MergeJob) -> MergeJob:

@@ -183,6 +183,18 @@ def _served_pair(template: Path, dest: Path) -> str:
     return url
 
 
+def test_embedded_ray_never_joins_a_cluster_this_machine_runs(ray_env):
+    """``--address local`` (and the default without $RAY_ADDRESS) is a new embedded Ray even while
+    another cluster runs here: a bare ``ray.init()`` would join that one."""
+    import ray
+
+    with two_node_cluster() as cluster:
+        backend = RayBackend(address="local")
+        assert backend.default_workers() == 1  # its own one-node Ray, not the two-node cluster
+        assert ray.get_runtime_context().gcs_address != cluster.address
+        ray.shutdown()
+
+
 def test_add_on_a_two_node_cluster_equals_the_local_add_and_a_full_merge(ray_env, template, tmp_path):
     """`mmer add --backend ray`: the derived version's final pass runs on both nodes, and the result
     is the local add's bit for bit, which is the from-scratch merge of all three models."""

@@ -99,6 +99,19 @@ def wait_for_job_api(url: str, proc: subprocess.Popen, temp_dir: str, timeout: f
             time.sleep(0.5)
 
 
+def submit_when_an_agent_is_up(client, timeout: float = 120, **job) -> str:
+    """``submit_job``, again while the head answers "No available agent to submit job, please try
+    again later": the job API is up before the node's job agent (slow on a loaded machine)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return client.submit_job(**job)
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
+
+
 def test_ray_job_submit_runs_the_cli_merge(ray_env, template, tmp_path):
     from ray.job_submission import JobStatus, JobSubmissionClient
 
@@ -109,10 +122,8 @@ def test_ray_job_submit_runs_the_cli_merge(ray_env, template, tmp_path):
 
     with ray_head() as (api, remember):
         client = JobSubmissionClient(api)
-        job = client.submit_job(
-            entrypoint=f"python -m mmer_dist.cli {' '.join(argv)}",
-            runtime_env={"working_dir": str(REPO), "excludes": UPLOAD_EXCLUDES},
-        )
+        job = submit_when_an_agent_is_up(client, entrypoint=f"python -m mmer_dist.cli {' '.join(argv)}",
+                                         runtime_env={"working_dir": str(REPO), "excludes": UPLOAD_EXCLUDES})
         deadline = time.monotonic() + 240
         status = client.get_job_status(job)
         while status not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:

@@ -52,7 +52,8 @@ def run(args) -> None:
 
     stop = threading.Event()
     # logical CPUs: the replicas need little, each stage one (torch threads are set per stage)
-    ray.init(num_cpus=max(os.cpu_count() or 1, options.stages + 2), include_dashboard=False, log_to_driver=False,
+    # address="local": its own embedded Ray, never a cluster this machine already runs
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, options.stages + 2), include_dashboard=False, log_to_driver=False,
              logging_level="ERROR", configure_logging=False)
     try:
         serve.start(http_options={"host": args.host, "port": args.port},

@@ -202,7 +202,8 @@ def run_demo(workdir: str | Path = "mmer-demo", *, size: str = "demo", kit_cache
     for m in kit.initial:
         ingest_model(store, m.id, m.path, m.modality, progress=progress)
     # logical CPUs, not cores: the endpoint's deployments and the live add's shard actors share them
-    ray.init(num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
+    # address="local": its own embedded Ray, never a cluster this machine already runs
+    ray.init(address="local", num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
              logging_level="ERROR", configure_logging=False)
     try:
         record = merge(store, MergeRequest(), RayBackend("local"), workers=workers, progress=progress)

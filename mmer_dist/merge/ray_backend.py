@@ -77,7 +77,9 @@ class RayBackend:
         if ray.is_initialized():
             return
         if self.address in ("local", None):
-            ray.init(include_dashboard=False, log_to_driver=self.bars)
+            # address="local": always a new embedded Ray; a bare ray.init() would join whatever
+            # cluster this machine already runs (a `ray start` head, another test's Cluster)
+            ray.init(address="local", include_dashboard=False, log_to_driver=self.bars)
         else:
             ray.init(address=self.address, log_to_driver=self.bars)
 
