@@ -142,7 +142,9 @@ def test_read_only_store(stores, ckpts, tmp_path):
 
 @pytest.fixture(scope="module")
 def slow(ckpts, tmp_path_factory):
-    base = ckpts.custom("int-base", lambda p: tiny_models.save_base(p, dtype=torch.bfloat16, num_hidden_layers=8))
+    # 32 layers in chunks of 256 entries: the ingest writes chunks for ~1 s after its arrays exist
+    # (they are created in one batch), time enough for the interrupt on a loaded machine
+    base = ckpts.custom("int-base", lambda p: tiny_models.save_base(p, dtype=torch.bfloat16, num_hidden_layers=32))
     a = ckpts.custom("int-a", lambda p: tiny_models.save_finetuned(base, p, "llava", dtype=torch.bfloat16, seed=41))
     store = tmp_path_factory.mktemp("int") / "store"
     run_cli("ingest", "--store", store, "--base", base, "--chunk-elems", 256, "--quiet")
