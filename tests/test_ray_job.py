@@ -44,11 +44,14 @@ def ray_head(num_cpus: int = 2):
     Teardown ends only what this head started: SIGINT to `ray start` (its atexit handler stops
     the node's processes), then SIGKILL to any recorded descendant still alive. (`ray stop
     --force` would also kill every other Ray instance of this user on the machine.)"""
-    dashboard_port, gcs_port = free_port(), free_port()
+    # every port of its own: the job agent's default HTTP port (52365) is taken by any other Ray
+    # running here (another test worker's cluster), and a head without its agent takes no jobs
+    dashboard_port, gcs_port, agent_port = free_port(), free_port(), free_port()
     temp_dir = tempfile.mkdtemp(prefix="mmer-ray-")  # short: Ray's unix socket paths live under it
     log = open(f"{temp_dir}/ray-start.log", "wb")
     cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", f"--num-cpus={num_cpus}", "--num-gpus=0",
            "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", f"--port={gcs_port}",
+           f"--dashboard-agent-listen-port={agent_port}",
            f"--temp-dir={temp_dir}", "--disable-usage-stats"]
     proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     head = psutil.Process(proc.pid)
@@ -99,19 +102,6 @@ def wait_for_job_api(url: str, proc: subprocess.Popen, temp_dir: str, timeout: f
             time.sleep(0.5)
 
 
-def submit_when_an_agent_is_up(client, timeout: float = 120, **job) -> str:
-    """``submit_job``, again while the head answers "No available agent to submit job, please try
-    again later": the job API is up before the node's job agent (slow on a loaded machine)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return client.submit_job(**job)
-        except RuntimeError as e:
-            if "No available agent" not in str(e) or time.monotonic() > deadline:
-                raise
-            time.sleep(1.0)
-
-
 def test_ray_job_submit_runs_the_cli_merge(ray_env, template, tmp_path):
     from ray.job_submission import JobStatus, JobSubmissionClient
 
@@ -122,8 +112,10 @@ def test_ray_job_submit_runs_the_cli_merge(ray_env, template, tmp_path):
 
     with ray_head() as (api, remember):
         client = JobSubmissionClient(api)
-        job = submit_when_an_agent_is_up(client, entrypoint=f"python -m mmer_dist.cli {' '.join(argv)}",
-                                         runtime_env={"working_dir": str(REPO), "excludes": UPLOAD_EXCLUDES})
+        job = client.submit_job(
+            entrypoint=f"python -m mmer_dist.cli {' '.join(argv)}",
+            runtime_env={"working_dir": str(REPO), "excludes": UPLOAD_EXCLUDES},
+        )
         deadline = time.monotonic() + 240
         status = client.get_job_status(job)
         while status not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
