@@ -12,6 +12,7 @@ import contextlib
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -61,11 +62,21 @@ def run_cli(*args: str | os.PathLike, ok: bool = True) -> CliResult:
     return result
 
 
+def _as_from_a_terminal() -> None:
+    """In the child before exec: Ctrl-C and SIGTERM with their default actions and unblocked, as
+    a shell in a terminal starts a command. A child inherits ignored signals, and something in
+    a long test session (a library's handler set-up) can leave SIGINT ignored in this process:
+    Python then installs no KeyboardInterrupt handler and a test's Ctrl-C is silently lost."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT, signal.SIGTERM])
+
+
 def mmer_subprocess(*args: str | os.PathLike, **popen) -> subprocess.Popen:
-    """``mmer ARGS`` as a separate process (for kill tests)."""
+    """``mmer ARGS`` as a separate process (for kill and Ctrl-C tests)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
     return subprocess.Popen([*MMER, *map(str, args)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, **popen)
+                            text=True, preexec_fn=_as_from_a_terminal, **popen)
 
 
 # -- checkpoints, read the plain way -------------------------------------------------------------

@@ -177,6 +177,12 @@ def _interrupt_when(start, condition, what, finished) -> tuple[int, str]:
     pytest.fail(f"the command finished before it could be interrupted, three times ({what})")
 
 
+def _sigint_here() -> str:
+    """This process's SIGINT disposition and mask (what a child would inherit without
+    ``mmer_subprocess``'s reset), for the failure message."""
+    return f"SIGINT here: {signal.getsignal(signal.SIGINT)!r}, blocked: {signal.pthread_sigmask(signal.SIG_BLOCK, [])}"
+
+
 def test_ctrl_c_exits_130_and_cleans_its_staging(slow, tmp_path):
     store = tmp_path / "store"
     before = StoreState.capture(copy_store(slow.store, tmp_path / "pristine"))
@@ -190,7 +196,7 @@ def test_ctrl_c_exits_130_and_cleans_its_staging(slow, tmp_path):
 
     rc, err = _interrupt_when(start_ingest, lambda: llm.is_dir() and len(list(llm.glob("*/zarr.json"))) >= 3,
                               "ingest writes", lambda: Store.open(str(store)).catalog().has_model("a"))
-    assert rc == 130 and "interrupted" in _one_line(err), (rc, err[-3000:])
+    assert rc == 130 and "interrupted" in _one_line(err), (rc, err[-3000:], _sigint_here())
     assert StoreState.capture(store) == before
 
     run_cli("ingest", "--store", store, "--model", "a", "--path", slow.a, "--modality", "image", "--quiet")
@@ -206,6 +212,6 @@ def test_ctrl_c_exits_130_and_cleans_its_staging(slow, tmp_path):
 
     rc, err = _interrupt_when(start_merge, shard.exists, "a merge shard is done",
                               lambda: Store.open(str(store)).catalog().latest_version() is not None)
-    assert rc == 130 and "interrupted" in _one_line(err), (rc, err[-3000:])
+    assert rc == 130 and "interrupted" in _one_line(err), (rc, err[-3000:], _sigint_here())
     assert StoreState.capture(store) == before
     assert status_json(store)["versions"] == []
