@@ -68,7 +68,8 @@ class OpenAIIngress:
         except ValidationError as e:
             # of a union's alternatives, the deepest error names the real problem
             first = max(e.errors(), key=lambda err: len(err["loc"]))
-            where = ".".join(str(x) for x in first["loc"])
+            # without pydantic's labels of union alternatives ("list[tagged-union[...]]"): the path only
+            where = ".".join(str(x) for x in first["loc"] if not (isinstance(x, str) and "[" in x))
             raise ApiError(400, f"{where}: {first['msg']}" if where else first["msg"],
                            param=str(first["loc"][0]) if first["loc"] else None) from None
         parsed.check_supported()

@@ -38,7 +38,10 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
 
     try:
         image = Image.open(io.BytesIO(data))
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+    except UnidentifiedImageError:  # PIL's message names only its in-memory buffer object
+        raise InvalidInputError(f"image: not a readable PNG or JPEG file ({len(data)} bytes in no image format "
+                                "PIL knows)") from None
+    except (OSError, ValueError) as e:
         raise InvalidInputError(f"image: not a readable PNG or JPEG file ({e})") from None
     with image:
         if image.format not in IMAGE_FORMATS:
