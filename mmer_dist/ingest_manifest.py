@@ -32,12 +32,12 @@ import yaml
 
 from mmer_dist import ingest
 from mmer_dist.errors import InvalidInputError, MmerError, StoreError
+from mmer_dist.formats.mapping import FORMAT_NAMES
 from mmer_dist.store import layout
 from mmer_dist.store.store import Store
 
 TOP_FIELDS = ("base", "chunk_elems", "models")
 MODEL_FIELDS = ("id", "path", "modality", "format", "mapping", "lam", "task")
-FORMATS = ("llava-hf", "video-llava-hf", "llava", "llama", "generic")
 
 
 @dataclass(frozen=True)
@@ -108,8 +108,8 @@ def _model_entry(entry, i: int, folder: Path, where: str) -> ManifestModel:
     for field in ("format", "mapping", "task"):
         if entry.get(field) is not None and not isinstance(entry[field], str):
             raise InvalidInputError(f"{at}: '{field}' must be a string, got {entry[field]!r}")
-    if entry.get("format") is not None and entry["format"] not in FORMATS:
-        raise InvalidInputError(f"{at}: unknown format {entry['format']!r}; one of {', '.join(FORMATS)}")
+    if entry.get("format") is not None and entry["format"] not in FORMAT_NAMES:
+        raise InvalidInputError(f"{at}: unknown format {entry['format']!r}; one of {', '.join(FORMAT_NAMES)}")
     lam = entry.get("lam", 1.0)
     if isinstance(lam, bool) or not isinstance(lam, (int, float)):
         raise InvalidInputError(f"{at}: 'lam' must be a number, got {lam!r}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from mmer_dist.cli.args import positive_int, store_arg
 from mmer_dist.errors import InvalidInputError
+from mmer_dist.formats.mapping import FORMAT_NAMES
 
 
 def register(sub) -> None:
@@ -21,7 +22,7 @@ def register(sub) -> None:
                       "of {id, path, modality, format, mapping, lam, task} (paths relative to the file)")
     p.add_argument("--path", help="checkpoint directory of the model (with --model)")
     p.add_argument("--modality", help="modality the model handles: image, video, audio, point, ... (with --model)")
-    p.add_argument("--format", choices=["llava-hf", "video-llava-hf", "llava", "llama", "generic"],
+    p.add_argument("--format", choices=FORMAT_NAMES,
                    help="checkpoint format (default: detected from config.json)")
     p.add_argument("--mapping", metavar="FILE", help="key-mapping JSON for --format generic")
     p.add_argument("--lam", type=float, default=1.0, help="default mask lambda of this model (default 1.0)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from mmer_dist.cli.args import store_arg
 from mmer_dist.cli.merge import add_run_options, describe_version, run_options
+from mmer_dist.formats.mapping import FORMAT_NAMES
 
 
 def register(sub) -> None:
@@ -18,7 +19,7 @@ def register(sub) -> None:
     p.add_argument("--model", required=True, metavar="ID", help="id of the new model")
     p.add_argument("--modality", required=True, help="its modality: image, video, audio, point, ...")
     p.add_argument("--path", required=True, help="its checkpoint directory")
-    p.add_argument("--format", choices=["llava-hf", "video-llava-hf", "llava", "llama", "generic"],
+    p.add_argument("--format", choices=FORMAT_NAMES,
                    help="checkpoint format (default: detected)")
     p.add_argument("--mapping", metavar="FILE", help="key-mapping JSON for --format generic")
     p.add_argument("--lam", type=float, default=1.0, help="its mask lambda (default 1.0)")

@@ -36,6 +36,9 @@ from mmer_dist.errors import FormatError
 
 # Every base Llama-family key starts with one of these; anything else is not an LLM tensor.
 CANONICAL_LLM_PREFIXES = ("model.embed_tokens.", "model.layers.", "model.norm.", "lm_head.")
+# what `--format` (and a manifest's `format:`) accepts: the built-in mappings, and `generic` with
+# a user's mapping file
+FORMAT_NAMES = ("llava-hf", "video-llava-hf", "llava", "llama", "generic")
 
 _SCHEMA_FIELDS = {
     "name", "description", "architectures", "model_types", "llm", "component", "ignore", "text_config",
