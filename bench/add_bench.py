@@ -39,7 +39,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.checkpoints import MMER, STORE_DIR, clone_store, ensure_checkpoints, ensure_store, model_id  # noqa: E402
+from bench.checkpoints import MMER, STORE_DIR, STORE_FORMAT, clone_store, ensure_checkpoints, ensure_store, model_id  # noqa: E402
 from bench.common import OUT_DIR, environment, fmt_bytes, write_json  # noqa: E402
 from bench.procs import run_timed  # noqa: E402
 
@@ -83,12 +83,12 @@ def served_template(cs, n: int, args, log) -> Path:
     """base + m0..m{n-1} with version 1 merged and served, built once per (checkpoints, n)."""
     path = STORE_DIR / f"{cs.root.name}-n{n}-served"
     marker = path / ".bench-complete"
-    if marker.exists():
+    if marker.exists() and marker.read_text() == STORE_FORMAT:
         return path
     ingested = ensure_store(cs, n, log=log)
     clone_store(ingested, path)
     mmer("merge", "--store", str(path), "--quiet", "--models", *[model_id(i) for i in range(n)], timeout=args.timeout)
-    marker.write_text("")
+    marker.write_text(STORE_FORMAT)
     return path
 
 

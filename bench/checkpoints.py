@@ -228,11 +228,16 @@ def run_mmer(*args: str, env: dict | None = None, check: bool = True) -> subproc
     return proc
 
 
+# Bumped when ingest lays a store out differently (2: chunk rows rounded to whole memory pages,
+# so merges map chunks instead of copying them): older cached stores are rebuilt.
+STORE_FORMAT = "2"
+
+
 def ensure_store(cs: CheckpointSet, n_models: int, *, out_dir: Path = STORE_DIR, log=print) -> Path:
     """A store holding the base and models m0..m{n-1} of ``cs`` (no versions), built once."""
     path = out_dir / f"{cs.root.name}-n{n_models}"
     marker = path / ".bench-complete"
-    if marker.exists():
+    if marker.exists() and marker.read_text() == STORE_FORMAT:
         return path
     if path.exists():
         shutil.rmtree(path)
@@ -242,7 +247,7 @@ def ensure_store(cs: CheckpointSet, n_models: int, *, out_dir: Path = STORE_DIR,
     for i in range(n_models):
         run_mmer("ingest", "--store", str(path), "--model", model_id(i), "--path", str(cs.model(i)),
                  "--modality", "text", "--format", "llama", "--quiet")
-    marker.write_text("")
+    marker.write_text(STORE_FORMAT)
     log(f"built store {path} (base + {n_models} models) in {time.perf_counter() - t0:.1f}s")
     return path
 

@@ -146,7 +146,7 @@ def _write_base(store: Store, reader: CheckpointReader, split, n_layers: int, ch
             raise FormatError(f"base, tensor {name!r}: dtype {info.dtype} is not floating point")
         rows, cols = layout.matrix_shape(tuple(info.shape))
         records.append(TensorRecord(name, list(info.shape), dtype, rows, cols,
-                                    layout.rows_per_chunk(tuple(info.shape), chunk_elems),
+                                    layout.rows_per_chunk(tuple(info.shape), chunk_elems, info.dtype.itemsize),
                                     _layer_of(name, n_layers), name in VOCAB_TENSORS))
     store.create_arrays([ArraySpec(f"{layout.BASE_LLM}/{r.name}", r.rows, r.cols, r.rows_per_chunk, r.dtype)
                          for r in records])

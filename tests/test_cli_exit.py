@@ -36,3 +36,33 @@ def test_commands_exit_with_their_own_status(merged_store, tmp_path):
         for want, args in commands:
             r = _run(*(str(a).format(i=i) for a in args))
             assert r.returncode == want and "terminate called" not in r.stderr, (args, r.returncode, r.stderr[-2000:])
+
+
+PROBE = """
+import os, sys
+sys.argv = ["mmer", *{argv!r}]
+loaded_before = "torch" in sys.modules
+import mmer_dist.cli  # loads torch, whose OpenMP runtime reads the policy once, now
+print(loaded_before, os.environ.get("OMP_WAIT_POLICY"), os.environ.get("OPENBLAS_NUM_THREADS"))
+"""
+
+
+@pytest.mark.parametrize("argv, user, want", [
+    (["merge", "--store", "s"], None, "PASSIVE"),
+    (["ingest", "--store", "s"], None, "PASSIVE"),
+    (["merge", "--store", "s"], "ACTIVE", "ACTIVE"),  # the user's setting is kept
+    (["serve", "--store", "s"], None, "None"),  # decode keeps OpenMP's spinning workers
+])
+def test_bulk_commands_let_idle_openmp_workers_sleep(argv, user, want):
+    import os
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OPENBLAS_NUM_THREADS")}
+    if user:
+        env["OMP_WAIT_POLICY"] = user
+    out = subprocess.run([sys.executable, "-c", PROBE.format(argv=argv)], capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    loaded_before, policy, blas = out.stdout.split()
+    assert loaded_before == "False" and policy == want
+    assert blas == ("1" if want != "None" else "None")

@@ -62,10 +62,12 @@ sys.path.insert(0, {tests!r})
 from method_helpers import streaming_merge, bits
 from test_kernel_cache import models_for, SETTINGS, IDS
 from mmer_dist.merge.kernel_cache import aot_fuser
+torch.set_num_threads({threads})  # not the building process's count: partials are sized at run time
 base, models = models_for()
 ts, ms, drv, st = streaming_merge(base, models, SETTINGS, IDS, rows_per_chunk=4, fuse=aot_fuser({cache!r}))
 print(json.dumps({{"dynamo": "torch._dynamo" in sys.modules, "inductor": "torch._inductor" in sys.modules,
-                  "tau": {{k: bits(v).tolist() for k, v in ts.items()}}}}))
+                  "tau": {{k: bits(v).tolist() for k, v in ts.items()}}, "counts": st.mask_counts.tolist(),
+                  "nonzero": st.nonzero}}))
 """
 
 
@@ -74,7 +76,8 @@ def test_a_new_process_loads_the_packages_without_compiling(cache_dir):
         test_aot_kernels_equal_eager(cache_dir)
     before = {p.name: p.stat().st_mtime_ns for p in cache_dir.glob("*.pt2")}
     tests = str(__import__("pathlib").Path(__file__).parent)
-    out = subprocess.run([sys.executable, "-c", CHILD.format(tests=tests, cache=str(cache_dir))],
+    threads = 2 * torch.get_num_threads() + 1
+    out = subprocess.run([sys.executable, "-c", CHILD.format(tests=tests, cache=str(cache_dir), threads=threads)],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
@@ -82,5 +85,6 @@ def test_a_new_process_loads_the_packages_without_compiling(cache_dir):
     assert {p.name: p.stat().st_mtime_ns for p in cache_dir.glob("*.pt2")} == before  # nothing rebuilt
     assert "compiling" not in out.stderr
     base, models = models_for()
-    ts, *_ = streaming_merge(base, models, SETTINGS, IDS, rows_per_chunk=4)
+    ts, _, _, st = streaming_merge(base, models, SETTINGS, IDS, rows_per_chunk=4)
     assert got["tau"] == {k: bits(v).tolist() for k, v in ts.items()}
+    assert (got["counts"], got["nonzero"]) == (st.mask_counts.tolist(), st.nonzero)

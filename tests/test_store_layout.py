@@ -9,7 +9,7 @@ import torch
 from mmer_dist.errors import StoreError
 from mmer_dist.store import layout
 from mmer_dist.store.catalog import ModelRecord
-from mmer_dist.store.store import Store
+from mmer_dist.store.store import ArraySpec, Store
 
 
 def _special(dtype: torch.dtype) -> torch.Tensor:
@@ -41,6 +41,23 @@ def test_tensors_round_trip_bit_for_bit(tmp_path, dtype):
     assert store.read_rows("x/y", 1, 3).view(view).tolist() == t[1:3].view(view).tolist()
 
 
+def test_arrays_created_together_replace_only_their_own_paths(tmp_path):
+    # on a local store zarr builds the metadata in memory and the documents are written directly:
+    # an array's replaces whatever was at its path, existing groups (the root's attributes) stay
+    root = tmp_path / "s"
+    store = Store.create(str(root))
+    marker = store.group.attrs.asdict()
+    store.create_array("v/a", 4, 16, 2, "float32")
+    store.write_rows("v/a", 0, torch.ones(4, 16))
+    store.create_arrays([ArraySpec("v/a", 6, 8, 3, "float32"), ArraySpec("v/m", 6, 1, 3, "uint8", True, 2)])
+    reopened = Store.open(str(root))
+    assert reopened.group.attrs.asdict() == marker
+    assert reopened.array("v/a").shape == (6, 8) and reopened.array("v/m").shape == (2, 6, 1)
+    assert not list((root / "v" / "a").glob("c/*"))  # the old array's chunks went with it
+    with pytest.raises(StoreError, match="'v/a'.*not a zarr group"):  # no array inside an array
+        store.create_arrays([ArraySpec("v/a/inner", 2, 2, 1, "float32")])
+
+
 def test_chunk_grid():
     assert layout.matrix_shape(()) == (1, 1)
     assert layout.matrix_shape((7,)) == (1, 7)
@@ -52,6 +69,18 @@ def test_chunk_grid():
     assert layout.packed_cols(17) == 3 and layout.packed_cols(16) == 2
     with pytest.raises(ValueError, match="int64"):
         layout.dtype_name(torch.int64)
+
+
+@pytest.mark.parametrize("shape, itemsize", [((32000, 768), 2), ((32001, 768), 2), ((50257, 768), 4),
+                                             ((32000, 4096), 2), ((151936, 896), 2)])
+def test_chunk_rows_make_whole_memory_pages_where_that_costs_little(shape, itemsize):
+    # a merge maps chunks of whole pages instead of copying them; the grid moves by under 2%
+    rows, cols = shape
+    balanced = -(-rows // -(-rows * cols // layout.DEFAULT_CHUNK_ELEMS))
+    got = layout.rows_per_chunk(shape, itemsize=itemsize)
+    assert balanced <= got <= balanced * 1.02
+    assert got * cols * itemsize % layout.PAGE_BYTES == 0
+    assert -(-rows // got) == -(-rows // balanced)  # the same number of chunks
 
 
 def test_catalog_snapshots_and_pointer(tmp_path):

@@ -62,8 +62,10 @@ class _Bound(torch.nn.Module):
 
 # Example sizes for the dynamic axes when exporting: neither 0 nor 1 (export would specialise
 # them). Columns are a multiple of 8 (bit packing then needs no padding, which keeps the final
-# kernel fused: 2.5x faster than a general width); chunks of other widths run eagerly.
-_EXAMPLE = {"rows": 13, "cols": 24}
+# kernel fused: 2.5x faster than a general width); chunks of other widths run eagerly. They are
+# also inductor's size hints: it splits a loop across threads only where the hint promises enough
+# work, so they are a real chunk's size (a 13 x 24 example compiled every loop single-threaded).
+_EXAMPLE = {"rows": 256, "cols": 4096}
 COLS_MULTIPLE = 8
 
 
@@ -96,7 +98,7 @@ class AotKernel:
         return tuple(runner.run(list(tensors)))
 
     def _load(self, sig: tuple):
-        raw = f"{self.name}|{self.tag}|{sig}|{_method_source_digest()}"
+        raw = f"{self.name}|{self.tag}|{sig}|{_EXAMPLE}|dynamic-threads|{_method_source_digest()}"
         path = self.cache_dir / f"{self.name}-{hashlib.sha256(raw.encode()).hexdigest()[:24]}.pt2"
         if not path.exists():
             self._build(path, sig)
@@ -121,7 +123,10 @@ class AotKernel:
             fd, tmp = tempfile.mkstemp(suffix=".pt2", dir=path.parent)
             os.close(fd)
             try:
-                torch._inductor.aoti_compile_and_package(exported, package_path=tmp)
+                # parallel loops size their per-thread partials by the runtime thread count: a
+                # package built in a 2-thread process serves a 16-CPU Ray actor too
+                with torch._inductor.config.patch({"cpp.dynamic_threads": True}):
+                    torch._inductor.aoti_compile_and_package(exported, package_path=tmp)
                 os.replace(tmp, path)
             finally:
                 if os.path.exists(tmp):

@@ -19,7 +19,8 @@ from mmer_dist.method.elect import SignCounts
 from mmer_dist.method.kernels import ChunkKernels
 from mmer_dist.method.settings import MergeSettings
 from mmer_dist.merge.plan import ShardSpec
-from mmer_dist.store import layout
+from mmer_dist.store import layout, mapped
+from mmer_dist.store.mapped import MappedStack
 from mmer_dist.store.store import Store
 from mmer_dist.store.versions import Staging
 
@@ -49,37 +50,44 @@ class StoreChunkReader:
 
     # Buffers cycled through: the chunk being computed on, the one being read ahead, and one
     # spare for a caller still holding the previous chunk. Reusing them (instead of a fresh
-    # allocation per chunk, which the kernel has to fault in page by page) saves sys time.
+    # allocation per chunk, which the kernel has to fault in page by page) saves sys time. Each
+    # has a mapped twin: chunks whose files can be mapped side by side are not copied at all.
     RING = 3
 
-    def __init__(self, store: Store, model_ids: tuple[str, ...], prefetch: Sequence[streaming.ChunkSpec] = ()):
+    def __init__(self, store: Store, model_ids: tuple[str, ...], prefetch: Sequence[streaming.ChunkSpec] = (),
+                 verified: set | None = None):
         self.store = store
         self.model_ids = model_ids
+        self._verified = verified  # chunk files checksummed by an earlier pass (``Store.read_stacked``)
         self._next = dict(zip(prefetch, list(prefetch)[1:]))
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmer-prefetch") if prefetch else None
         self._pending: dict[streaming.ChunkSpec, Future] = {}
         largest = max((c.numel for c in prefetch), default=0) * (len(model_ids) + 1) * 4
         self._ring = [torch.empty(largest, dtype=torch.uint8) for _ in range(self.RING)] if largest else []
+        # address space only: pages are the page cache's, mapped while a chunk is in use
+        self._stacks = [MappedStack(largest) for _ in self._ring] if largest and store.is_local and mapped.AVAILABLE else []
         self._turn = 0
 
-    def _read_now(self, chunk: streaming.ChunkSpec, buffer: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _read_now(self, chunk: streaming.ChunkSpec, slot: tuple[torch.Tensor | None, MappedStack | None]
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
         # base and models in one buffer: one read per file, no stacking copy; fine-tunes in other
         # dtypes than the base come back upcast to float32 (exact), as task vectors need anyway
         paths = [f"{layout.BASE_LLM}/{chunk.tensor}"] + [f"{layout.model_llm(m)}/{chunk.tensor}" for m in self.model_ids]
-        stacked = self.store.read_stacked(paths, chunk.row_start, chunk.row_stop, buffer)
+        stacked = self.store.read_stacked(paths, chunk.row_start, chunk.row_stop, *slot, verified=self._verified)
         return stacked[1:], stacked[0]
 
-    def _buffer(self) -> torch.Tensor | None:
-        """The next ring buffer; called only from the caller's thread, in read order."""
+    def _buffer(self) -> tuple[torch.Tensor | None, MappedStack | None]:
+        """The next ring slot (buffer, mapped twin); called only from the caller's thread, in
+        read order."""
         if not self._ring:
-            return None
+            return None, None
         self._turn = (self._turn + 1) % len(self._ring)
-        return self._ring[self._turn]
+        return self._ring[self._turn], (self._stacks[self._turn] if self._stacks else None)
 
     def read(self, chunk: streaming.ChunkSpec) -> tuple[torch.Tensor, torch.Tensor]:
         pending = self._pending.pop(chunk, None)
         following = self._next.get(chunk)
-        now = self._buffer() if pending is None else None
+        now = self._buffer() if pending is None else (None, None)
         if self._pool is not None and following is not None and following not in self._pending:
             self._pending[following] = self._pool.submit(self._read_now, following, self._buffer())
         return pending.result() if pending is not None else self._read_now(chunk, now)
@@ -93,25 +101,30 @@ class StoreChunkReader:
 class VersionWriter:
     """Writes tau* and the packed masks of all models of each chunk into the staged version.
 
-    Writes happen on a background thread (at most two chunks queued) so that encoding and
-    storing one chunk overlaps computing the next; ``close`` waits for them and re-raises the
-    first error, so a shard is only marked done once every byte is in the store.
+    Writes happen on two background threads (tau* and the masks of a chunk as two tasks, at most
+    two chunks queued) so that storing one chunk overlaps computing the next, and one chunk's
+    tau* goes to the device while its masks are compressed; ``close`` waits for them and
+    re-raises the first error, so a shard is only marked done once every byte is in the store.
     """
+
+    QUEUED = 4  # tasks: two chunks
 
     def __init__(self, store: Store, version: int):
         self.store = store
         self.version = version
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmer-write")
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mmer-write")
         self._pending: list[Future] = []
 
-    def _write_now(self, chunk: streaming.ChunkSpec, tau_star: torch.Tensor, packed: torch.Tensor) -> None:
-        self.store.write_chunk(f"{layout.version_tau_star(self.version)}/{chunk.tensor}", chunk.row_start, tau_star)
-        self.store.write_chunk(f"{layout.version_masks(self.version)}/{chunk.tensor}", chunk.row_start, packed)
+    def _write_now(self, path: str, chunk: streaming.ChunkSpec, block: torch.Tensor) -> None:
+        # past the page cache: the server reads a version later, once; through the cache these
+        # writes cost a copy each and evict the model chunks this merge is reading
+        self.store.write_chunk(f"{path}/{chunk.tensor}", chunk.row_start, block, direct=True)
 
     def write(self, chunk: streaming.ChunkSpec, tau_star: torch.Tensor, packed: torch.Tensor) -> None:
-        while len(self._pending) >= 2:
+        while len(self._pending) > self.QUEUED - 2:
             self._pending.pop(0).result()
-        self._pending.append(self._pool.submit(self._write_now, chunk, tau_star, packed))
+        self._pending.append(self._pool.submit(self._write_now, layout.version_tau_star(self.version), chunk, tau_star))
+        self._pending.append(self._pool.submit(self._write_now, layout.version_masks(self.version), chunk, packed))
 
     def close(self) -> None:
         try:
@@ -130,12 +143,15 @@ class ShardWorker:
         self.shard = shard
         self.store = Store.open(job.store_url)
         self.kernels = make_kernels(job)
+        # each pass reads every chunk file again: its checksum is checked by the first that reads
+        # it (the files are immutable and the merge holds the writer lock)
+        self.verified: set = set()
 
     def run(self, request: streaming.PassRequest, progress: Callable[[int], None] | None = None):
         """Returns (partial result, seconds). A final pass marks the shard done when finished."""
         started = time.perf_counter()
         writer = VersionWriter(self.store, self.job.version) if request.writes else None
-        reader = StoreChunkReader(self.store, self.job.model_ids, prefetch=self.shard.chunks)
+        reader = StoreChunkReader(self.store, self.job.model_ids, prefetch=self.shard.chunks, verified=self.verified)
         try:
             result = streaming.run_pass(request, self.shard.chunks, reader, self.kernels, writer=writer,
                                         device=self.job.device, progress=progress)

@@ -27,6 +27,12 @@ ACTOR_RESTARTS = 4
 START_TIMEOUT_S = float(os.environ.get("MMER_RAY_START_TIMEOUT", "900"))
 
 
+# An actor's reader and writer threads run beside torch's OpenMP pool: idle OpenMP workers
+# sleep instead of spinning on those threads' cores (see mmer_dist.cli.BULK_COMMANDS); set
+# before the actor's process loads torch, unless the driver's environment chose a policy.
+ACTOR_ENV = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+
+
 @ray.remote
 class ShardActor:
     """A ``ShardWorker`` living in a Ray worker process for the whole merge."""
@@ -116,7 +122,8 @@ class RayBackend:
         for s in shards:
             memory = min(memory_cap, worker_memory_bytes(job, s)) if memory_cap else None
             options = dict(num_cpus=cpus, num_gpus=gpus, memory=memory, max_restarts=ACTOR_RESTARTS,
-                           max_task_retries=ACTOR_RESTARTS, scheduling_strategy="SPREAD")
+                           max_task_retries=ACTOR_RESTARTS, scheduling_strategy="SPREAD",
+                           runtime_env={"env_vars": ACTOR_ENV})
             if self.worker_resources:
                 options["resources"] = dict(self.worker_resources)
             demands[s.index] = {"CPU": cpus, "GPU": gpus, "memory": memory or 0.0, **self.worker_resources}

@@ -268,7 +268,8 @@ def run_pass(request: PassRequest, chunks: Sequence[ChunkSpec], reader: ChunkRea
     for chunk in chunks:
         models, base = reader.read(chunk)
         models, base = models.to(device), base.to(device)
-        blocks = [Block(sub.info(settings.scope), models[:, a:b], base[a:b]) for sub, a, b in row_blocks(chunk, block_elems)]
+        blocks = [Block(sub.info(settings.scope), models[:, a:b], base[a:b])
+                  for sub, a, b in row_blocks(chunk, kernels.block_elems(chunk.cols, block_elems))]
         work = ChunkWork(chunk, chunk.info(settings.scope).group, blocks, models, base, writer, lams)
         partial = request.step(partial, kernels, work)
         if progress is not None:

@@ -40,5 +40,12 @@ def exact_div(numerator: torch.Tensor, denominator: torch.Tensor | float) -> tor
     were seen to move tau* by one ulp against the CPU. Dividing in float64 and rounding once to
     float32 gives the correctly rounded float32 quotient (a float64 quotient of float32 operands
     never rounds onto a float32 tie), and float64 division is IEEE on every backend.
+
+    On CPU a float32 tensor divided by a float32 tensor is already IEEE (eager and inductor's C++
+    kernels both emit the division instruction), so it is kept in float32: the same quotient, and
+    a sixth less work in the fused final kernel than two float64 divisions per 16 entries.
     """
+    if (isinstance(denominator, torch.Tensor) and numerator.device.type == "cpu"
+            and numerator.dtype == denominator.dtype == torch.float32):
+        return numerator / denominator
     return (numerator.double() / denominator).float()

@@ -20,6 +20,7 @@ it raises, as the store's checked zarr reads do.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import uuid
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mmer_dist.errors import StoreError
+from mmer_dist.store import direct_io, mapped
 
 
 @dataclass(frozen=True)
@@ -103,34 +105,70 @@ class ChunkFiles:
 
     # -- reading ---------------------------------------------------------------------------------
 
-    def read_into(self, start: int, out: np.ndarray) -> None:
+    def read_into(self, start: int, out: np.ndarray, verify: bool = True) -> None:
         """Read the chunk starting at row ``start`` into ``out`` (its rows x cols, contiguous; 2-D
-        arrays only: there an edge chunk's padding follows the rows asked for)."""
+        arrays only: there an edge chunk's padding follows the rows asked for). ``verify``: check
+        its checksum (a caller that checked this chunk file before may skip it)."""
         if self.leading_axes:
             raise ValueError("read_into reads 2-D arrays")
         file = self._file(start)
-        try:
-            fd = os.open(file, os.O_RDONLY)
-        except FileNotFoundError:  # every chunk is written at creation: a missing one is damage
-            raise StoreError(f"chunk file {file} is missing (the store is damaged; `mmer verify` lists what)") from None
+        fd = self._open(file)
         try:
             size = os.fstat(fd).st_size
             if self.zstd_level is not None:
                 raw = _pread_all(fd, size, file)
                 self._decode_into(raw, out, file)
                 return
-            if size != self._padded_bytes + 4 * self.checksum:
-                raise StoreError(f"chunk file {file} holds {size} bytes, expected "
-                                 f"{self._padded_bytes + 4 * self.checksum} (truncated or corrupt)")
+            self._check_size(size, file)
             view = memoryview(out.reshape(-1).view(np.uint8))
             tail = bytearray(size - out.nbytes)
             _preadv_all(fd, [view] + ([memoryview(tail)] if tail else []), size, file)
         finally:
             os.close(fd)
+        if verify:
+            self._verify(view, tail, file)
+
+    def can_map(self, nbytes: int) -> bool:
+        """Whether ``map_into`` serves a read of this chunk's first ``nbytes``."""
+        return not self.leading_axes and self.zstd_level is None and mapped.page_aligned(nbytes)
+
+    def map_into(self, start: int, stack: mapped.MappedStack, offset: int, nbytes: int, verify: bool = True) -> None:
+        """``read_into`` without the copy: map the chunk's first ``nbytes`` (its rows; a whole
+        number of pages) read-only at ``offset`` of ``stack``, with the same size and checksum
+        checks (the padding of an edge chunk and the checksum are read into a small buffer)."""
+        file = self._file(start)
+        fd = self._open(file)
+        try:
+            size = os.fstat(fd).st_size
+            self._check_size(size, file)
+            stack.map_file(fd, offset, nbytes)
+            tail = bytearray(size - nbytes)
+            if tail:
+                got = os.preadv(fd, [memoryview(tail)], nbytes)
+                if got != len(tail):
+                    raise StoreError(f"chunk file {file} ended early while being read")
+        finally:
+            os.close(fd)
+        if verify:
+            self._verify(stack.view(offset + nbytes)[offset:], tail, file)
+
+    def _open(self, file: str) -> int:
+        try:
+            return os.open(file, os.O_RDONLY)
+        except FileNotFoundError:  # every chunk is written at creation: a missing one is damage
+            raise StoreError(f"chunk file {file} is missing (the store is damaged; `mmer verify` lists what)") from None
+
+    def _check_size(self, size: int, file: str) -> None:
+        if size != self._padded_bytes + 4 * self.checksum:
+            raise StoreError(f"chunk file {file} holds {size} bytes, expected "
+                             f"{self._padded_bytes + 4 * self.checksum} (truncated or corrupt)")
+
+    def _verify(self, data, tail: bytearray, file: str) -> None:
+        """Check the stored checksum of ``data`` + ``tail`` (the tail ends with it)."""
         if self.checksum:
             import google_crc32c
 
-            crc = google_crc32c.extend(google_crc32c.value(out.reshape(-1).view(np.uint8)), bytes(tail[:-4]))
+            crc = google_crc32c.extend(google_crc32c.value(np.frombuffer(data, dtype=np.uint8)), bytes(tail[:-4]))
             if np.uint32(crc).tobytes() != bytes(tail[-4:]):
                 raise StoreError(f"chunk file {file}: checksum mismatch (corrupt chunk)")
 
@@ -146,8 +184,9 @@ class ChunkFiles:
 
     # -- writing ---------------------------------------------------------------------------------
 
-    def write(self, start: int, block: np.ndarray) -> None:
-        """Write ``block`` ([lead axes,] the chunk's rows, cols) as the chunk starting at row ``start``."""
+    def write(self, start: int, block: np.ndarray, direct: bool = False) -> None:
+        """Write ``block`` ([lead axes,] the chunk's rows, cols) as the chunk starting at row
+        ``start``; ``direct``: past the page cache (``direct_io``), for output read back later."""
         block = np.ascontiguousarray(block)
         rows = block.shape[-2]
         if rows != self.rows_per_chunk:  # an edge chunk: pad each leading index's rows
@@ -167,16 +206,12 @@ class ChunkFiles:
         file = self._file(start)
         os.makedirs(os.path.dirname(file), exist_ok=True)
         tmp = f"{file}.{uuid.uuid4().hex}.partial"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            for part in parts:
-                while part:
-                    part = part[os.write(fd, part):]
+            direct_io.create_file(tmp, parts, direct)
         except BaseException:
-            os.close(fd)
-            os.unlink(tmp)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
             raise
-        os.close(fd)
         os.replace(tmp, file)
 
 
