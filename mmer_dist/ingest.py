@@ -41,7 +41,7 @@ from mmer_dist.method.validate import check_finite, check_lam
 from mmer_dist.store import layout
 from mmer_dist.ingest_files import CheckpointFiles, needed_files
 from mmer_dist.merge.progress import progress_bar
-from mmer_dist.store.catalog import ModelRecord, StoreRecord, TensorRecord
+from mmer_dist.store.catalog import ModelRecord, StoreRecord, TensorRecord, read_parquet
 from mmer_dist.store.files import ManifestWriter
 from mmer_dist.store.store import ArraySpec, Store, check_model_id, utc_now
 
@@ -450,8 +450,7 @@ def _write_histograms(manifest: ManifestWriter, histograms: dict[str, select.Spa
 
 def read_histograms(store: Store, model_id: str) -> dict[str, select.SparseCounts]:
     """Per tensor: high-digit counts (2, M) of |theta_i - theta_pre| recorded at ingest."""
-    table = pq.read_table(pa.BufferReader(store.get_bytes(f"{layout.model_meta(model_id)}/{HISTOGRAM}")),
-                          use_threads=False)  # no Arrow thread calling back into Python (see catalog.py)
+    table = read_parquet(store.get_bytes(f"{layout.model_meta(model_id)}/{HISTOGRAM}"))
     names = table.column("tensor").to_numpy(zero_copy_only=False)
     keys = table.column("key").to_numpy()
     counts = np.stack([table.column("count").to_numpy(), table.column("floor").to_numpy()])

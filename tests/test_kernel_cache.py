@@ -88,3 +88,43 @@ def test_a_new_process_loads_the_packages_without_compiling(cache_dir):
     ts, _, _, st = streaming_merge(base, models, SETTINGS, IDS, rows_per_chunk=4)
     assert got["tau"] == {k: bits(v).tolist() for k, v in ts.items()}
     assert (got["counts"], got["nonzero"]) == (st.mask_counts.tolist(), st.nonzero)
+
+
+def test_kernels_run_without_holding_the_gil(cache_dir):
+    # torch's loader binding holds the GIL for a whole kernel, which kept the merge's reader and
+    # writer threads from running beside it; the runner here releases it for the call. A helper
+    # thread stamps the clock in a loop: with the GIL held it could only run in the few bytecodes
+    # around the call, so its stamps could not cover most of the call's duration.
+    import threading
+    import time
+
+    from mmer_dist.merge.kernel_cache import GilFreeRunner
+    from mmer_dist.method.kernels import ChunkKernels
+
+    kernels = ChunkKernels(SETTINGS, IDS, fuse=aot_fuser(str(cache_dir)))
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(4096, 4096, generator=g)
+    models = base + torch.randn(3, 4096, 4096, generator=g) * 0.01
+    args = [models, base, torch.full((3,), 1e-3), torch.tensor(1.0), torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64),
+            torch.tensor(0)]
+    final = kernels._fused["final"]
+    final(*args)  # load (or build) the package
+    (runner,) = final._runners.values()
+    assert isinstance(runner, GilFreeRunner)
+    stamps, stop = [], threading.Event()
+
+    def helper():
+        while not stop.is_set():
+            stamps.append(time.perf_counter())
+
+    thread = threading.Thread(target=helper)
+    thread.start()
+    time.sleep(0.05)
+    t0 = time.perf_counter()
+    runner.run(args)
+    t1 = time.perf_counter()
+    stop.set()
+    thread.join()
+    inside = [t for t in stamps if t0 < t < t1]
+    assert inside and inside[-1] - inside[0] > 0.5 * (t1 - t0), \
+        f"a Python thread ran for {inside[-1] - inside[0] if inside else 0:.4f}s of a {t1 - t0:.4f}s kernel call"

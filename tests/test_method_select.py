@@ -241,3 +241,18 @@ def test_sign_counts_merge_and_groups():
     assert {g: v.tolist() for g, v in m.groups.items()} == {"x": [3, 5, 0], "y": [0, 2, 1], "z": [1, 1, 0]}
     assert m.is_certain()  # y: lead -2, one undecided cannot tie it
     assert m.majority() == {"x": -1.0, "y": -1.0, "z": 1.0}
+
+
+@settings(max_examples=50, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n_parts=st.integers(1, 6), channels=st.integers(1, 3))
+def test_sparse_counts_sum_equals_merging_pair_by_pair(seed, n_parts, channels):
+    g = torch.Generator().manual_seed(seed)
+    parts = []
+    for _ in range(n_parts):
+        keys = torch.unique(torch.randint(0, 40, (int(torch.randint(0, 20, (1,), generator=g)),), generator=g))
+        parts.append(select.SparseCounts(keys, torch.randint(0, 9, (channels, keys.numel()), generator=g)))
+    pairwise = parts[0]
+    for p in parts[1:]:
+        pairwise = pairwise.merge(p)
+    together = select.SparseCounts.sum(parts)
+    assert torch.equal(together.keys, pairwise.keys) and torch.equal(together.counts, pairwise.counts)

@@ -81,11 +81,10 @@ def cached_high_histogram(store: Store, model_ids, scope: str) -> select.GroupHi
     """The ingest-time high-digit histograms, grouped by selection group, models stacked."""
     per_model = []
     for m in model_ids:
-        groups: dict[str, select.SparseCounts] = {}
+        groups: dict[str, list[select.SparseCounts]] = {}
         for tensor, counts in read_histograms(store, m).items():
-            g = selection_group(tensor, scope)
-            groups[g] = groups[g].merge(counts) if g in groups else counts
-        per_model.append(groups)
+            groups.setdefault(selection_group(tensor, scope), []).append(counts)
+        per_model.append({g: select.SparseCounts.sum(parts) for g, parts in groups.items()})
     return select.GroupHistogram({g: select.SparseCounts.stack([pm[g] for pm in per_model], dim=1)
                                   for g in per_model[0]})
 

@@ -4,26 +4,36 @@
 fresh ``mmer merge`` (and every Ray shard actor) spends ~5-10 s in dynamo and ~3 s importing it
 before its first chunk, 20-30 s when the caches are cold. Here each kernel is exported once
 (``torch.export``, rows and columns dynamic) and compiled into an AOTInductor package; later
-processes load the package with AOTInductor's C++ loader in milliseconds, without importing
-dynamo or inductor at all.
+processes load the package's shared library in milliseconds, without importing dynamo or
+inductor at all, and run it through AOTInductor's C interface with the GIL released
+(``GilFreeRunner``), so the merge's reader and writer threads run beside the kernels.
+
+The example inputs of the export are also inductor's size hints: it splits a loop across threads
+only where the hint promises enough work, so they have a real chunk's size, and the per-thread
+partials of parallel reductions are sized by the thread count at run time (``dynamic_threads``),
+so one package serves a 2-CPU process and a 16-CPU Ray actor alike.
 
 Packages live in one directory per user (``MMER_KERNEL_CACHE``, else
 ``$XDG_CACHE_HOME/mmer/kernels`` or ``~/.cache/mmer/kernels``), independent of any store. The
 driver resolves it and sends it to Ray actors in the job, so every process on a node shares the
 same packages; a node without them builds them once. A package's key names everything baked into
 it: the kernel, the constants bound into it (merge method, mask rule, number of models), the
-input dtypes, ranks and device, the torch version and a digest of ``mmer_dist/method``'s source
-(a code change invalidates old packages). Builders take a file lock and publish by rename, so
-concurrent processes never load a half-written package.
+input dtypes, ranks and device, the example sizes, the torch version and a digest of
+``mmer_dist/method``'s source (a code change invalidates old packages). Builders take a file lock
+and publish by rename, so concurrent processes never load a half-written package; the library
+extracted from a package (``<package>.so`` beside it) is published the same way.
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import hashlib
 import os
+import shutil
 import sys
 import tempfile
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -102,8 +112,12 @@ class AotKernel:
         path = self.cache_dir / f"{self.name}-{hashlib.sha256(raw.encode()).hexdigest()[:24]}.pt2"
         if not path.exists():
             self._build(path, sig)
-        # the C++ loader: no dynamo or inductor import in the processes that only load
-        return torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
+        # no dynamo or inductor import in the processes that only load
+        try:
+            return GilFreeRunner(path)
+        except (OSError, AttributeError, KeyError, RuntimeError) as e:  # a package this runner cannot read
+            print(f"mmer: running the {self.name} kernel through torch's loader ({e})", file=sys.stderr)
+            return torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
 
     def _build(self, path: Path, sig: tuple) -> None:
         from filelock import FileLock
@@ -131,6 +145,75 @@ class AotKernel:
             finally:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
+
+
+class GilFreeRunner:
+    """A package's model run through AOTInductor's C interface, without the GIL.
+
+    torch's Python binding of the package loader holds the GIL for the whole run of the kernel
+    (pytorch/pytorch#197516), so while a merge computes, its read-ahead and writer threads cannot
+    run a line of Python: reading, checksumming and writing chunks then took turns with the
+    kernels instead of overlapping them (measured: a Python thread ran 122 steps during 0.75 s of
+    kernels, 9,267 while idle). ctypes releases the GIL for the call. The model's shared library is
+    extracted once from the package, beside it (immutable, published by rename).
+    """
+
+    def __init__(self, package: Path):
+        lib = ctypes.CDLL(str(_extracted_library(package)))
+        self._run, self._delete = lib.AOTInductorModelContainerRun, lib.AOTInductorModelContainerDelete
+        self._run.restype = self._delete.restype = ctypes.c_int
+        self._run.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t,
+                              ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t, ctypes.c_void_p, ctypes.c_void_p]
+        self._error = lib.AOTInductorGetLastError
+        self._error.restype, self._error.argtypes = ctypes.c_int, [ctypes.POINTER(ctypes.c_char_p)]
+        handle, outputs = ctypes.c_void_p(), ctypes.c_size_t()
+        self._check(lib.AOTInductorModelContainerCreateWithDevice(ctypes.byref(handle), ctypes.c_size_t(1),
+                                                                  b"cpu", None), "load")
+        self._handle = handle
+        self._check(lib.AOTInductorModelContainerGetNumOutputs(handle, ctypes.byref(outputs)), "inspect")
+        self._outputs = outputs.value
+        self._lib = lib
+
+    def _check(self, code: int, what: str) -> None:
+        if code != 0:
+            message = ctypes.c_char_p()
+            self._error(ctypes.byref(message))
+            raise RuntimeError(f"AOTInductor could not {what} a kernel: {(message.value or b'').decode()}")
+
+    def run(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        # tensor handles travel as capsules; the model steals the inputs' and hands over the outputs'
+        handles = [_capsule_pointer(c, None) for c in torch._C._aoti.unsafe_alloc_void_ptrs_from_tensors(tensors)]
+        inputs = (ctypes.c_void_p * len(handles))(*handles)
+        outputs = (ctypes.c_void_p * self._outputs)()
+        self._check(self._run(self._handle, inputs, len(handles), outputs, self._outputs, None, None), "run")
+        return torch._C._aoti.alloc_tensors_by_stealing_from_void_ptrs([_capsule(p, None, None) for p in outputs])
+
+    def __del__(self):
+        if getattr(self, "_handle", None) is not None:
+            self._delete(self._handle)
+
+
+_capsule_pointer = ctypes.pythonapi.PyCapsule_GetPointer
+_capsule_pointer.restype, _capsule_pointer.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
+_capsule = ctypes.pythonapi.PyCapsule_New
+_capsule.restype, _capsule.argtypes = ctypes.py_object, [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
+
+
+def _extracted_library(package: Path) -> Path:
+    target = package.with_suffix(".so")
+    if target.exists():
+        return target
+    with zipfile.ZipFile(package) as z:
+        (member,) = [n for n in z.namelist() if n.endswith(".wrapper.so")]
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=package.parent)
+        try:
+            with os.fdopen(fd, "wb") as out, z.open(member) as src:
+                shutil.copyfileobj(src, out)
+            os.replace(tmp, target)  # concurrent extractions write the same bytes
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return target
 
 
 def aot_fuser(cache_dir: str | None = None) -> Callable:

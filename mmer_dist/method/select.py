@@ -64,6 +64,16 @@ class SparseCounts:
         return SparseCounts(keys, out)
 
     @staticmethod
+    def sum(parts: list[SparseCounts]) -> SparseCounts:
+        """The merge of many at once: one sort of all their keys instead of one per pair."""
+        if len(parts) == 1:
+            return parts[0]
+        keys, inverse = torch.unique(torch.cat([p.keys for p in parts]), sorted=True, return_inverse=True)
+        out = torch.zeros(parts[0].counts.shape[:-1] + (keys.numel(),), dtype=torch.int64)
+        out.index_add_(-1, inverse, torch.cat([p.counts for p in parts], dim=-1))
+        return SparseCounts(keys, out)
+
+    @staticmethod
     def stack(parts: list[SparseCounts], dim: int) -> SparseCounts:
         """Stack per-model counts (same leading shape) into a new model axis at ``dim``."""
         keys = torch.unique(torch.cat([p.keys for p in parts]), sorted=True)

@@ -286,6 +286,14 @@ def read_commit(fs: fsspec.AbstractFileSystem, root: str, seq: int) -> CommitRec
     return commit
 
 
+def read_parquet(data: bytes) -> pa.Table:
+    """A Parquet file's table, from its bytes. From an Arrow buffer, on this thread: no Arrow I/O
+    thread calls back into Python (one still doing so at interpreter exit aborts the process:
+    exit 134). One file, so ``ParquetFile``, not ``read_table``: that builds a dataset, whose first
+    use imports pyarrow's dataset and compute modules (0.06 s of every command)."""
+    return pq.ParquetFile(pa.BufferReader(data)).read(use_threads=False)
+
+
 def read_snapshot_tables(fs: fsspec.AbstractFileSystem, root: str, commit: CommitRecord) -> dict[str, list]:
     """Every table of a committed snapshot, each file checked against its recorded sha256."""
     tables = {}
@@ -302,9 +310,7 @@ def read_snapshot_tables(fs: fsspec.AbstractFileSystem, root: str, commit: Commi
             raise StoreError(f"catalog snapshot {commit.seq}: {path} is damaged (its sha256 differs from the one "
                              f"recorded at commit; {len(data)} bytes)")
         try:
-            # from an Arrow buffer, on this thread: no Arrow I/O thread calls back into Python (one
-            # still doing so at interpreter exit aborts the process: exit 134)
-            tables[name] = _from_table(pq.read_table(pa.BufferReader(data), use_threads=False), record_type)
+            tables[name] = _from_table(read_parquet(data), record_type)
         except (pa.ArrowException, TypeError, ValueError) as e:
             raise StoreError(f"catalog snapshot {commit.seq}: {path} does not parse ({e})") from None
     return tables
