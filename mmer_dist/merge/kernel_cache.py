@@ -113,11 +113,12 @@ class AotKernel:
         if not path.exists():
             self._build(path, sig)
         # no dynamo or inductor import in the processes that only load
-        try:
-            return GilFreeRunner(path)
-        except (OSError, AttributeError, KeyError, RuntimeError) as e:  # a package this runner cannot read
-            print(f"mmer: running the {self.name} kernel through torch's loader ({e})", file=sys.stderr)
-            return torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
+        if all(device == "cpu" for _, device, _ in sig):
+            try:
+                return GilFreeRunner(path)
+            except (OSError, AttributeError, KeyError, ValueError, RuntimeError, zipfile.BadZipFile) as e:
+                print(f"mmer: running the {self.name} kernel through torch's loader ({e})", file=sys.stderr)
+        return torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
 
     def _build(self, path: Path, sig: tuple) -> None:
         from filelock import FileLock
