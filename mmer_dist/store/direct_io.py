@@ -26,6 +26,7 @@ BLOCK = 4096  # a multiple of every common logical block size
 _DIRECT = getattr(os, "O_DIRECT", 0)
 _local = threading.local()
 _refused: set[int] = set()  # st_dev of file systems that refused O_DIRECT (checked once each)
+_REFUSALS = {errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP}  # how a file system says "not here"
 
 
 def _staging(nbytes: int) -> mmap.mmap:
@@ -50,7 +51,7 @@ def create_file(path: str, parts: list, direct: bool = False) -> None:
         try:
             fd = os.open(path, flags | _DIRECT, 0o644)
         except OSError as e:
-            if e.errno != errno.EINVAL:
+            if e.errno not in _REFUSALS:
                 raise
             _refused.add(os.stat(os.path.dirname(path) or ".").st_dev)
         else:
@@ -78,7 +79,7 @@ def _write_direct(fd: int, views: list[memoryview], size: int) -> None:
     try:
         _write_all(fd, whole[:aligned])
     except OSError as e:  # alignment the device still refuses: write it all through the cache
-        if e.errno != errno.EINVAL:
+        if e.errno not in _REFUSALS:
             raise
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~_DIRECT)
         os.lseek(fd, 0, os.SEEK_SET)
