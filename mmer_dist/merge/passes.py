@@ -64,8 +64,14 @@ class StoreChunkReader:
         self._pending: dict[streaming.ChunkSpec, Future] = {}
         largest = max((c.numel for c in prefetch), default=0) * (len(model_ids) + 1) * 4
         self._ring = [torch.empty(largest, dtype=torch.uint8) for _ in range(self.RING)] if largest else []
-        # address space only: pages are the page cache's, mapped while a chunk is in use
-        self._stacks = [MappedStack(largest) for _ in self._ring] if largest and store.is_local and mapped.AVAILABLE else []
+        # address space only: pages are the page cache's, mapped while a chunk is in use (where
+        # the process may not reserve it, e.g. under a tight address-space limit, chunks are copied)
+        self._stacks: list[MappedStack] = []
+        if largest and store.is_local and mapped.AVAILABLE:
+            try:
+                self._stacks = [MappedStack(largest) for _ in self._ring]
+            except (OSError, ValueError):
+                self._stacks = []
         self._turn = 0
 
     def _read_now(self, chunk: streaming.ChunkSpec, slot: tuple[torch.Tensor | None, MappedStack | None]
