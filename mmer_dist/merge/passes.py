@@ -113,13 +113,11 @@ class VersionWriter:
     re-raises the first error, so a shard is only marked done once every byte is in the store.
     """
 
-    QUEUED = 4  # tasks: two chunks
-
     def __init__(self, store: Store, version: int):
         self.store = store
         self.version = version
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mmer-write")
-        self._pending: list[Future] = []
+        self._pending: list[tuple[Future, Future]] = []  # per queued chunk: its tau* and masks writes
 
     def _write_now(self, path: str, chunk: streaming.ChunkSpec, block: torch.Tensor) -> None:
         # past the page cache: the server reads a version later, once; through the cache these
@@ -127,15 +125,17 @@ class VersionWriter:
         self.store.write_chunk(f"{path}/{chunk.tensor}", chunk.row_start, block, direct=True)
 
     def write(self, chunk: streaming.ChunkSpec, tau_star: torch.Tensor, packed: torch.Tensor) -> None:
-        while len(self._pending) > self.QUEUED - 2:
-            self._pending.pop(0).result()
-        self._pending.append(self._pool.submit(self._write_now, layout.version_tau_star(self.version), chunk, tau_star))
-        self._pending.append(self._pool.submit(self._write_now, layout.version_masks(self.version), chunk, packed))
+        while len(self._pending) >= 2:
+            for f in self._pending.pop(0):
+                f.result()
+        self._pending.append((self._pool.submit(self._write_now, layout.version_tau_star(self.version), chunk, tau_star),
+                              self._pool.submit(self._write_now, layout.version_masks(self.version), chunk, packed)))
 
     def close(self) -> None:
         try:
-            for f in self._pending:
-                f.result()
+            for pair in self._pending:
+                for f in pair:
+                    f.result()
         finally:
             self._pending.clear()
             self._pool.shutdown(wait=True)

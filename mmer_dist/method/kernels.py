@@ -157,10 +157,12 @@ class ChunkKernels:
             self._high_keys = fuse_(high_key_chunk)
 
     def _fused_for(self, name: str, models: torch.Tensor) -> Callable | None:
-        kernel = self._fused.get(name)
-        cols = models.shape[-1]
+        return self._fused.get(name) if self._fusable(models.shape[-1]) else None
+
+    def _fusable(self, cols: int) -> bool:
+        """Whether chunks this wide take the ahead-of-time kernels (the others run eagerly)."""
         multiple = self._fuse_cols_multiple
-        return kernel if kernel is not None and cols >= 2 * multiple and cols % multiple == 0 else None
+        return cols >= 2 * multiple and cols % multiple == 0
 
     def block_elems(self, cols: int, default: int) -> int:
         """Entries per model of the row blocks a chunk of width ``cols`` is computed in. Kernels
@@ -168,10 +170,7 @@ class ChunkKernels:
         they get whole chunks: a row block of a stacked chunk is a strided view they would first
         copy (a third of a second per 100M parameters), and a 4M-entry block runs within ~6% of
         a 1M one. Eager kernels make N x block temporaries and keep ``default``-sized blocks."""
-        multiple = self._fuse_cols_multiple
-        if "final" in self._fused and cols >= 2 * multiple and cols % multiple == 0:
-            return 1 << 62
-        return default
+        return 1 << 62 if "final" in self._fused and self._fusable(cols) else default
 
     def _offset(self, info: ChunkInfo, device) -> torch.Tensor:
         return torch.tensor(info.flat_offset, dtype=torch.int64, device=device)

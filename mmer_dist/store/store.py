@@ -83,6 +83,11 @@ def _array_kwargs(spec: ArraySpec) -> dict:
         attributes={"dtype": spec.dtype}, config=_ARRAY_CONFIG)
 
 
+def _unchecked(verified: set | None, path: str, start: int) -> bool:
+    """Whether a chunk file's checksum is still to be checked (``Store.read_stacked``)."""
+    return verified is None or (path, start) not in verified
+
+
 def _node_type(metadata_file: str) -> str | None:
     try:
         with open(metadata_file, "rb") as f:
@@ -332,7 +337,7 @@ class Store:
         for i, p in enumerate(paths):
             files = self._files(p)
             if files is not None and files.leading_axes == 0 and files.is_one_chunk(start, stop):
-                files.read_into(start, view[i], verify=verified is None or (p, start) not in verified)
+                files.read_into(start, view[i], verify=_unchecked(verified, p, start))
                 if verified is not None:
                     verified.add((p, start))
             else:
@@ -348,7 +353,7 @@ class Store:
             return None
         try:
             for i, (p, f) in enumerate(zip(paths, files)):
-                f.map_into(start, stack, i * slot, slot, verify=verified is None or (p, start) not in verified)
+                f.map_into(start, stack, i * slot, slot, verify=_unchecked(verified, p, start))
         except OSError:
             return None
         if verified is not None:
