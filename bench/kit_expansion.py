@@ -27,15 +27,16 @@ from pathlib import Path
 
 import torch
 
+from bench.agreement import EngineAnswer
 from bench.quality_expansion import originals_pipeline
 from mmer_dist.demo.kit import Sample, Task
 from mmer_dist.demo.kit_store import MAX_NEW_TOKENS
 from mmer_dist.media.parts import media_part
-from mmer_dist.model import Expansion, GenerationRequest, LocalPipeline, Prompt, SamplingParams, plan_prompt
+from mmer_dist.model import Expansion, GenerationRequest, LocalPipeline, Prompt, Retention, SamplingParams, plan_prompt
 from mmer_dist.model.batch import expand, run_lengths
 from mmer_dist.store.store import Store
 from mmer_dist.store.weights import StoreWeights, VersionWeights
-from serve.chat import Media, expansion_parts
+from serve.chat import Media, expansion_parts, retention_parts
 from serve.config import ServeOptions
 from serve.encoders import ENCODERS, ComponentEncoder
 from serve.llm import LLMServer, media_payload
@@ -110,26 +111,53 @@ class Served:
         self.server.shutdown()
 
     def chat(self, requests: Sequence[dict]) -> list[str]:
-        async def one(request: dict) -> str:
-            events = [e async for e in self.server.chat(request)]
+        return [a.text for a in self.answers(requests)]
+
+    def answers(self, requests: Sequence[dict]) -> list[EngineAnswer]:
+        """Each request's streamed reply, with the log-probability of every generated token."""
+        async def one(request: dict) -> EngineAnswer:
+            events = [e async for e in self.server.chat({**request, "logprobs": True})]
             done = events[-1]
             if done.get("finish_reason") == "error":
                 raise RuntimeError(f"the engine failed a request: {done.get('error')}")
-            return "".join(e["text"] for e in events if e["type"] == "token").strip()
+            return EngineAnswer.from_events(events)
 
         return _gather([one(r) for r in requests])
 
+    async def _prompt(self, request: dict, mode: str) -> Prompt:
+        """The prompt the server builds for ``request`` (its payloads, encoders and chat templates)
+        in ``mode``: ``retention`` (the model's own template) or ``expansion`` (model ``merged``,
+        the base's template, the request's text policy)."""
+        served, limits = self.server.current, self.server.options.limits
+        messages = request["messages"]
+        parts = [p for m in messages for p in m["content"] if p["type"] != "text"]
+        media = [Media(p["model"], await self.encoders.encode(p["model"], p["type"], media_payload(p, False), limits))
+                 for p in parts]
+        if mode == "retention":
+            model = parts[0]["model"]
+            return plan_prompt(retention_parts(served.models[model], messages, media), Retention(model),
+                               served.weights.vocabulary)
+        return plan_prompt(expansion_parts(served.base, served.models, messages, media),
+                           Expansion(request.get("text_policy", "mean-mask")), served.weights.vocabulary)
+
+    def same_prompt_as_retention(self, requests: Sequence[dict]) -> list[int]:
+        """[same, n]: single-media expansion requests whose prompt (token ids, routes, encoder rows,
+        vocabulary) equals the retention prompt of the media's model. True by design for the kit,
+        whose models keep the base's chat template; a model with a template of its own would
+        render other text in retention mode than the base's template does in expansion mode."""
+        async def one(request: dict) -> bool:
+            a, b = await self._prompt(request, "expansion"), await self._prompt(request, "retention")
+            return (a.token_ids.tolist() == b.token_ids.tolist() and a.route == b.route
+                    and a.embed_route == b.embed_route and a.text == b.text and a.vocab_model == b.vocab_model
+                    and torch.equal(a.embeds, b.embeds))
+
+        return [sum(_gather([one(r) for r in requests])), len(requests)]
+
     def routed(self, requests: Sequence[dict], rewrite: Callable[[Prompt], Prompt]) -> list[str]:
         served = self.server.current
-        limits = self.server.options.limits
 
         async def one(request: dict) -> str:
-            messages = request["messages"]
-            parts = [p for m in messages for p in m["content"] if p["type"] != "text"]
-            media = [Media(p["model"], await self.encoders.encode(p["model"], p["type"], media_payload(p, False), limits))
-                     for p in parts]
-            prompt = plan_prompt(expansion_parts(served.base, served.models, messages, media),
-                                 Expansion(request.get("text_policy", "mean-mask")), served.weights.vocabulary)
+            prompt = await self._prompt(request, "expansion")
             sampling = SamplingParams(max_tokens=MAX_NEW_TOKENS, stop_token_ids=served.base.stop_token_ids)
             generation = GenerationRequest(f"routed-{next(self._ids)}", rewrite(prompt), sampling)
             tokens = [e.token async for e in served.engine.generate(generation)

@@ -20,7 +20,7 @@ from pathlib import Path
 from mmer_dist.demo.calibration import report_half, validation_half
 from mmer_dist.demo.kit import Kit, Sample, get_task
 from mmer_dist.demo.kit_store import (
-    KitRunner, State, base_states, hits, llm_states, original_states, version_arrays,
+    GreedyAnswer, KitRunner, State, base_states, hits, llm_states, original_states, version_arrays,
 )
 from mmer_dist.store.catalog import VersionRecord
 from mmer_dist.store.store import Store
@@ -30,10 +30,15 @@ from mmer_dist.store.weightsets import WeightSet
 
 @dataclass
 class Scores:
-    """Replies and accuracy per model on one split."""
+    """Greedy answers (with their log-probabilities: ``bench.agreement`` compares other paths with
+    them), replies and accuracy per model on one split."""
 
-    replies: dict[str, list[str]]
+    answers: dict[str, list[GreedyAnswer]]
     accuracy: dict[str, float]
+
+    @property
+    def replies(self) -> dict[str, list[str]]:
+        return {m: [a.text for a in answers] for m, answers in self.answers.items()}
 
 
 @dataclass
@@ -131,14 +136,14 @@ class Lab:
         """Each model's greedy replies with its LLM state on ``samples`` (default: the report half)."""
         samples = samples if samples is not None else self.test
         t0 = time.perf_counter()
-        replies, accuracy = {}, {}
+        answers, accuracy = {}, {}
         for m, state in states.items():
             runner = self.runner(m)
             runner.set_llm(state)
-            replies[m] = runner.replies(get_task(m), samples[m])
-            accuracy[m] = hits(replies[m], samples[m]) / len(samples[m])
+            answers[m] = runner.answers(get_task(m), samples[m])
+            accuracy[m] = hits([a.text for a in answers[m]], samples[m]) / len(samples[m])
         self.seconds["hf"] += time.perf_counter() - t0
-        return Scores(replies, accuracy)
+        return Scores(answers, accuracy)
 
 
 def _request(models: Sequence[str], fields: Mapping):

@@ -46,6 +46,7 @@ if __package__ in (None, ""):  # run as a script: make `bench` and `mmer_dist` i
 import torch  # noqa: E402
 
 from bench import kit_report  # noqa: E402
+from bench.agreement import EngineAnswer, agreement  # noqa: E402
 from bench.common import OUT_DIR, environment, write_json  # noqa: E402
 from bench.kit_expansion import Encoders, Payloads, Served, follow_media, mixed, request, single  # noqa: E402
 from bench.kit_lab import Lab  # noqa: E402
@@ -185,6 +186,13 @@ class Bench:
         self.seconds["engine"] += time.perf_counter() - t0
         return out
 
+    def engine_answers(self, version: int, requests: list[dict]) -> list[EngineAnswer]:
+        """Chat replies with their tokens' log-probabilities (``bench.agreement`` judges them)."""
+        t0 = time.perf_counter()
+        out = self.serve(version).answers(requests)
+        self.seconds["engine"] += time.perf_counter() - t0
+        return out
+
     def single_requests(self, models, policy: str | None, model: str = "merged") -> tuple[list[dict], list[tuple]]:
         reqs, index = [], []
         for m in models:
@@ -285,18 +293,19 @@ class Bench:
         ablation_rows.append(dataclasses.replace(next(r for r in rows if r.key == "mmer-lam1"),
                                                  key="no-lam", name="− Scaling Factor λ (λ=1)", group="ablation"))
 
-        # -- retention: the engine's answers in retention mode equal HF's on the same theta_hat --
+        # -- retention: the engine's answers in retention mode equal HF's on the same theta_hat
+        # (up to near-ties within float rounding: bench.agreement) --
         n = plan.n_check
         check = {}
         for m in initial:
             reqs = [request(single(self.payloads, get_task(m), i, s, m), m)
                     for i, s in enumerate(lab.test[m][:n])]
-            got = self.answers(ties.version, reqs)
-            check[m] = [sum(a == b for a, b in zip(got, lam1.replies[m][:n])), len(reqs)]
+            check[m] = agreement(self.engine_answers(ties.version, reqs), lam1.answers[m][:n])
         self.checks["engine_retention_equals_hf"] = check
 
         # -- Table 1: expansion --
-        expansion_single, expansion_mixed = self.expansion(ties, tuned, merged, ref)
+        expansion_single, expansion_mixed = self.expansion(ties, tuned, merged, ref,
+                                                           {"mmer-lam1": lam1, "mmer-tuned": mmer_tuned})
 
         # -- Fig. 4b: sensitivity (lambda from the calibration versions, K at lambda 1) --
         sweep = {"lambda": [], "K": []}
@@ -346,17 +355,28 @@ class Bench:
 
     # -- Table 1 ----------------------------------------------------------------------------------------
 
-    def expansion(self, ties, tuned, merged, ref) -> tuple[list[Row], list[dict]]:
+    def expansion(self, ties, tuned, merged, ref, retention: dict) -> tuple[list[Row], list[dict]]:
+        """``retention``: the HF scores of each variant's theta_hat, which single-modality
+        ``request-modality`` reproduces: theta_hat_k on every token of the same prompt."""
         initial = self.initial
         single_rows: list[Row] = [Row("original", "Original fine-tunes (retention)", "reference",
                                       {m: ref[m] for m in initial}, {m: ref[m] for m in initial})]
         mixed_rows: list[dict] = []
         variants = (("mmer-lam1", "MMER, λ=1", ties), ("mmer-tuned", "MMER, λ tuned", tuned))
+        same_prompt, as_retention = {}, {}
         for key, name, record in variants:
             for policy in TEXT_POLICIES:
                 reqs, index = self.single_requests(initial, policy)
+                if policy == "request-modality":
+                    got = self.engine_answers(record.version, reqs)
+                    as_retention[key] = {m: agreement([a for a, (owner, _) in zip(got, index) if owner == m],
+                                                      retention[key].answers[m]) for m in initial}
+                    replies = [a.text for a in got]
+                    same_prompt[key] = self.serve(record.version).same_prompt_as_retention(reqs)
+                else:
+                    replies = self.answers(record.version, reqs)
                 single_rows.append(self._single_row(f"{key}:{policy}", f"{name}, {policy}", "routed",
-                                                    self.answers(record.version, reqs), index, ref,
+                                                    replies, index, ref,
                                                     {"text_policy": policy, "version": record.version}))
                 mreqs, mindex = self.mixed_requests(policy)
                 mixed_rows.append({"key": f"{key}:{policy}", "name": f"{name}, {policy}", "group": "routed",
@@ -393,6 +413,8 @@ class Bench:
         n = min(len(mreqs), 64)
         same = self.answers(ties.version, mreqs[:n], lambda prompt: prompt)
         self._routed_check = [sum(a == b for a, b in zip(same, self.answers(ties.version, mreqs[:n]))), n]
+        self.checks["request_modality_equals_retention"] = as_retention
+        self.checks["request_modality_prompt_is_retention_prompt"] = same_prompt
         return single_rows, mixed_rows
 
     def _single_row(self, key, name, group, answers, index, ref, extra=None) -> Row:

@@ -2,8 +2,11 @@
 
 Structure and sanity that can fail: the originals rebuilt from the store reproduce the kit's own
 numbers, the serving engine's retention answers and the bench's rewritten-routing path agree with
-their references, single-modality ``request-modality`` expansion equals retention exactly, MMER
-keeps more than the base floor, every text policy and table is there, and the plots are PNGs.
+their references, single-modality ``request-modality`` expansion builds retention's prompt and
+gives its answers, MMER keeps more than the base floor, every text policy and table is there, and
+the plots are PNGs. Engine and transformers answers are compared by ``bench.agreement``: equal, or
+parting only at a near-tie within float rounding (the kit trained on another CPU differs in its
+low bits, and so do its near-ties).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: `bench` is a package there
 
 from bench import kit_quality, kit_report  # noqa: E402
+from bench.agreement import holds  # noqa: E402
 from mmer_dist.model import TEXT_POLICIES  # noqa: E402
 
 
@@ -37,8 +41,10 @@ def test_the_references_hold(bench):
     checks = result["checks"]
     for m, (rebuilt, recorded) in checks["originals_reproduce_kit_accuracy"].items():
         assert rebuilt == recorded, m
-    for m, (same, n) in checks["engine_retention_equals_hf"].items():
-        assert same == n > 0, m
+    # the engine's retention answers are transformers' on the same theta_hat: log-probabilities
+    # within the stated tolerance, and an answer differs only at a near-tie (bench/agreement.py)
+    for m, check in checks["engine_retention_equals_hf"].items():
+        assert holds(check), (m, check)
     same, n = checks["engine_routed_path_equals_server"]
     assert same == n > 0
 
@@ -61,8 +67,13 @@ def test_expansion_covers_every_text_policy_and_request_modality_is_retention(be
     for variant in ("mmer-lam1", "mmer-tuned"):
         for policy in TEXT_POLICIES:
             assert f"{variant}:{policy}" in single and f"{variant}:{policy}" in mixed
-        # one model's media: request-modality runs theta_hat_k on every token, i.e. retention
-        assert single[f"{variant}:request-modality"]["accuracy"] == by_key(result["retention"])[variant]["accuracy"]
+        # one model's media: request-modality runs theta_hat_k on every token of the very prompt
+        # retention builds (the kit's models keep the base's chat template), so its answers are
+        # retention's (transformers' on theta_hat), up to near-ties within float rounding
+        same, n = result["checks"]["request_modality_prompt_is_retention_prompt"][variant]
+        assert same == n > 0, variant
+        for m, check in result["checks"]["request_modality_equals_retention"][variant].items():
+            assert holds(check), (variant, m, check)
     assert {"naive", "ties", "originals-routed"} <= set(single) & set(mixed)
     pairs = next(iter(mixed.values()))["pairs"]
     assert len(pairs) == 6 and all(0.0 <= v <= 100.0 for v in pairs.values())

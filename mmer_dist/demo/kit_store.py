@@ -22,6 +22,7 @@ from __future__ import annotations
 import tempfile
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -41,6 +42,19 @@ from mmer_dist.store.weightsets import WeightSet
 
 State = dict[str, torch.Tensor]  # canonical (base) LLM tensor name -> tensor in its own shape
 MAX_NEW_TOKENS = 3  # the kit evaluator's: an answer word and EOS
+
+
+@dataclass(frozen=True)
+class GreedyAnswer:
+    """A greedy reply and what chose it: ``tokens`` generated before a stop token (``stopped``: one
+    ended the reply), ``logprobs[j]`` the log-softmax over the vocabulary at step j, for every
+    step taken (the stop token's included), and the stop token ids."""
+
+    text: str
+    tokens: tuple[int, ...]
+    stopped: bool
+    logprobs: torch.Tensor  # (steps, vocab), float32
+    stop_ids: frozenset[int]
 
 
 def version_arrays(weights: VersionWeights) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -123,22 +137,33 @@ class KitRunner:
         except RuntimeError as e:  # a shape differs
             raise FormatError(f"model {self.model_id!r}: its {what} does not fit the model ({e})") from None
 
-    @torch.inference_mode()
     def replies(self, task: Task, samples: Sequence[Sample], batch_size: int = 128) -> list[str]:
-        """Greedy replies (special tokens removed, stripped), prompts of one length batched together
-        (no padding), as ``mmer_dist.demo.kit.evaluate.predict`` does."""
+        """Greedy replies (special tokens removed, stripped), as ``mmer_dist.demo.kit.evaluate.predict``."""
+        return [a.text for a in self.answers(task, samples, batch_size)]
+
+    @torch.inference_mode()
+    def answers(self, task: Task, samples: Sequence[Sample], batch_size: int = 128) -> list[GreedyAnswer]:
+        """Greedy answers with the log-probabilities of every step, prompts of one length batched
+        together (no padding), as ``mmer_dist.demo.kit.evaluate.predict`` does."""
         tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        eos = self.model.generation_config.eos_token_id
+        stops = frozenset(eos if isinstance(eos, list) else [] if eos is None else [eos])
         by_length: dict[int, list[int]] = defaultdict(list)
         for i, s in enumerate(samples):
             by_length[len(tokenizer(render(self.processor, task, s, with_answer=False))["input_ids"])].append(i)
-        out: dict[int, str] = {}
+        out: dict[int, GreedyAnswer] = {}
         for group in by_length.values():
             for start in range(0, len(group), batch_size):
                 idx = group[start:start + batch_size]
                 batch = encode(self.processor, task, [samples[i] for i in idx], self.adapter, with_answer=False)
-                generated = self.model.generate(**batch, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
-                for i, row in zip(idx, generated[:, batch["input_ids"].shape[1]:]):
-                    out[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
+                generated = self.model.generate(**batch, max_new_tokens=MAX_NEW_TOKENS, do_sample=False,
+                                                output_logits=True, return_dict_in_generate=True)
+                steps = torch.stack(generated.logits, dim=1).float().log_softmax(-1)  # (batch, steps, vocab)
+                for b, (i, row) in enumerate(zip(idx, generated.sequences[:, batch["input_ids"].shape[1]:])):
+                    ids = row.tolist()
+                    end = next((j for j, t in enumerate(ids) if t in stops), len(ids))
+                    out[i] = GreedyAnswer(tokenizer.decode(row, skip_special_tokens=True).strip(), tuple(ids[:end]),
+                                          end < len(ids), steps[b, :end + (end < len(ids))].clone(), stops)
         return [out[i] for i in range(len(samples))]
 
     def accuracy(self, task: Task, samples: Sequence[Sample]) -> float:

@@ -2,8 +2,9 @@
 
 Each generator draws one sample of a given class from a numpy Generator, with enough nuisance
 variation (length, loudness, noise, size, pose, speed, colour) that a model has to learn the
-class, not a template. Outputs are what a client would send: a mono waveform at 8 kHz, float32
-points (N, 3) or (N, 6), uint8 RGB frames (T, H, W, 3).
+class, not a template. Outputs are what a client would send, exactly (``mmer_dist.media.parts``
+encodes each losslessly): a mono waveform at 8 kHz on the 16-bit PCM grid, float32 points (N, 3)
+or (N, 6), uint8 RGB frames (T, H, W, 3).
 """
 
 from __future__ import annotations
@@ -33,7 +34,10 @@ def tone(rng: np.random.Generator, kind: str) -> Waveform:
     phase = 2 * np.pi * np.cumsum(freq) / SAMPLE_RATE
     fade = np.minimum(1.0, np.minimum(t, duration - t) / 0.01)
     samples = rng.uniform(0.2, 0.8) * np.sin(phase) * fade + rng.normal(0, rng.uniform(0.005, 0.05), t.size)
-    return Waveform(np.clip(samples, -1, 1).astype(np.float32), SAMPLE_RATE)
+    # on the 16-bit PCM grid, so the WAV a client sends carries exactly the waveform the models
+    # were trained and scored on
+    pcm = np.clip(np.round(samples * 32768.0), -32768, 32767)
+    return Waveform((pcm / 32768.0).astype(np.float32), SAMPLE_RATE)
 
 
 def shape(rng: np.random.Generator, kind: str) -> np.ndarray:
