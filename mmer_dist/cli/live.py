@@ -36,12 +36,12 @@ def register(sub) -> None:
 
     p = sub.add_parser("remove", help="publish a version over the served one's models without one of them",
                        description="A new version without MODEL, with the served version's settings (equal to a "
-                       "from-scratch merge of the rest). The version and the model's removal are one catalog commit: an "
-                       "interrupted remove leaves the store as it was, and running it again finishes it. Decided under "
-                       "the store's writer lock from the version served at that moment (a version another command "
-                       "promoted meanwhile keeps its changes). Refused (exit 2, nothing changed) for an unknown id, a "
-                       "model not in the served version, or its last model. The model's data stays for the versions "
-                       "that hold it; `mmer gc --keep K` removes it once none does.")
+                       "from-scratch merge of the rest). The version and the model's removal are one catalog "
+                       "commit: an interrupted remove leaves the store as it was, and running it again finishes it. "
+                       "Decided under the store's writer lock from the version served at that moment (a version "
+                       "another command promoted meanwhile keeps its changes). Refused (exit 2, nothing changed) for "
+                       "an unknown id, a model not in the served version, or its last model. The model's data stays "
+                       "for the versions that hold it; `mmer gc --keep K` removes it once none does.")
     store_arg(p)
     lock_wait_arg(p)
     p.add_argument("--model", required=True, metavar="ID", help="the model to leave out")
