@@ -72,9 +72,9 @@ def _as_from_a_terminal() -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT, signal.SIGTERM])
 
 
-def mmer_subprocess(*args: str | os.PathLike, **popen) -> subprocess.Popen:
-    """``mmer ARGS`` as a separate process (for kill and Ctrl-C tests)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
+def mmer_subprocess(*args: str | os.PathLike, env: dict[str, str] | None = None, **popen) -> subprocess.Popen:
+    """``mmer ARGS`` as a separate process (for kill and Ctrl-C tests), ``env`` added to ours."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1", **(env or {})}
     return subprocess.Popen([*MMER, *map(str, args)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, preexec_fn=_as_from_a_terminal, **popen)
 

@@ -81,3 +81,9 @@ def test_ingest_refuses_model_flags_with_base_and_chunking_with_model(stores, ck
     r = run_cli("ingest", "--store", store, "--model", "x", "--modality", "image", "--path",
                 ckpts.finetuned("llava-hf", "bf16"), "--chunk-elems", "100", ok=False)
     assert "--chunk-elems is fixed by the base" in r.err
+
+
+@pytest.mark.parametrize("value", ["-1", "soon", "inf"])
+def test_wait_must_be_a_finite_number_of_seconds(tmp_path, value):
+    r = run_cli("promote", "--store", tmp_path, "--version", "1", "--wait", value, ok=False)  # refused on parsing
+    assert r.rc == 2 and "--wait" in r.err and "seconds" in r.err, r.err

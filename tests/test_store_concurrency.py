@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import signal
 import sys
+import threading
+import time
+import uuid
 
 import pytest
 from conftest import ingest_args
@@ -15,6 +18,7 @@ from mmer_dist.errors import StoreError
 from mmer_dist.merge.engine import MergeRequest, merge
 from mmer_dist.merge.local import LocalBackend
 from mmer_dist.ingest import ingest_model
+from mmer_dist.store import locks
 from mmer_dist.store.store import Store
 
 HOLD_LOCK = """
@@ -92,3 +96,42 @@ def test_stale_catalog_commit_is_refused(stores, tmp_path):
     assert [m.id for m in store.catalog().models] == ["llava-hf"]
     assert store.catalog().seq == old.seq + 1
 
+
+
+@pytest.mark.parametrize("kind", ["local", "memory"])
+def test_a_writer_given_wait_takes_the_lock_once_its_holder_lets_go(kind, tmp_path, capsys):
+    """``--wait S`` (``locks.lock_wait``): refused at once without it; with it, the second writer
+    says it waits, and takes the lock when the first releases it. Local stores lock a file,
+    object stores (memory:// here) create a lease object: both wait the same way."""
+    url = str(tmp_path / "store") if kind == "local" else f"memory://wait-{uuid.uuid4().hex[:6]}/store"
+    store = Store.create(url)
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with store.writer_lock():
+            held.set()
+            release.wait(timeout=300)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert held.wait(timeout=60)
+    with pytest.raises(StoreError, match="another writer .* --wait SECONDS"), locks.lock_wait(0):
+        with store.writer_lock():
+            pass
+    taken: list[bool] = []
+
+    def wait_for_it():
+        with locks.lock_wait(300), store.writer_lock():
+            taken.append(release.is_set())  # only once the holder was told to let go
+
+    waiter = threading.Thread(target=wait_for_it)
+    waiter.start()
+    said, deadline = "", time.monotonic() + 60
+    while "waiting up to 300s" not in said and time.monotonic() < deadline:
+        said += capsys.readouterr().err
+        time.sleep(0.01)
+    assert "another writer holds" in said and "waiting up to 300s" in said, said
+    release.set()
+    holder.join(timeout=60)
+    waiter.join(timeout=60)
+    assert taken == [True]

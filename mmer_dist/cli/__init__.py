@@ -7,6 +7,7 @@ sets ``run``; this module only collects them and turns ``MmerError`` into one li
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import gc as garbage_collector
 import os
@@ -56,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     line and exit 130. The commands clean up their own staging before the error reaches here."""
     args = build_parser().parse_args(argv)
     try:
-        args.run(args)
+        with _lock_wait(args):
+            args.run(args)
     except MmerError as e:
         return _fail(args.command, f"error: {e}", 2)
     except KeyboardInterrupt:
@@ -64,6 +66,15 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         return _fail(args.command, f"error: {describe_os_error(e)}", 1)
     return 0
+
+
+def _lock_wait(args) -> contextlib.AbstractContextManager:
+    """The command's ``--wait`` (``args.lock_wait_arg``) for every writer lock it takes."""
+    if getattr(args, "wait", None) is None:
+        return contextlib.nullcontext()
+    from mmer_dist.store.locks import lock_wait
+
+    return lock_wait(args.wait)
 
 
 def console_main() -> int:

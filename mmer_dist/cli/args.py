@@ -31,6 +31,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds, at least 0, got {text!r}")
+    return value
+
+
 def size(text: str) -> int:
     units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
     t = text.strip().lower().removesuffix("b").removesuffix("i")
@@ -54,3 +64,15 @@ def store_arg(p: argparse.ArgumentParser, quiet: bool = True) -> None:
     p.add_argument("--store", required=True, help="store location: a local path or an fsspec URL (s3://...)")
     if quiet:
         p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+LOCK_WAIT_DEFAULT_S = 1.0  # = store.locks.DEFAULT_WAIT_S (not imported: parsing arguments loads no store code)
+
+
+def lock_wait_arg(p: argparse.ArgumentParser) -> None:
+    """``--wait S`` of the commands that take the store's writer lock (``cli.main`` applies it)."""
+    p.add_argument("--wait", type=seconds, default=LOCK_WAIT_DEFAULT_S, metavar="SECONDS",
+                   help="how long to wait for the store's writer lock while another writer (ingest, merge, add, "
+                   "remove, promote, rollback, calibrate, gc) holds it; a command that takes it twice (add: "
+                   "ingest, then merge) waits up to this each time (default %(default)g: fail at once with a line "
+                   "naming the lock unless the other writer is just finishing)")

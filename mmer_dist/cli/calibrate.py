@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mmer_dist.cli.args import store_arg
+from mmer_dist.cli.args import lock_wait_arg, store_arg
 
 
 def register(sub) -> None:
@@ -16,6 +16,7 @@ def register(sub) -> None:
         "store, and remove the calibration versions again (they are never served). The hook is fn(model_id, store, version) -> float, "
         "higher is better; it reads theta_hat of model_id from that version of the store.")
     store_arg(p)
+    lock_wait_arg(p)
     p.add_argument("--eval", required=True, metavar="MODULE:FUNCTION", dest="hook",
                    help="the validation hook, e.g. mmer_dist.demo.calibration:kit_accuracy (the demo kit's "
                    "validation accuracy); modules in the current directory are importable")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from mmer_dist.cli.args import lock_wait_arg
+
 
 def register(sub) -> None:
     p = sub.add_parser("gc", help="remove abandoned staging, and with --keep K old versions and removed models",
@@ -10,6 +12,7 @@ def register(sub) -> None:
                        "catalog snapshots. Decided under the writer lock, so nothing a live writer holds is "
                        "touched; committed models and versions never are.")
     p.add_argument("--store", required=True, help="store location: a local path or an fsspec URL (s3://...)")
+    lock_wait_arg(p)
     p.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
     p.add_argument("--keep", type=int, default=None, metavar="K",
                    help="also remove published versions beyond the K newest (never the served one, nor one a "

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mmer_dist.cli.args import positive_int, store_arg
+from mmer_dist.cli.args import lock_wait_arg, positive_int, store_arg
 from mmer_dist.errors import InvalidInputError
 from mmer_dist.formats.mapping import FORMAT_NAMES
 
@@ -15,6 +15,7 @@ def register(sub) -> None:
                        "model is checked before the first is written, and models already ingested from the "
                        "same path are skipped, so a re-run continues where an interrupted one stopped).")
     store_arg(p)
+    lock_wait_arg(p)
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--base", metavar="PATH", help="base HF Llama-family checkpoint directory")
     what.add_argument("--model", metavar="ID", help="id of the fine-tuned model to add")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mmer_dist.cli.args import store_arg
+from mmer_dist.cli.args import lock_wait_arg, store_arg
 from mmer_dist.cli.merge import add_run_options, describe_version, run_options
 from mmer_dist.formats.mapping import FORMAT_NAMES
 
@@ -14,8 +14,14 @@ def register(sub) -> None:
                        "each model's lambda), reusing what that version knows: only the new model's trim "
                        "threshold is computed, then one final pass. The result equals a from-scratch merge of the "
                        "same models. The new version is served unless --no-promote; a running `mmer serve` "
-                       "switches to it within seconds.")
+                       "switches to it within seconds. Its models are decided under the store's writer lock from the "
+                       "version served at that moment: if another command (add, remove, promote, rollback) promoted "
+                       "one since this add started, the new version is derived from that one, so adds at once never "
+                       "undo each other; if the model is in it by then, the add is refused (exit 2) and nothing is "
+                       "published. An interrupted add leaves the served version as it was; run it again to finish "
+                       "it.")
     store_arg(p)
+    lock_wait_arg(p)
     p.add_argument("--model", required=True, metavar="ID", help="id of the new model")
     p.add_argument("--modality", required=True, help="its modality: image, video, audio, point, ...")
     p.add_argument("--path", required=True, help="its checkpoint directory")
@@ -30,23 +36,32 @@ def register(sub) -> None:
 
     p = sub.add_parser("remove", help="publish a version over the served one's models without one of them",
                        description="A new version without MODEL, with the served version's settings (equal to a "
-                       "from-scratch merge of the rest). The model's data stays for the versions that hold it; "
-                       "`mmer gc --keep K` removes it once none does.")
+                       "from-scratch merge of the rest). The version and the model's removal are one catalog "
+                       "commit: an interrupted remove leaves the store as it was, and running it again finishes it. "
+                       "Decided under the store's writer lock from the version served at that moment (a version "
+                       "another command promoted meanwhile keeps its changes). Refused (exit 2, nothing changed) for "
+                       "an unknown id, a model not in the served version, or its last model. The model's data stays "
+                       "for the versions that hold it; `mmer gc --keep K` removes it once none does.")
     store_arg(p)
+    lock_wait_arg(p)
     p.add_argument("--model", required=True, metavar="ID", help="the model to leave out")
     p.add_argument("--no-promote", action="store_true", help="publish the version without serving it")
     add_run_options(p)
     p.set_defaults(run=run_remove)
 
     p = sub.add_parser("promote", help="serve a published version",
-                       description="Make VERSION the served version (one catalog commit); running servers follow.")
+                       description="Make VERSION the served version (one catalog commit, decided under the store's "
+                       "writer lock); running servers follow.")
     store_arg(p, quiet=False)
+    lock_wait_arg(p)
     p.add_argument("--version", type=int, required=True, help="the published version to serve")
     p.set_defaults(run=run_promote)
 
     p = sub.add_parser("rollback", help="serve the version served before the current one",
-                       description="Undo the last promotion: serve the version that was served before it.")
+                       description="Undo the last promotion: serve the version that was served before it (as the "
+                       "serving log stands under the store's writer lock, after any promotion that ran first).")
     store_arg(p, quiet=False)
+    lock_wait_arg(p)
     p.set_defaults(run=run_rollback)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from mmer_dist.cli.args import json_object, lam_or_auto, positive_int, store_arg
+from mmer_dist.cli.args import json_object, lam_or_auto, lock_wait_arg, positive_int, store_arg
 from mmer_dist.errors import InvalidInputError
 from mmer_dist.method.settings import SETTINGS
 
@@ -15,6 +15,7 @@ def register(sub) -> None:
                        description="Compute tau* and the per-model masks over the store's models and publish "
                        "them as a new immutable version.")
     store_arg(p)
+    lock_wait_arg(p)
     add_merge_options(p)
     add_run_options(p)
     p.add_argument("--no-promote", action="store_true", help="publish the version without serving it (an ablation, "

@@ -22,6 +22,7 @@ from mmer_dist.merge.kernel_cache import default_cache_dir
 from mmer_dist.merge.passes import MergeJob, final_stats_from_record
 from mmer_dist.merge.plan import ShardSpec, plan_shards
 from mmer_dist.merge.progress import progress_bar
+from mmer_dist.pause_points import pause_point
 from mmer_dist.store import layout
 from mmer_dist.store.catalog import Catalog, VersionRecord, details_json
 from mmer_dist.ingest import read_histograms
@@ -151,26 +152,35 @@ def drive_passes(driver: streaming.MergeDriver, backend: Backend, plan: MergePla
     return {"pass_seconds": pass_seconds, "shard_seconds": shard_seconds}
 
 
-def merge(url: str, request: MergeRequest, backend: Backend, *, workers: int = 1, compile: bool = False,
-          device: str = "cpu", progress: bool = True, promote: bool = True,
-          known: Callable[[Catalog, MergePlan], dict | None] | None = None) -> VersionRecord:
+def merge(url: str, request: MergeRequest | Callable[[Catalog], MergeRequest], backend: Backend, *,
+          workers: int = 1, compile: bool = False, device: str = "cpu", progress: bool = True, promote: bool = True,
+          known: Callable[[Catalog, MergePlan], dict | None] | None = None,
+          amend: Callable[[Catalog], Catalog] | None = None) -> VersionRecord:
     """Merge the store's models into a new published version; returns its catalog record.
 
-    ``promote`` makes it the served version in the same commit. ``known(catalog, plan)`` may give
+    ``promote`` makes it the served version in the same commit. ``request`` may be a function of
+    the catalog as read under the writer lock (``mmer add`` / ``remove`` derive their models from
+    the version served then, never from one read before). ``known(catalog, plan)`` may give
     a decided state (threshold bits and majority signs, ``MergeDriver.decided_state``'s form) to
     start from: the thresholds must be exact, the majority signs are checked during the final
-    pass (and the pass redone if they were wrong), so the result is the same as counting them."""
+    pass (and the pass redone if they were wrong), so the result is the same as counting them.
+    ``amend(catalog)`` changes the catalog in the version's own commit (``mmer remove`` marks its
+    model removed there: one commit, so a kill leaves both undone or both done)."""
     started = time.time()
     store = Store.open(url)
     # The catalog is read under the writer lock: read before it, a version published meanwhile
     # would get the same number and Staging.open would delete its arrays.
     with store.writer_lock():
         catalog = store.catalog()
+        if callable(request):
+            request = request(catalog)
         plan = plan_merge(catalog, request, workers)
+        pause_point("merge-locked")
         staging = Staging.open(store, plan.version, plan.fingerprint)
         if not staging.resumed:
             create_version_arrays(store, catalog, plan.model_ids, plan.version)
             staging.mark_arrays_ready()
+        pause_point("merge-staged")
         settings = plan.settings
         use_cache = settings.trims and settings.dare_rate == 0.0
         driver = streaming.MergeDriver(
@@ -190,11 +200,13 @@ def merge(url: str, request: MergeRequest, backend: Backend, *, workers: int = 1
                 backend.stop()
             record = version_record(catalog, plan, driver, backend.name, timings, staging.resumed,
                                     time.time() - started)
+            pause_point("merge-computed")
             # fails if another writer committed since (object stores)
-            publish_version(store, record, catalog, promote=promote)
+            publish_version(store, record, amend(catalog) if amend else catalog, promote=promote)
         except BaseException:
             staging.abandon()  # an error or Ctrl-C leaves no staging behind (a SIGKILL leaves it to resume)
             raise
+        pause_point("merge-published")
         staging.discard()
     return record
 

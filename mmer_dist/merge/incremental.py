@@ -26,7 +26,9 @@ dropped task vectors change with the model set), it is an ordinary merge of the 
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import sys
 import time
 from dataclasses import dataclass
 
@@ -41,6 +43,7 @@ from mmer_dist.merge.plan import tensor_chunks
 from mmer_dist.method import streaming
 from mmer_dist.method.kernels import ChunkKernels
 from mmer_dist.method.settings import MergeSettings
+from mmer_dist.pause_points import pause_point
 from mmer_dist.store.catalog import Catalog, VersionRecord
 from mmer_dist.store.store import Store, utc_now
 
@@ -103,32 +106,85 @@ def known_state(store: Store, served: VersionRecord, catalog: Catalog, plan: Mer
             "majority": {g: float(v) for g, v in majority.items()}}
 
 
-def derive_version(url: str, model_ids: tuple[str, ...], backend: Backend, *, lam: dict[str, float] | None = None,
-                   from_version: int | None = None, promote: bool = True, workers: int = 1, compile: bool = False,
-                   device: str = "cpu", progress: bool = True) -> Derived:
-    """A version over ``model_ids`` with the settings of ``from_version`` (default: the served
-    one), reusing what it knows."""
-    store = Store.open(url)
-    catalog = store.catalog()
-    served, settings = served_settings(catalog, from_version)
-    timings: dict = {}
-    reused = []
+@dataclass(frozen=True)
+class ServedChange:
+    """``mmer add`` / ``mmer remove`` of one model: the served version's models plus, or minus, it.
 
-    def known(current: Catalog, plan: MergePlan):
-        if current.seq != catalog.seq:  # the store changed since we looked: count everything
-            return None
-        state = known_state(store, served, current, plan, timings)
-        reused.append(state is not None)
+    It is checked twice: first against the served version the command read (``read``: clear
+    errors before any work), then, under the merge's writer lock, against the version served at
+    that moment. When another command promoted a version in between, the change is applied to
+    that one instead (two adds at once both end in the served version, neither undoes the
+    other), or refused with a line naming it when it no longer applies there."""
+
+    model_id: str
+    adding: bool
+    read: int  # the served version the command read before taking the lock
+
+    def models(self, catalog: Catalog, served: VersionRecord) -> tuple[str, ...]:
+        """The new version's models, or InvalidInputError saying why the change does not apply."""
+        m = self.model_id
+        meanwhile = (f", promoted meanwhile by another command (this one read version {self.read}); nothing "
+                     "was published" if served.version != self.read else "")
+        if self.adding:
+            if m in served.models:
+                raise InvalidInputError(f"model {m!r} is already in the served version {served.version}{meanwhile}")
+            return tuple(served.models) + (m,)
+        if not catalog.has_model(m):
+            raise InvalidInputError(f"no model {m!r} in the store (models: {', '.join(x.id for x in catalog.models)})")
+        if m not in served.models:
+            gone = catalog.model(m).removed_at
+            raise InvalidInputError(f"model {m!r} is not in the served version {served.version} (models: "
+                                    f"{', '.join(served.models)})" + (f"; it was removed at {gone}" if gone else "")
+                                    + meanwhile)
+        if len(served.models) == 1:
+            raise InvalidInputError(f"model {m!r} is the only model of the served version {served.version}; a "
+                                    f"version needs at least one{meanwhile}")
+        return tuple(x for x in served.models if x != m)
+
+    def amend(self, catalog: Catalog) -> Catalog:
+        """The model's record as the change leaves it, committed with the version: marked removed
+        (kept for the versions that hold it, then gc), or, added again, no longer removed."""
+        at = None if self.adding else utc_now()
+        return catalog.replace(models=tuple(dataclasses.replace(r, removed_at=at) if r.id == self.model_id else r
+                                            for r in catalog.models))
+
+
+class _Derivation:
+    """The callbacks ``merge`` calls under the writer lock to derive a version from the served one."""
+
+    def __init__(self, store: Store, change: ServedChange, lam: dict[str, float]):
+        self.store, self.change, self.lam = store, change, lam
+        self.served: VersionRecord | None = None
+        self.reused = False
+        self.timings: dict = {}
+
+    def request(self, catalog: Catalog) -> MergeRequest:
+        served, settings = served_settings(catalog)
+        model_ids = self.change.models(catalog, served)
+        if served.version != self.change.read:
+            print(f"note: version {served.version} was promoted meanwhile (this command read version "
+                  f"{self.change.read}); the new version is derived from it: {', '.join(model_ids)}", file=sys.stderr)
+        self.served = served
+        lams = {m: served.lams[served.models.index(m)] for m in model_ids if m in served.models}
+        return MergeRequest(settings, {**lams, **self.lam}, model_ids)
+
+    def known(self, catalog: Catalog, plan: MergePlan) -> dict | None:
+        state = known_state(self.store, self.served, catalog, plan, self.timings)
+        self.reused = state is not None
         return state
 
-    lams = {m: served.lams[served.models.index(m)] for m in model_ids if m in served.models}
-    lams.update(lam or {})
-    request = MergeRequest(settings, lams, tuple(model_ids))
+
+def derive_version(url: str, change: ServedChange, backend: Backend, *, lam: dict[str, float] | None = None,
+                   promote: bool = True, workers: int = 1, compile: bool = False, device: str = "cpu",
+                   progress: bool = True) -> Derived:
+    """A version over the served version's models with ``change`` applied, with the served
+    version's settings, reusing what it knows; decided under the writer lock (``ServedChange``)."""
+    derivation = _Derivation(Store.open(url), change, dict(lam or {}))
     t0 = time.perf_counter()
-    record = merge(url, request, backend, workers=workers, compile=compile, device=device, progress=progress,
-                   promote=promote, known=known)
-    timings["merge"] = round(time.perf_counter() - t0, 3)
-    return Derived(record, bool(reused and reused[0]), timings)
+    record = merge(url, derivation.request, backend, workers=workers, compile=compile, device=device,
+                   progress=progress, promote=promote, known=derivation.known, amend=change.amend)
+    derivation.timings["merge"] = round(time.perf_counter() - t0, 3)
+    return Derived(record, derivation.reused, derivation.timings)
 
 
 def add_model(url: str, model_id: str, path: str, modality: str, backend: Backend, *, fmt: str | None = None,
@@ -141,8 +197,8 @@ def add_model(url: str, model_id: str, path: str, modality: str, backend: Backen
         raise InvalidInputError("the store has no version to add to yet; run `mmer merge` first (or ingest "
                                 "the model and merge)")
     served, _ = served_settings(catalog)
-    if model_id in served.models:
-        raise InvalidInputError(f"model {model_id!r} is already in the served version {served.version}")
+    change = ServedChange(model_id, adding=True, read=served.version)
+    change.models(catalog, served)  # refused now, before the ingest, if it is already served
     t0 = time.perf_counter()
     if catalog.has_model(model_id):
         # an earlier `mmer add` of this very checkpoint that ingested it and was then interrupted:
@@ -156,37 +212,22 @@ def add_model(url: str, model_id: str, path: str, modality: str, backend: Backen
         ingest_model(url, model_id, path, modality, fmt=fmt, mapping_file=mapping_file, lam=lam, task=task,
                      progress=progress)
     ingest_s = time.perf_counter() - t0
-    derived = derive_version(url, tuple(served.models) + (model_id,), backend, lam={model_id: lam},
-                             from_version=served.version, promote=promote, workers=workers, compile=compile,
-                             device=device, progress=progress)
+    pause_point("add-ingested")
+    derived = derive_version(url, change, backend, lam={model_id: lam}, promote=promote, workers=workers,
+                             compile=compile, device=device, progress=progress)
     derived.seconds["ingest"] = round(ingest_s, 3)
     return derived
 
 
 def remove_model(url: str, model_id: str, backend: Backend, *, promote: bool = True, workers: int = 1,
                  compile: bool = False, device: str = "cpu", progress: bool = True) -> Derived:
-    """``mmer remove``: a version over the served version's models without this one. The model's
-    data stays (earlier versions hold it; ``mmer gc --keep K`` removes it once none does)."""
-    store = Store.open(url)
-    catalog = store.catalog()
+    """``mmer remove``: a version over the served version's models without this one, and the
+    model marked removed, in one catalog commit. The model's data stays (earlier versions hold
+    it; ``mmer gc --keep K`` removes it once none does)."""
+    catalog = Store.open(url).catalog()
     served, _ = served_settings(catalog)
-    if model_id not in served.models:
-        raise InvalidInputError(f"model {model_id!r} is not in the served version {served.version} "
-                                f"(models: {', '.join(served.models)})")
-    rest = tuple(m for m in served.models if m != model_id)
-    if not rest:
-        raise InvalidInputError(f"model {model_id!r} is the only model of version {served.version}; a version "
-                                "needs at least one")
-    derived = derive_version(url, rest, backend, from_version=served.version, promote=promote, workers=workers,
-                             compile=compile, device=device, progress=progress)
-    mark_removed(url, model_id)
-    return derived
-
-
-def mark_removed(url: str, model_id: str) -> None:
-    store = Store.open(url)
-    with store.writer_lock():
-        catalog = store.catalog()
-        models = tuple(m if m.id != model_id else type(m)(**{**m.__dict__, "removed_at": utc_now()})
-                       for m in catalog.models)
-        store.commit(catalog.replace(models=models), catalog.seq)
+    change = ServedChange(model_id, adding=False, read=served.version)
+    change.models(catalog, served)  # unknown, not served, or the last one: refused before any work
+    pause_point("remove-read")
+    return derive_version(url, change, backend, promote=promote, workers=workers, compile=compile, device=device,
+                          progress=progress)
