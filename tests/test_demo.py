@@ -8,6 +8,7 @@ import json
 import re
 import shlex
 import subprocess
+import sys
 
 import pytest
 from rich.cells import cell_len
@@ -114,3 +115,11 @@ def test_the_cli_default_is_the_demos() -> None:
     from mmer_dist.demo.run import QUESTIONS as RUN_QUESTIONS
 
     assert QUESTIONS == RUN_QUESTIONS >= 20
+
+
+def test_the_report_goes_without_plots_when_matplotlib_is_missing(monkeypatch, tmp_path) -> None:
+    from mmer_dist.demo import report
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    paths, note = report.plots({}, tmp_path)
+    assert paths == {} and "pip install matplotlib" in note and not list(tmp_path.iterdir())

@@ -150,8 +150,9 @@ def expansion_grid(exp: Expansion) -> Grid:
     asked = exp.overall(TEXT_POLICIES[0])
     per_model = asked.asked // len(exp.models)
     grid.caption = (
-        f"Every pair of the {len(exp.models)} models ({len(exp.pairs)}), with {exp.per_pair} samples of each, "
-        f"each sample pair asked both questions: {per_model} questions per model, {asked.asked} per row. "
+        f"Every pair of the {len(exp.models)} models ({len(exp.pairs)}), with {exp.per_pair} "
+        f"sample{'s' if exp.per_pair != 1 else ''} of each, each sample pair asked both questions: {per_model} "
+        f"questions per model, {asked.asked} per row. "
         + "; ".join(f"{ROW_NAMES[k].split(' (')[0]}: {ROW_MEANING[k]}" for k in expansion_order(exp))
         + f". 95% interval of an 'all' accuracy: at most {_widest_interval([exp.overall(k) for k in exp.rows])}.")
     return grid

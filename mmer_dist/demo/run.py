@@ -162,8 +162,10 @@ def run_demo(workdir: str | Path = "mmer-demo", *, size: str = "demo", kit_cache
     console = console or report.demo_console()
     started = time.perf_counter()
     sections: list[tuple[str, list]] = []
+    begun: list[float] = []  # when each section began
 
     def section(title: str) -> list:
+        begun.append(time.perf_counter())
         console.rule(title)
         sections.append((title, []))
         return sections[-1][1]
@@ -222,6 +224,7 @@ def run_demo(workdir: str | Path = "mmer-demo", *, size: str = "demo", kit_cache
 
         out = section("5. expansion: one request, two models' media, model 'merged'")
         per_pair = -(-questions // (len(initial) - 1))  # each model is in len - 1 pairs
+        per_pair = min(len(measure.questions(kit, m, per_pair)) for m in initial)  # as many as the kit holds
         n_rows = (len(measure.TEXT_POLICIES) + len(measure.REFERENCES)) * per_pair * len(initial) * (len(initial) - 1)
         with _counting(console, n_rows, "questions") as tick:
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -260,13 +263,15 @@ def run_demo(workdir: str | Path = "mmer-demo", *, size: str = "demo", kit_cache
 
     seconds = time.perf_counter() - started
     out = section(f"done in {seconds:.0f} s")
+    timings = {title: round(end - start, 2) for (title, _), start, end in zip(sections, begun, begun[1:])}
     summary = _summary(before, exp, after, added.id, switch_s)
     grids = [g for _, items in sections for g in items if isinstance(g, Grid)]
     result = report.result_json(
         {"size": kit.size, "root": str(kit.root), "trained_seconds": trained, "build_seconds": kit.build_seconds},
         before, exp, {"model": added.id, "version": derived.record.version, "add_seconds": added_at - t0,
                       "switch_seconds": switch_s, "models_before": served, "models_after": now},
-        after, grids, {"questions": questions, "seconds": seconds, "store": store, "summary": summary})
+        after, grids, {"questions": questions, "seconds": seconds, "section_seconds": timings, "store": store,
+                       "summary": summary})
     path, note = report.write(workdir, result, sections[:-1], summary)
     show(out, *summary)
     if note:
