@@ -44,6 +44,7 @@ def printed_tables(out: str) -> dict[str, list[list[str]]]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1500)  # bounds a hang: the session's kit may be built in this setup, then the demo's own 900 s
 def test_mmer_demo_runs_end_to_end_and_prints_its_report(kit, tmp_path):
     workdir = tmp_path / "demo"
     proc = mmer_subprocess("demo", "--size", "test", "--kit-cache", kit.root.parent, "--workdir", "demo",

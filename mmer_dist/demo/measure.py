@@ -213,24 +213,22 @@ def expansion(kit: Kit, store: str, version: int, model_ids: Sequence[str], per_
         reqs, index = expansion_requests(kit, model_ids, per_pair, payloads, policy)
         replies_of[policy] = asker.all(reqs)
         rows[policy] = score_rows(model_ids, index, replies_of[policy])
-    references = (  # (row, over the originals?, the policy planned, the rewrite of its routing)
-        ("originals-follow-media", True, "follow-media", lambda p: p),
-        ("originals-routed", True, None, lambda p: text_through(p, WeightSet.base())),
-        ("ties-star", False, None, lambda p: through(p, WeightSet.star())))
+    references = (  # (row, the policy planned, the rewrite of its routing), on a server whose theta_hat_k
+        # slots hold the ingested theta_k: the rewrites to theta_pre and theta* never use a theta_hat
+        ("originals-follow-media", "follow-media", lambda p: p),
+        ("originals-routed", None, lambda p: text_through(p, WeightSet.base())),
+        ("ties-star", None, lambda p: through(p, WeightSet.star())))
     with tempfile.TemporaryDirectory(prefix="mmer-demo-encoders-") as tmp:
-        encoders, servers = Encoders(store, Path(tmp)), {}
+        served = Served(store, version, Encoders(store, Path(tmp)), device, originals=True)
         try:
-            for key, originals, policy, rewrite in references:
-                if originals not in servers:
-                    servers[originals] = Served(store, version, encoders, device, originals=originals)
+            for key, policy, rewrite in references:
                 reqs, index = expansion_requests(kit, model_ids, per_pair, payloads, policy)
-                replies_of[key] = servers[originals].routed(reqs, rewrite)
+                replies_of[key] = served.routed(reqs, rewrite)
                 for _ in reqs:
                     on_reply()
                 rows[key] = score_rows(model_ids, index, replies_of[key])
         finally:
-            for server in servers.values():
-                server.close()
+            served.close()
     chance = {m: get_task(kit.models[m].task).chance for m in model_ids}
     # the example: the first request (the second model's media, then the first's and its question)
     reqs, index = expansion_requests(kit, model_ids, per_pair, payloads, None)
