@@ -30,7 +30,7 @@ from mmer_dist.store.weightsets import WeightSet
 
 @dataclass
 class Scores:
-    """Greedy answers (with their log-probabilities: ``bench.agreement`` compares other paths with
+    """Greedy answers (with their log-probabilities: ``mmer_dist.demo.agreement`` compares other paths with
     them), replies and accuracy per model on one split."""
 
     answers: dict[str, list[GreedyAnswer]]

@@ -18,7 +18,7 @@ method is a published version of it. Weights are read straight from the store
 - lambda: ``mmer_dist.calibrate`` with the kit's hook (``mmer_dist.demo.calibration:kit_accuracy``,
   the validation half), then ``calibrated_lams`` (what ``mmer merge --lam auto`` uses).
 - Expansion (Table 1): chat requests through the serving engine in-process (``serve.llm.LLMServer``,
-  real encoders and chat templates; ``bench/kit_expansion.py``) to model ``merged``, for every
+  real encoders and chat templates; ``mmer_dist/demo/expansion.py``) to model ``merged``, for every
   text policy: each task's report half alone (single-modality), and mixed prompts: two media of
   different models, then a question about one of them, both questions asked of the same pair.
   NaiveMC / TIES theta* (one set of weights for every token) and the originals routed (theta_k for
@@ -46,15 +46,14 @@ if __package__ in (None, ""):  # run as a script: make `bench` and `mmer_dist` i
 import torch  # noqa: E402
 
 from bench import kit_report  # noqa: E402
-from bench.agreement import EngineAnswer, agreement  # noqa: E402
 from bench.common import OUT_DIR, environment, write_json  # noqa: E402
-from bench.kit_expansion import Encoders, Payloads, Served, follow_media, mixed, request, single  # noqa: E402
 from bench.kit_lab import Lab  # noqa: E402
-from bench.quality_expansion import text_through, through  # noqa: E402
 from mmer_dist.calibrate import calibrate, calibrated_lams  # noqa: E402
+from mmer_dist.demo.agreement import EngineAnswer, agreement  # noqa: E402
 from mmer_dist.demo.calibration import kit_accuracy  # noqa: E402
 from mmer_dist.demo.kit import build_kit, get_task  # noqa: E402
 from mmer_dist.demo.kit.evaluate import quiet_transformers  # noqa: E402
+from mmer_dist.demo.expansion import Encoders, Payloads, Served, mixed, request, single, text_through, through  # noqa: E402
 from mmer_dist.model import TEXT_POLICIES  # noqa: E402
 from mmer_dist.store.weightsets import WeightSet  # noqa: E402
 
@@ -187,7 +186,7 @@ class Bench:
         return out
 
     def engine_answers(self, version: int, requests: list[dict]) -> list[EngineAnswer]:
-        """Chat replies with their tokens' log-probabilities (``bench.agreement`` judges them)."""
+        """Chat replies with their tokens' log-probabilities (``mmer_dist.demo.agreement`` judges them)."""
         t0 = time.perf_counter()
         out = self.serve(version).answers(requests)
         self.seconds["engine"] += time.perf_counter() - t0
@@ -294,7 +293,7 @@ class Bench:
                                                  key="no-lam", name="− Scaling Factor λ (λ=1)", group="ablation"))
 
         # -- retention: the engine's answers in retention mode equal HF's on the same theta_hat
-        # (up to near-ties within float rounding: bench.agreement) --
+        # (up to near-ties within float rounding: mmer_dist.demo.agreement) --
         n = plan.n_check
         check = {}
         for m in initial:
@@ -382,15 +381,6 @@ class Bench:
                 mixed_rows.append({"key": f"{key}:{policy}", "name": f"{name}, {policy}", "group": "routed",
                                    "text_policy": policy, "version": record.version,
                                    **self.mixed_score(record.version, mreqs, mindex)})
-        # bench-only routing: text after a media part through that part's model (not an engine policy)
-        name = "MMER, λ tuned, text follows its media (bench routing)"
-        reqs, index = self.single_requests(initial, None)
-        single_rows.append(self._single_row("mmer-tuned:follow-media", name, "routed (bench)",
-                                            self.answers(tuned.version, reqs, follow_media), index, ref,
-                                            {"version": tuned.version}))
-        mreqs, mindex = self.mixed_requests(None)
-        mixed_rows.append({"key": "mmer-tuned:follow-media", "name": name, "group": "routed (bench)",
-                           "version": tuned.version, **self.mixed_score(tuned.version, mreqs, mindex, follow_media)})
         star = lambda prompt: through(prompt, WeightSet.star())  # noqa: E731
         for key, name in (("naive", "NaiveMC θ*"), ("ties", "TIES θ*")):
             v = merged[key].version

@@ -13,8 +13,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from bench.agreement import TOLERANCE
-from bench.agreement import summary as agreement_summary
+from mmer_dist.demo.agreement import TOLERANCE
+from mmer_dist.demo.agreement import summary as agreement_summary
 from bench.common import write_json
 
 # The paper's numbers (arXiv 2505.17110): Table 2 "Trimmed Avg" retention on accuracy (its TA scale is
@@ -283,7 +283,7 @@ def markdown(result: dict, paths: dict[str, str]) -> str:
         "- originals rebuilt from the store reproduce the kit's recorded accuracy: "
         + ", ".join(f"{m} {a:.3f}={b:.3f}" if a == b else f"{m} {a:.3f}≠{b:.3f}" for m, (a, b) in orig.items()),
         "- serving engine in retention mode (model = its id) vs plain transformers on the same θ̂ (λ=1), answers "
-        f"(a near-tie: the two tokens within 2×{TOLERANCE:g} in log-probability; bench/agreement.py): "
+        f"(a near-tie: the two tokens within 2×{TOLERANCE:g} in log-probability; mmer_dist/demo/agreement.py): "
         + "; ".join(f"{m} {agreement_summary(c)}" for m, c in eng.items()),
         *[f"- expansion, `request-modality`, single-modality prompts ({v}): the retention prompt in "
           f"{same[0]}/{same[1]}; answers vs transformers on θ̂: "

@@ -52,13 +52,12 @@ import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from bench.common import OUT_DIR, environment, write_json  # noqa: E402
-from bench.quality_expansion import (  # noqa: E402
-    Sequences, originals_pipeline, text_through, through,
-)
+from bench.quality_expansion import Sequences  # noqa: E402
 from bench.quality_expansion import pipeline as engine_pipeline  # noqa: E402
 from bench.quality_tasks import (  # noqa: E402
     RULES, TASKS, VOCAB_TENSORS, Evaluator, Size, Suite, build_checkpoints, cache_key,
 )
+from mmer_dist.demo.expansion import originals_pipeline, text_through, through  # noqa: E402
 from mmer_dist.model import TEXT_POLICIES  # noqa: E402
 from mmer_dist.store import layout  # noqa: E402
 from mmer_dist.store.catalog import VersionRecord  # noqa: E402

@@ -23,23 +23,20 @@ against the proxy table's (same weights, same prompts) show whether that ever ha
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 from collections.abc import Callable, Sequence
 
 import torch
 
+from mmer_dist.demo.expansion import SLOT_BUDGET
 from mmer_dist.model import Expansion, LocalPipeline, MediaPart, Prompt, TextPart, plan_prompt
 from mmer_dist.model.batch import RequestSlice, StepBatch
 from mmer_dist.model.dense import EMBED
-from mmer_dist.model.stage import DecoderStage
 from mmer_dist.store.weights import StoreWeights, VersionWeights
-from mmer_dist.store.weightsets import WeightSet
 
 from bench.quality_tasks import PAD, Vocab
 
 STEP_TOKENS = 4096  # prompt tokens per engine step (one prefill of many prompts)
-SLOT_BUDGET = 1 << 30  # bytes of dense weight sets a stage keeps (the bench's models are tiny)
 
 
 def to_parts(ids: Sequence[int], slots: Sequence[str], rows: dict[str, torch.Tensor],
@@ -58,22 +55,6 @@ def to_parts(ids: Sequence[int], slots: Sequence[str], rows: dict[str, torch.Ten
             local = [(i - vocab.base_size) % vocab.extra_rows for i in run]
             parts.append(MediaPart(model, rows[model][local]))
     return parts
-
-
-def through(prompt: Prompt, key: WeightSet) -> Prompt:
-    """Every token, embedding and the LM head through one weight set (a single-weights row)."""
-    n = len(prompt)
-    return dataclasses.replace(prompt, route=((key, n),), embed_route=((key, n),), text=key, vocab_model=None)
-
-
-def text_through(prompt: Prompt, key: WeightSet) -> Prompt:
-    """The prompt's text tokens (routing, embedding, LM head) through ``key``; media unchanged."""
-
-    def swap(runs):
-        return tuple((key if k == prompt.text else k, n) for k, n in runs)
-
-    return dataclasses.replace(prompt, route=swap(prompt.route), embed_route=swap(prompt.embed_route), text=key,
-                               vocab_model=None)
 
 
 class Sequences:
@@ -135,18 +116,3 @@ def pipeline(weights: VersionWeights, device: str) -> LocalPipeline:
     """One stage over every layer, computing in float32 over weights rounded to the checkpoints'
     dtype, as the HF models of the retention table do."""
     return LocalPipeline.build(weights, 1, device=device, dtype=torch.float32, slot_budget_bytes=SLOT_BUDGET)
-
-
-def originals_pipeline(weights: VersionWeights, device: str) -> LocalPipeline:
-    """theta_hat_k served as model k's ingested theta_k (``base`` stays theta_pre): the routed
-    forward with no merge at all, the expansion table's reference row; everything else (routing,
-    embedding, attention, the base-vocabulary head) is the engine's own."""
-
-    def originals(key: WeightSet):
-        if key.kind == "hat":
-            return lambda name: weights.original(name, key.models[0]).float()
-        return None
-
-    n_layers = int(weights.base_config["num_hidden_layers"])
-    return LocalPipeline([DecoderStage(weights, 0, n_layers, device=device, dtype=torch.float32,
-                                       slot_budget_bytes=SLOT_BUDGET, fetcher=originals)])

@@ -68,7 +68,7 @@ def test_a_failed_build_leaves_no_entry_and_stale_ones_are_ignored(tmp_path, mon
     (stale / "base").mkdir(parents=True)
     (stale / "base" / "model.safetensors").write_bytes(b"half written")
 
-    def crash(out: Path, size: str, seed: int, log) -> None:
+    def crash(out: Path, size: str, seed: int, log, progress) -> None:
         (out / "base").mkdir()
         (out / "base" / "config.json").write_text("{}")
         raise RuntimeError("killed while training")
@@ -78,7 +78,7 @@ def test_a_failed_build_leaves_no_entry_and_stale_ones_are_ignored(tmp_path, mon
         build_kit(tmp_path, size="test", seed=7)
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"{name}.lock"]  # no entry, no temp dir left
 
-    def fake(out: Path, size: str, seed: int, log) -> None:  # a complete (tiny) kit, to see it published
+    def fake(out: Path, size: str, seed: int, log, progress) -> None:  # a complete (tiny) kit, to see it published
         (out / "base").mkdir()
         (out / "base" / "config.json").write_text("{}")
         doc = {"size": size, "seed": seed, "base_facts_accuracy": 1.0, "models": [], "build_seconds": 0.0,

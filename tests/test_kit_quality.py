@@ -4,7 +4,7 @@ Structure and sanity that can fail: the originals rebuilt from the store reprodu
 numbers, the serving engine's retention answers and the bench's rewritten-routing path agree with
 their references, single-modality ``request-modality`` expansion builds retention's prompt and
 gives its answers, MMER keeps more than the base floor, every text policy and table is there, and
-the plots are PNGs. Engine and transformers answers are compared by ``bench.agreement``: equal, or
+the plots are PNGs. Engine and transformers answers are compared by ``mmer_dist.demo.agreement``: equal, or
 parting only at a near-tie within float rounding (the kit trained on another CPU differs in its
 low bits, and so do its near-ties).
 """
@@ -20,7 +20,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: `bench` is a package there
 
 from bench import kit_quality, kit_report  # noqa: E402
-from bench.agreement import holds  # noqa: E402
+from mmer_dist.demo.agreement import holds  # noqa: E402
 from mmer_dist.model import TEXT_POLICIES  # noqa: E402
 
 
@@ -42,7 +42,7 @@ def test_the_references_hold(bench):
     for m, (rebuilt, recorded) in checks["originals_reproduce_kit_accuracy"].items():
         assert rebuilt == recorded, m
     # the engine's retention answers are transformers' on the same theta_hat: log-probabilities
-    # within the stated tolerance, and an answer differs only at a near-tie (bench/agreement.py)
+    # within the stated tolerance, and an answer differs only at a near-tie (mmer_dist/demo/agreement.py)
     for m, check in checks["engine_retention_equals_hf"].items():
         assert holds(check), (m, check)
     same, n = checks["engine_routed_path_equals_server"]

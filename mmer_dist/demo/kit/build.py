@@ -116,8 +116,10 @@ def default_cache_dir() -> Path:
 
 
 def build_kit(cache_dir: str | Path | None = None, size: str = "demo", seed: int = 0,
-              log: Callable[[str], None] | None = None) -> Kit:
-    """The kit for (this code, ``size``, ``seed``): from the cache if complete, else built there."""
+              log: Callable[[str], None] | None = None, progress: Callable[[int, int, str], None] | None = None) -> Kit:
+    """The kit for (this code, ``size``, ``seed``): from the cache if complete, else built there.
+    ``log`` gets a line per trained model; ``progress(done, total, now)`` is called only when the
+    kit is trained, before each of its ``total`` models (``now``: the one training) and at the end."""
     if size not in SIZES:
         raise InvalidInputError(f"kit size {size!r} unknown; choose from {sorted(SIZES)}")
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -131,7 +133,7 @@ def build_kit(cache_dir: str | Path | None = None, size: str = "demo", seed: int
             shutil.rmtree(stale)
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
         try:
-            _build(tmp, size, seed, log or (lambda message: None))
+            _build(tmp, size, seed, log or (lambda message: None), progress or (lambda done, total, now: None))
             os.chmod(tmp, 0o755)  # mkdtemp's 0700 is for while it is being written
             os.rename(tmp, final)
         except BaseException:
@@ -198,9 +200,12 @@ def _build_environment() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def _build(out: Path, size: str, seed: int, log: Callable[[str], None]) -> None:
+def _build(out: Path, size: str, seed: int, log: Callable[[str], None],
+           progress: Callable[[int, int, str], None]) -> None:
     sizes = SIZES[size]
     start = time.perf_counter()
+    steps = 1 + len(MODELS)  # the base, then each fine-tune
+    progress(0, steps, "base")
     with _build_environment():
         tokenizer = build_tokenizer()
         with torch.random.fork_rng():
@@ -216,8 +221,10 @@ def _build(out: Path, size: str, seed: int, log: Callable[[str], None]) -> None:
         base_facts = evaluate(out / "base")
         log(f"base: facts {base_facts:.3f}  ({time.perf_counter() - start:.1f} s)")
         entries = []
-        for model_id, added in MODELS:
+        for done, (model_id, added) in enumerate(MODELS, start=1):
+            progress(done, steps, model_id)
             entries.append(_build_finetune(out, model_id, added, base, tokenizer, seed, sizes, log))
+        progress(steps, steps, "")
     manifest = {
         "format": KIT_FORMAT, "size": size, "seed": seed, "key": cache_key(size, seed), "base_facts_accuracy": base_facts,
         "models": entries, "build_seconds": round(time.perf_counter() - start, 2),

@@ -1,19 +1,22 @@
-"""The kit quality benchmark's expansion runs: chat requests through the serving engine in-process.
+"""Expansion requests on the demo kit: the kit's two-media prompts, and the serving engine in-process.
 
-``Served`` is ``serve.llm.LLMServer`` over one store version with a ``LocalPipeline``, the real
-encoders (``serve.encoders``: each model's component from the store, its processor and adapter) and the real chat templates (``serve.chat``): exactly what the endpoint runs, minus
-HTTP and Ray. ``chat`` sends OpenAI-style requests (the kit's samples as base64 content parts)
-concurrently, so the engine batches them; replies are the streamed text, stripped.
+What ``mmer demo`` and the kit quality benchmark (``bench/kit_quality.py``) both measure:
 
-``routed`` builds the same prompts the server builds for model ``merged`` (same payload decoding,
-encoders, ``expansion_parts`` and ``plan_prompt``) and rewrites their routing before they run on
-the same engine: the one-weight-set rows (theta* for every token, ``through``) and the
-originals-routed reference (``text_through`` theta_pre on a pipeline serving theta_k as
-theta_hat_k), which a chat request cannot ask for.
+- the prompts: ``single`` (a sample's media part, then its question: the kit's own prompt) and
+  ``mixed`` (two media parts of different models, then the question about the *last* one, right
+  before its question as the kit's models learnt "<media> question"); ``request`` wraps content
+  parts into an OpenAI chat request to model ``merged`` with a ``text_policy``. A reply is right
+  when it is exactly the asked sample's answer word (greedy, ``MAX_NEW_TOKENS``: a word and EOS);
+- ``Served``: ``serve.llm.LLMServer`` over one store version with a ``LocalPipeline``, the real
+  encoders (``serve.encoders``) and chat templates (``serve.chat``): what the endpoint runs, minus
+  HTTP and Ray. ``chat`` sends requests concurrently (the engine batches them); ``routed`` builds
+  the prompt the server builds for model ``merged`` and rewrites its routing before it runs:
+  the reference rows no chat request can ask for, ``through`` (one weight set for every token,
+  e.g. theta* of TIES) and ``text_through`` theta_pre on ``originals_pipeline`` (each model's
+  media through its ingested theta_k, text through theta_pre: the routing with no merge at all).
 
-Encoder outputs are memoised by (model, checkpoint digest, part type, payload digest): a sample's
-media is encoded once and reused by every version and policy (the encoders do not depend on the
-version).
+Encoder outputs are memoised per (model, part type, payload digest): a sample's media is encoded
+once and reused by every version and rewrite (the encoders do not depend on the version).
 """
 
 from __future__ import annotations
@@ -27,15 +30,15 @@ from pathlib import Path
 
 import torch
 
-from bench.agreement import EngineAnswer
-from bench.quality_expansion import originals_pipeline
+from mmer_dist.demo.agreement import EngineAnswer
 from mmer_dist.demo.kit import Sample, Task
 from mmer_dist.demo.kit_store import MAX_NEW_TOKENS
 from mmer_dist.media.parts import media_part
 from mmer_dist.model import Expansion, GenerationRequest, LocalPipeline, Prompt, Retention, SamplingParams, plan_prompt
-from mmer_dist.model.batch import expand, run_lengths
+from mmer_dist.model.stage import DecoderStage
 from mmer_dist.store.store import Store
 from mmer_dist.store.weights import StoreWeights, VersionWeights
+from mmer_dist.store.weightsets import WeightSet
 from serve.chat import Media, expansion_parts, retention_parts
 from serve.config import ServeOptions
 from serve.encoders import ENCODERS, ComponentEncoder
@@ -44,12 +47,87 @@ from serve.llm import LLMServer, media_payload
 SLOT_BUDGET = 1 << 30  # dense weight sets per stage: every kit model's theta_hat fits
 
 
+# -- prompts --------------------------------------------------------------------------------------
+
+
+class Payloads:
+    """Each sample's content part, built once (PNG / WAV / MP4 / NPY, base64)."""
+
+    def __init__(self):
+        self._parts: dict[tuple[str, int], dict] = {}
+
+    def part(self, task: Task, index: int, sample: Sample, model_id: str) -> dict:
+        key = (task.name, index)
+        if key not in self._parts:
+            self._parts[key] = media_part(task.part_type, sample.raw)
+        return {**self._parts[key], "model": model_id}
+
+
+def request(content: list[dict], model: str = "merged", policy: str | None = None) -> dict:
+    out = {"model": model, "messages": [{"role": "user", "content": content}], "temperature": 0,
+           "max_tokens": MAX_NEW_TOKENS}
+    if policy is not None:
+        out["text_policy"] = policy
+    return out
+
+
+def single(payloads: Payloads, task: Task, index: int, sample: Sample, model_id: str) -> list[dict]:
+    """The kit's own prompt for one sample: its media part (naming its model), then the question."""
+    return [payloads.part(task, index, sample, model_id), {"type": "text", "text": task.question}]
+
+
+def mixed(payloads: Payloads, a: tuple[Task, int, Sample, str], b: tuple[Task, int, Sample, str],
+          ask: int) -> list[dict]:
+    """Two media parts of different models and the question about one of them (``ask`` 0: a, 1: b),
+    that media last, right before its question (the kit's models learnt "<media> question"), the
+    other one before it: the same two media asked both questions, one request per question."""
+    other, asked = (b, a) if ask == 0 else (a, b)
+    return [payloads.part(*other), payloads.part(*asked), {"type": "text", "text": asked[0].question}]
+
+
+# -- routings no chat request can ask for ------------------------------------------------------------
+
+
+def through(prompt: Prompt, key: WeightSet) -> Prompt:
+    """Every token, embedding and the LM head through one weight set (a single-weights row)."""
+    n = len(prompt)
+    return dataclasses.replace(prompt, route=((key, n),), embed_route=((key, n),), text=key, vocab_model=None)
+
+
+def text_through(prompt: Prompt, key: WeightSet) -> Prompt:
+    """The prompt's text tokens (routing, embedding, LM head) through ``key``; media unchanged."""
+
+    def swap(runs):
+        return tuple((key if k == prompt.text else k, n) for k, n in runs)
+
+    return dataclasses.replace(prompt, route=swap(prompt.route), embed_route=swap(prompt.embed_route), text=key,
+                               vocab_model=None)
+
+
+def originals_pipeline(weights: VersionWeights, device: str) -> LocalPipeline:
+    """theta_hat_k served as model k's ingested theta_k (``base`` stays theta_pre): the routed
+    forward with no merge at all, the expansion tables' reference row; everything else (routing,
+    embedding, attention, the base-vocabulary head) is the engine's own."""
+
+    def originals(key: WeightSet):
+        if key.kind == "hat":
+            return lambda name: weights.original(name, key.models[0]).float()
+        return None
+
+    n_layers = int(weights.base_config["num_hidden_layers"])
+    return LocalPipeline([DecoderStage(weights, 0, n_layers, device=device, dtype=torch.float32,
+                                       slot_budget_bytes=SLOT_BUDGET, fetcher=originals)])
+
+
+# -- the serving engine in-process ------------------------------------------------------------------
+
+
 class Encoders:
     """The serving encoders (``serve.encoders.ENCODERS``: each model's component class, loaded from
     the store as ``MediaEncoders`` loads it), memoised per media payload and shared by every
     ``Served``. ``MediaEncoders.encode_sync`` re-reads the catalog on every call (so a live
-    endpoint sees added models); the bench's store does not change while it encodes, so each
-    component is looked up once."""
+    endpoint sees added models); a store that does not change while it encodes needs each
+    component looked up once."""
 
     def __init__(self, url: str, workdir: Path):
         self.weights = StoreWeights(Store.open(url))
@@ -76,21 +154,9 @@ class Encoders:
         return self.memo[key]
 
 
-class Payloads:
-    """Each sample's content part, built once (PNG / WAV / MP4 / NPY, base64)."""
-
-    def __init__(self):
-        self._parts: dict[tuple[str, int], dict] = {}
-
-    def part(self, task: Task, index: int, sample: Sample, model_id: str) -> dict:
-        key = (task.name, index)
-        if key not in self._parts:
-            self._parts[key] = media_part(task.part_type, sample.raw)
-        return {**self._parts[key], "model": model_id}
-
-
 class Served:
-    """LLMServer in-process over one version (see the module docstring)."""
+    """LLMServer in-process over one version (see the module docstring); ``originals``: its
+    theta_hat_k slots hold the ingested theta_k (``originals_pipeline``)."""
 
     def __init__(self, url: str, version: int, encoders: Encoders, device: str, originals: bool = False):
         options = ServeOptions.from_args({
@@ -137,6 +203,8 @@ class Served:
             model = parts[0]["model"]
             return plan_prompt(retention_parts(served.models[model], messages, media), Retention(model),
                                served.weights.vocabulary)
+        # mean-mask unless asked: the rewrites (``through``, ``text_through``) find the text tokens
+        # as the runs routed through the prompt's text weights
         return plan_prompt(expansion_parts(served.base, served.models, messages, media),
                            Expansion(request.get("text_policy", "mean-mask")), served.weights.vocabulary)
 
@@ -167,52 +235,8 @@ class Served:
         return _gather([one(r) for r in requests])
 
 
-def follow_media(prompt: Prompt) -> Prompt:
-    """Text after a media part through that part's model's theta_hat (its embedding rows too), and
-    the generated tokens through the last media part's: a bench-only routing, not an engine policy
-    (issue 14 names it as a candidate), measured to show where the text weights matter. Text
-    before the first media part keeps the prompt's text weights."""
-    route, embed = expand(prompt.route), expand(prompt.embed_route)
-    current = None
-    for i, token in enumerate(prompt.token_ids.tolist()):
-        if token == -1:  # a media position: routed through its model's theta_hat already
-            current = route[i]
-        elif current is not None and route[i] == prompt.text:
-            route[i] = current
-            if embed[i] == prompt.text:
-                embed[i] = current
-    text = current if current is not None else prompt.text
-    return dataclasses.replace(prompt, route=run_lengths(route), embed_route=run_lengths(embed), text=text,
-                               vocab_model=None)
-
-
 def _gather(coroutines) -> list:
     async def run():
         return await asyncio.gather(*coroutines)
 
     return asyncio.run(run())
-
-
-# -- requests -------------------------------------------------------------------------------------
-
-
-def request(content: list[dict], model: str = "merged", policy: str | None = None) -> dict:
-    out = {"model": model, "messages": [{"role": "user", "content": content}], "temperature": 0,
-           "max_tokens": MAX_NEW_TOKENS}
-    if policy is not None:
-        out["text_policy"] = policy
-    return out
-
-
-def single(payloads: Payloads, task: Task, index: int, sample: Sample, model_id: str) -> list[dict]:
-    """The kit's own prompt for one sample: its media part (naming its model), then the question."""
-    return [payloads.part(task, index, sample, model_id), {"type": "text", "text": task.question}]
-
-
-def mixed(payloads: Payloads, a: tuple[Task, int, Sample, str], b: tuple[Task, int, Sample, str],
-          ask: int) -> list[dict]:
-    """Two media parts of different models and the question about one of them (``ask`` 0: a, 1: b),
-    that media last, right before its question (the kit's models learnt "<media> question"), the
-    other one before it: the same two media asked both questions, one request per question."""
-    other, asked = (b, a) if ask == 0 else (a, b)
-    return [payloads.part(*other), payloads.part(*asked), {"type": "text", "text": asked[0].question}]
