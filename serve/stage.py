@@ -17,15 +17,14 @@ import torch
 class StageActor:
     def __init__(self, store_url: str, version: int, first: int, stop: int, *, device: str, dtype: str,
                  slot_budget_bytes: int, threads: int | None = None):
+        from mmer_dist.devices import resolve_device
         from mmer_dist.model.stage import DecoderStage
         from mmer_dist.store.store import Store
         from mmer_dist.store.weights import VersionWeights
 
         torch.set_num_threads(threads or max(1, os.cpu_count() or 1))
-        if device == "auto":
-            device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
         weights = VersionWeights(Store.open(store_url), version)
-        self.stage = DecoderStage(weights, first, stop, device=device,
+        self.stage = DecoderStage(weights, first, stop, device=resolve_device(device, has_gpu=bool(ray.get_gpu_ids())),
                                   dtype=None if dtype == "auto" else getattr(torch, dtype),
                                   slot_budget_bytes=slot_budget_bytes)
 
