@@ -32,13 +32,16 @@ from mmer_dist.demo.kit import Sample, Task
 from mmer_dist.demo.kit_store import MAX_NEW_TOKENS
 from mmer_dist.media.parts import media_part
 from mmer_dist.model import Expansion, GenerationRequest, LocalPipeline, Prompt, SamplingParams, plan_prompt
+from mmer_dist.model.prompt import MediaPart
 from mmer_dist.model.batch import expand, run_lengths
 from mmer_dist.store.store import Store
 from mmer_dist.store.weights import StoreWeights, VersionWeights
-from serve.chat import Media, expansion_parts
+from serve.chat import expansion_parts
 from serve.config import ServeOptions
 from serve.encoders import ENCODERS, ComponentEncoder
-from serve.llm import LLMServer, media_payload
+from serve.llm import LLMServer
+from serve.protocol import ChatCompletionRequest
+from serve.request import media_payload
 
 SLOT_BUDGET = 1 << 30  # dense weight sets per stage: every kit model's theta_hat fits
 
@@ -103,7 +106,7 @@ class Served:
 
         self.encoders = encoders
         self.server = LLMServer(options, encoders.encode, pipeline)
-        self.server.switch_to(self.server.load(version))
+        self.server.versions.switch_to(self.server.versions.load(version))
         self._ids = itertools.count()
 
     def close(self) -> None:
@@ -111,7 +114,7 @@ class Served:
 
     def chat(self, requests: Sequence[dict]) -> list[str]:
         async def one(request: dict) -> str:
-            events = [e async for e in self.server.chat(request)]
+            events = [e async for e in self.server.chat(ChatCompletionRequest.model_validate(request))]
             done = events[-1]
             if done.get("finish_reason") == "error":
                 raise RuntimeError(f"the engine failed a request: {done.get('error')}")
@@ -120,16 +123,15 @@ class Served:
         return _gather([one(r) for r in requests])
 
     def routed(self, requests: Sequence[dict], rewrite: Callable[[Prompt], Prompt]) -> list[str]:
-        served = self.server.current
-        limits = self.server.options.limits
+        served = self.server.versions.current
+        limits = self.server.options.limits.media()
 
-        async def one(request: dict) -> str:
-            messages = request["messages"]
-            parts = [p for m in messages for p in m["content"] if p["type"] != "text"]
-            media = [Media(p["model"], await self.encoders.encode(p["model"], p["type"], media_payload(p, False), limits))
-                     for p in parts]
-            prompt = plan_prompt(expansion_parts(served.base, served.models, messages, media),
-                                 Expansion(request.get("text_policy", "mean-mask")), served.weights.vocabulary)
+        async def one(body: dict) -> str:
+            request = ChatCompletionRequest.model_validate(body)
+            media = [MediaPart(p.model, await self.encoders.encode(p.model, p.type, media_payload(p, False), limits))
+                     for p in request.media()]
+            prompt = plan_prompt(expansion_parts(served.base, served.models, request.messages, media),
+                                 Expansion(request.text_policy or "mean-mask"), served.weights.vocabulary)
             sampling = SamplingParams(max_tokens=MAX_NEW_TOKENS, stop_token_ids=served.base.stop_token_ids)
             generation = GenerationRequest(f"routed-{next(self._ids)}", rewrite(prompt), sampling)
             tokens = [e.token async for e in served.engine.generate(generation)

@@ -9,7 +9,7 @@ writes it, else by the tokenizer.
 
 Expansion (``model`` = ``merged``): the base's template renders the text, with each media part
 replaced by a sentinel; at each sentinel go the part's model's wrapper tokens (``wrap`` in its
-``mmer_adapter.json``, e.g. ``<audio_start>`` / ``<audio_end>``; none by default: LLaVA puts only
+``mmer_adapter.json``, read by ``mmer_dist.media.adapters.read_adapter_file``, e.g. ``<audio_start>`` / ``<audio_end>``; none by default: LLaVA puts only
 ``<image>``), tokenized by that model's tokenizer and embedded with its own rows, and between
 them the encoder rows. A checkpoint without a chat template gets ``DEFAULT_CHAT_TEMPLATE``.
 """
@@ -22,11 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mmer_dist.errors import InvalidInputError
+from mmer_dist.media.adapters import read_adapter_file
+from mmer_dist.media.parts import MODALITY_PART_TYPES, PART_TYPES
 from mmer_dist.model.prompt import MediaPart, TextPart
-from serve.config import MODALITY_PART_TYPES
+from serve.protocol import Message, TextContentPart
 
 SENTINEL = "\u0000mmer-media-{}\u0000"
-ADAPTER_FILE = "mmer_adapter.json"
 # Used only for a checkpoint that has no chat template: role markers and media placeholders.
 DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}{{ message['role'].upper() + ': ' }}"
@@ -99,34 +100,32 @@ def _stop_ids(directory: Path, tokenizer) -> tuple[int, ...]:
     return tuple(sorted(int(i) for i in ids))
 
 
-_HF_CONTENT_TYPES = {"image_url": "image", "video_url": "video", "input_audio": "audio", "point_cloud": "point"}
-
-
 def _media_spec(directory: Path, model_id: str, modality: str | None, tokenizer, template: str) -> MediaSpec | None:
     """How model ``model_id`` takes media: ``mmer_adapter.json`` says what it knows; the placeholder
     is its processor's image / video token; the content type is the one its chat template turns
     into that placeholder (HF templates read ``{"type": "image"}``, some the OpenAI part type)."""
-    adapter = json.loads((directory / ADAPTER_FILE).read_text()) if (directory / ADAPTER_FILE).exists() else {}
+    adapter = read_adapter_file(directory)
     processor = {}
     for name in ("processor_config.json", "preprocessor_config.json"):
         if (directory / name).exists():
             processor = {**json.loads((directory / name).read_text()), **processor}
-    part_type = adapter.get("part_type") or MODALITY_PART_TYPES.get(modality or "")
+    part_type = (adapter.part_type if adapter else None) or MODALITY_PART_TYPES.get(modality or "")
     if part_type is None:
         return None
     token_key = "video_token" if part_type == "video_url" else "image_token"
-    placeholder = adapter.get("placeholder") or processor.get(token_key) or f"<{_HF_CONTENT_TYPES[part_type]}>"
+    placeholder = (adapter.placeholder if adapter else None) or processor.get(token_key) \
+        or PART_TYPES[part_type].placeholder
     if tokenizer.convert_tokens_to_ids(placeholder) in (None, tokenizer.unk_token_id):
         raise InvalidInputError(f"model {model_id!r}: its media placeholder {placeholder!r} is not a token "
                                 "of its tokenizer")
-    template_type = adapter.get("template_type") or _template_type(tokenizer, template, placeholder, part_type)
-    wrap = tuple(adapter.get("wrap", ("", "")))
-    return MediaSpec(part_type, template_type, placeholder, (wrap[0], wrap[1]))
+    template_type = (adapter.template_type if adapter else None) \
+        or _template_type(tokenizer, template, placeholder, part_type)
+    return MediaSpec(part_type, template_type, placeholder, adapter.wrap if adapter else ("", ""))
 
 
 def _template_type(tokenizer, template: str, placeholder: str, part_type: str) -> str:
     # a LLaVA reading spectrograms or projections renders its media as an image
-    for candidate in dict.fromkeys((_HF_CONTENT_TYPES[part_type], part_type, "image", "video")):
+    for candidate in dict.fromkeys((PART_TYPES[part_type].content_type, part_type, "image", "video")):
         try:
             text = tokenizer.apply_chat_template([{"role": "user", "content": [{"type": candidate}]}], tokenize=False,
                                                  chat_template=template)
@@ -134,31 +133,21 @@ def _template_type(tokenizer, template: str, placeholder: str, part_type: str) -
             continue
         if placeholder in text:
             return candidate
-    return _HF_CONTENT_TYPES[part_type]
+    return PART_TYPES[part_type].content_type
 
 
-@dataclass(frozen=True)
-class Media:
-    """One media part of a request, resolved to its model and encoded to embeddings."""
-
-    model: str
-    embeds: object  # torch.Tensor (tokens, hidden)
-
-
-def conversation(messages: Sequence[dict], media_item) -> list[dict]:
-    """OpenAI messages (parsed dicts) as the HF conversation a chat template renders; media part k
+def conversation(messages: Sequence[Message], media_item) -> list[dict]:
+    """The request's messages as the HF conversation a chat template renders; media part k
     becomes ``media_item(k)``."""
     out, k = [], 0
     for m in messages:
-        role = "system" if m["role"] == "developer" else m["role"]
-        content = m.get("content")
-        if content is None:
-            content = ""
+        role = "system" if m.role == "developer" else m.role
+        content = m.content if m.content is not None else ""
         if isinstance(content, list):
             items = []
             for part in content:
-                if part["type"] == "text":
-                    items.append({"type": "text", "text": part["text"]})
+                if isinstance(part, TextContentPart):
+                    items.append({"type": "text", "text": part.text})
                 else:
                     items.append(media_item(k))
                     k += 1
@@ -167,15 +156,15 @@ def conversation(messages: Sequence[dict], media_item) -> list[dict]:
     return out
 
 
-def _check_text(messages: Sequence[dict]) -> None:
+def _check_text(messages: Sequence[Message]) -> None:
     for m in messages:
-        texts = [m["content"]] if isinstance(m.get("content"), str) else \
-            [p["text"] for p in m.get("content") or [] if p["type"] == "text"]
+        texts = [m.content] if isinstance(m.content, str) else \
+            [p.text for p in m.content or [] if isinstance(p, TextContentPart)]
         if any("\u0000" in t for t in texts):
             raise InvalidInputError("message text may not contain NUL characters")
 
 
-def retention_parts(assets: ChatAssets, messages: Sequence[dict], media: Sequence[Media]) -> list:
+def retention_parts(assets: ChatAssets, messages: Sequence[Message], media: Sequence[MediaPart]) -> list:
     """The prompt of a request to one model (see the module docstring)."""
     _check_text(messages)
     spec = assets.media
@@ -195,15 +184,15 @@ def retention_parts(assets: ChatAssets, messages: Sequence[dict], media: Sequenc
     for i, m in zip(at, media):
         if i > start:
             parts.append(TextPart(tuple(ids[start:i]), tokenizer=assets.model_id))
-        parts.append(MediaPart(m.model, m.embeds))
+        parts.append(m)
         start = i + 1
     if start < len(ids):
         parts.append(TextPart(tuple(ids[start:]), tokenizer=assets.model_id))
     return parts
 
 
-def expansion_parts(base: ChatAssets, models: dict[str, ChatAssets], messages: Sequence[dict],
-                    media: Sequence[Media]) -> list:
+def expansion_parts(base: ChatAssets, models: dict[str, ChatAssets], messages: Sequence[Message],
+                    media: Sequence[MediaPart]) -> list:
     """The prompt of a request to the merged model (see the module docstring)."""
     _check_text(messages)
     conv = conversation(messages, lambda k: {"type": "text", "text": SENTINEL.format(k)})
@@ -229,7 +218,7 @@ def expansion_parts(base: ChatAssets, models: dict[str, ChatAssets], messages: S
             before, after = models[m.model].media.wrap
             if before:
                 parts.append(TextPart(tuple(models[m.model].encode(before, first=False)), m.model, m.model))
-            parts.append(MediaPart(m.model, m.embeds))
+            parts.append(m)
             if after:
                 parts.append(TextPart(tuple(models[m.model].encode(after, first=False)), m.model, m.model))
     return parts

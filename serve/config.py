@@ -13,10 +13,8 @@ import re
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from mmer_dist.errors import InvalidInputError
+from mmer_dist.media.parts import MEDIA_PART_TYPES, MediaLimits
 from mmer_dist.model.policies import DEFAULT_TEXT_POLICY, TEXT_POLICIES
-
-PART_TYPES = ("image_url", "input_audio", "video_url", "point_cloud")
-MODALITY_PART_TYPES = {"image": "image_url", "audio": "input_audio", "video": "video_url", "point": "point_cloud"}
 
 
 def parse_bytes(value: int | str) -> int:
@@ -38,6 +36,11 @@ class Limits(BaseModel):
     max_points: int = Field(500_000, gt=0, description="points of one point cloud")
     max_prompt_tokens: int = Field(4096, gt=0, description="prompt tokens (media tokens included)")
     max_completion_tokens: int = Field(1024, gt=0, description="largest max_tokens a request may ask for")
+
+    def media(self) -> MediaLimits:
+        """What the media decoders enforce (the fields they share, by name)."""
+        return MediaLimits(max_part_bytes=self.max_body_bytes, **{
+            name: getattr(self, name) for name in MediaLimits.__dataclass_fields__ if name != "max_part_bytes"})
 
 
 class ServeOptions(BaseModel):
@@ -99,8 +102,8 @@ class ServeOptions(BaseModel):
     @field_validator("default_part_models")
     @classmethod
     def _parts(cls, v):
-        if bad := sorted(set(v) - set(PART_TYPES)):
-            raise ValueError(f"unknown part types {bad}; expected {', '.join(PART_TYPES)}")
+        if bad := sorted(set(v) - set(MEDIA_PART_TYPES)):
+            raise ValueError(f"unknown part types {bad}; expected {', '.join(MEDIA_PART_TYPES)}")
         return v
 
     def api_token(self) -> str | None:

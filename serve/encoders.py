@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from mmer_dist.errors import InvalidInputError
-from serve.config import Limits
+from mmer_dist.media.parts import PART_TYPES, MediaLimits
 
 
 class ComponentEncoder:
@@ -36,27 +36,21 @@ class ComponentEncoder:
     def __init__(self, model_id: str, directory: Path):
         self.model_id, self.directory = model_id, directory
 
-    def decode(self, part_type: str, payload: bytes, limits: Limits):
-        from mmer_dist.media import adapters, decode
+    def decode(self, part_type: str, payload: bytes, limits: MediaLimits):
+        """A payload -> the image its tower reads: decoded by the part type's decoder, through the
+        model's adapter where the part type needs one."""
+        from mmer_dist.media import adapters
 
-        if part_type == "image_url":
-            raw = decode.decode_image(payload, max_pixels=limits.max_image_pixels)
-        elif part_type == "input_audio":
-            raw = decode.decode_wav(payload, max_seconds=limits.max_audio_seconds)
-        elif part_type == "point_cloud":
-            raw = decode.decode_points(payload, max_points=limits.max_points)
-        else:
-            raise InvalidInputError(f"model {self.model_id!r} does not take {part_type} parts")
+        spec = PART_TYPES[part_type]
         adapter = adapters.load_adapter(self.directory)
-        if adapter is not None:
-            if adapter.part_type != part_type:
-                raise InvalidInputError(f"model {self.model_id!r} takes {adapter.part_type} parts, not {part_type}")
-            raw = adapter(raw)
-        elif part_type != "image_url":
+        if adapter is not None and adapter.part_type != part_type:
+            raise InvalidInputError(f"model {self.model_id!r} takes {adapter.part_type} parts, not {part_type}")
+        if adapter is None and spec.adapter is not None:
             raise InvalidInputError(f"model {self.model_id!r} reads images; it has no adapter for {part_type}")
-        return raw
+        raw = spec.decode(payload, limits)
+        return adapter(raw) if adapter is not None else raw
 
-    def encode(self, part_type: str, payload: bytes, limits: Limits) -> torch.Tensor:
+    def encode(self, part_type: str, payload: bytes, limits: MediaLimits) -> torch.Tensor:
         raise NotImplementedError
 
 
@@ -99,7 +93,7 @@ class LlavaEncoder(ComponentEncoder):
         self.processor = load_processor(directory)
 
     @torch.inference_mode()
-    def encode(self, part_type: str, payload: bytes, limits: Limits) -> torch.Tensor:
+    def encode(self, part_type: str, payload: bytes, limits: MediaLimits) -> torch.Tensor:
         image = self.decode(part_type, payload, limits)
         pixels = self.processor.image_processor(images=[image], return_tensors="pt")["pixel_values"]
         cfg = self.model.config
@@ -124,13 +118,10 @@ class VideoLlavaEncoder(ComponentEncoder):
         self.processor = load_processor(directory)
 
     @torch.inference_mode()
-    def encode(self, part_type: str, payload: bytes, limits: Limits) -> torch.Tensor:
-        from mmer_dist.media import decode
-
+    def encode(self, part_type: str, payload: bytes, limits: MediaLimits) -> torch.Tensor:
         cfg = self.model.config
         if part_type == "video_url":
-            frames = decode.decode_video(payload, num_frames=self.processor.num_frames,
-                                         max_frames=limits.max_video_frames, max_pixels=limits.max_image_pixels)
+            frames = PART_TYPES[part_type].decode(payload, limits, num_frames=self.processor.num_frames)
             pixels = self.processor(text=self.processor.video_token, videos=[frames],
                                     return_tensors="pt")["pixel_values_videos"]
             out = self.model.model.get_video_features(pixels, vision_feature_layer=cfg.vision_feature_layer)
@@ -179,14 +170,13 @@ class MediaEncoders:
                 self._loaded.popitem(last=False)
         return encoder
 
-    def encode_sync(self, model_id: str, part_type: str, payload: bytes, limits: Limits | dict) -> torch.Tensor:
-        limits = limits if isinstance(limits, Limits) else Limits.model_validate(limits)
+    def encode_sync(self, model_id: str, part_type: str, payload: bytes, limits: MediaLimits) -> torch.Tensor:
         encoder = self._component(model_id)
         if part_type not in encoder.part_types:
             raise InvalidInputError(f"model {model_id!r} does not take {part_type} parts")
         return encoder.encode(part_type, payload, limits)
 
-    async def encode(self, model_id: str, part_type: str, payload: bytes, limits: Limits | dict) -> torch.Tensor:
+    async def encode(self, model_id: str, part_type: str, payload: bytes, limits: MediaLimits) -> torch.Tensor:
         # decoding and the towers are CPU/GPU work: off the replica's event loop
         return await asyncio.get_running_loop().run_in_executor(None, self.encode_sync, model_id, part_type,
                                                                 payload, limits)

@@ -6,8 +6,8 @@
     GET  /readyz                 a version is loaded and answering
 
 Every failure is an OpenAI error body ``{"error": {"message", "type", "param", "code"}}`` with a
-4xx status when the request is at fault. The LLM engine is reached through a Serve handle (one hop
-per request, not per token); a client that disconnects cancels its request, which frees its KV
+4xx status when the request is at fault. The LLM deployment is reached through a Serve handle (one
+hop per request, not per token); a client that disconnects cancels its request, which frees its KV
 caches on the stages.
 """
 
@@ -32,8 +32,8 @@ def error_response(e: BaseException) -> JSONResponse:
 
 
 class OpenAIIngress:
-    def __init__(self, engine, options: dict):
-        self.engine = engine  # handle of the LLMEngine deployment
+    def __init__(self, llm, options: dict):
+        self.llm = llm  # handle of the LLM deployment
         self.options = ServeOptions.from_args(options)
         self.token = self.options.api_token()
 
@@ -89,9 +89,7 @@ class OpenAIIngress:
         try:
             self._authorize(request)
             parsed = await self._parse(request)
-            body = parsed.model_dump(exclude_none=True, exclude={"stream", "stream_options"})
-            body["messages"] = [m.model_dump(exclude_none=True) for m in parsed.messages]
-            events = self.engine.options(stream=True).chat.remote(body)
+            events = self.llm.options(stream=True).chat.remote(parsed)
             accepted = await events.__anext__()  # raises here when the request is refused
         except Exception as e:  # noqa: BLE001 - every failure becomes an OpenAI error body
             return error_response(e)
@@ -108,7 +106,7 @@ class OpenAIIngress:
     async def list_models(self, request: Request):
         try:
             self._authorize(request)
-            return {"object": "list", "data": await self.engine.models.remote()}
+            return {"object": "list", "data": await self.llm.models.remote()}
         except Exception as e:  # noqa: BLE001
             return error_response(e)
 
@@ -117,7 +115,7 @@ class OpenAIIngress:
 
     async def readyz(self):
         try:
-            stats = await self.engine.ready.remote()
+            stats = await self.llm.ready.remote()
         except Exception as e:  # noqa: BLE001
             return JSONResponse({"status": "not ready", "error": str(root_cause(e))}, status_code=503)
         return {"status": "ready", **stats}

@@ -13,20 +13,30 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from mmer_dist.media.parts import MEDIA_PART_TYPES, PART_TYPES
 from serve.errors import ApiError
 
+# The wire types are named ``*ContentPart`` / ``Message``; the engine's prompt pieces
+# (``mmer_dist.model.prompt.TextPart`` / ``MediaPart``) are what these become after admission.
 
-class TextPart(BaseModel):
+
+class TextContentPart(BaseModel):
     model_config = ConfigDict(extra="forbid")
     type: Literal["text"]
     text: str
 
 
-class _Media(BaseModel):
+class MediaContentPart(BaseModel):
+    """A media part; ``payload()`` is its data URL or base64 text (where ``PART_TYPES`` says)."""
+
     model_config = ConfigDict(extra="allow")
     model: str | None = None  # which model's encoder (mmer extension)
+
+    def payload(self) -> str:
+        outer, key = PART_TYPES[self.type].payload
+        return getattr(getattr(self, outer), key)
 
 
 class ImageURL(BaseModel):
@@ -35,7 +45,7 @@ class ImageURL(BaseModel):
     detail: str | None = None
 
 
-class ImagePart(_Media):
+class ImageContentPart(MediaContentPart):
     type: Literal["image_url"]
     image_url: ImageURL
 
@@ -46,7 +56,7 @@ class InputAudio(BaseModel):
     format: Literal["wav"] = "wav"
 
 
-class AudioPart(_Media):
+class AudioContentPart(MediaContentPart):
     type: Literal["input_audio"]
     input_audio: InputAudio
 
@@ -56,7 +66,7 @@ class VideoURL(BaseModel):
     url: str
 
 
-class VideoPart(_Media):
+class VideoContentPart(MediaContentPart):
     type: Literal["video_url"]
     video_url: VideoURL
 
@@ -66,13 +76,13 @@ class PointCloud(BaseModel):
     data: str
 
 
-class PointCloudPart(_Media):
+class PointCloudContentPart(MediaContentPart):
     type: Literal["point_cloud"]
     point_cloud: PointCloud
 
 
-ContentPart = Annotated[TextPart | ImagePart | AudioPart | VideoPart | PointCloudPart, Field(discriminator="type")]
-MediaPart = ImagePart | AudioPart | VideoPart | PointCloudPart
+ContentPart = Annotated[TextContentPart | ImageContentPart | AudioContentPart | VideoContentPart
+                        | PointCloudContentPart, Field(discriminator="type")]
 
 
 class Message(BaseModel):
@@ -80,6 +90,9 @@ class Message(BaseModel):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+
+    def media(self) -> list[MediaContentPart]:
+        return [p for p in self.content if isinstance(p, MediaContentPart)] if isinstance(self.content, list) else []
 
 
 class StreamOptions(BaseModel):
@@ -92,17 +105,20 @@ UNSUPPORTED = {"tools": None, "tool_choice": None, "functions": None, "function_
 
 
 class ChatCompletionRequest(BaseModel):
+    """The request as sent; value ranges are OpenAI's. What depends on the server (its token
+    limits, the served models) is checked at admission (``serve.request``)."""
+
     model_config = ConfigDict(extra="allow")
     model: str
     messages: list[Message] = Field(min_length=1)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    seed: int | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = Field(None, ge=-(1 << 63), lt=1 << 64)
     stop: str | list[str] | None = None
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     n: int | None = None
@@ -116,6 +132,20 @@ class ChatCompletionRequest(BaseModel):
             raise ValueError("stop takes at most 4 non-empty strings")
         return [v] if isinstance(v, str) else v
 
+    @model_validator(mode="after")
+    def _one_max_tokens(self):
+        if None not in (self.max_tokens, self.max_completion_tokens) and self.max_tokens != self.max_completion_tokens:
+            raise ValueError("max_tokens and max_completion_tokens differ; send one")
+        return self
+
+    @property
+    def asked_tokens(self) -> int | None:
+        """The completion length asked for (``max_completion_tokens``, or the older ``max_tokens``)."""
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def media(self) -> list[MediaContentPart]:
+        return [p for m in self.messages for p in m.media()]
+
     def check_supported(self) -> None:
         if self.n not in (None, 1):
             raise ApiError(400, f"n={self.n} is not supported: one choice per request", param="n")
@@ -124,15 +154,8 @@ class ChatCompletionRequest(BaseModel):
             if extras.get(key) not in (None, [], {}):
                 raise ApiError(400, f"{key!r} is not supported by this server", param=key)
 
-    def completion_limit(self, default: int) -> int:
-        if self.max_tokens is not None and self.max_completion_tokens is not None \
-                and self.max_tokens != self.max_completion_tokens:
-            raise ApiError(400, "max_tokens and max_completion_tokens differ; send one", param="max_tokens")
-        value = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-        return default if value is None else value
 
-
-PART_TYPES = ("text", "image_url", "input_audio", "video_url", "point_cloud")
+WIRE_PART_TYPES = ("text", *MEDIA_PART_TYPES)
 
 
 def check_part_types(payload: dict) -> None:
@@ -146,6 +169,6 @@ def check_part_types(payload: dict) -> None:
             continue
         for j, part in enumerate(content):
             kind = part.get("type") if isinstance(part, dict) else None
-            if kind not in PART_TYPES:
+            if kind not in WIRE_PART_TYPES:
                 raise ApiError(400, f"messages[{i}].content[{j}]: unknown content part type {kind!r}; expected one "
-                                    f"of {', '.join(PART_TYPES)}", param="messages")
+                                    f"of {', '.join(WIRE_PART_TYPES)}", param="messages")

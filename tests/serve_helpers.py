@@ -10,6 +10,7 @@ Models (tiny, random, bf16, built in code by ``mmer_dist.demo.tiny_models``):
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -127,6 +128,23 @@ def in_process_server(store: str):
 
     return LLMServer(options, encode, lambda w: LocalPipeline.build(w, 1, dtype=torch.float32,
                                                                    slot_budget_bytes=options.slot_budget))
+
+
+async def chat_events(server, request: dict) -> list[dict]:
+    """Every event of one request (an OpenAI request body) to an in-process server."""
+    from serve.protocol import ChatCompletionRequest
+
+    return [e async for e in server.chat(ChatCompletionRequest.model_validate(request))]
+
+
+def in_process_chat(store: str, request: dict) -> list[dict]:
+    """The events the in-process reference server gives ``request`` on the store's served version."""
+    server = in_process_server(store)
+    server.versions.switch_to(server.versions.load(None))
+    try:
+        return asyncio.run(chat_events(server, request))
+    finally:
+        server.shutdown()
 
 
 def copy_tree(src: Path, dst: Path) -> Path:

@@ -8,7 +8,6 @@ server code run in-process (``LLMServer`` over a ``LocalPipeline``) on the same 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import threading
 import time
@@ -18,7 +17,7 @@ import openai
 import pytest
 import torch
 from ray_helpers import free_port
-from serve_helpers import TOKEN, app_args, build_store, image, serve_app, tone, video
+from serve_helpers import TOKEN, app_args, build_store, image, in_process_chat, serve_app, tone, video
 
 from mmer_dist.media import parts as media_parts
 
@@ -95,32 +94,11 @@ def test_retention_equals_transformers_on_the_export(served, model, part):
 
 
 def test_expansion_equals_the_server_in_process(served):
-    from mmer_dist.model.engine import LocalPipeline
-    from serve.config import ServeOptions
-    from serve.encoders import MediaEncoders
-    from serve.llm import LLMServer
-
     content = [{"type": "text", "text": "look"}, media_parts.image_part(image(3)), {"type": "text", "text": "and"},
                media_parts.audio_part(*tone(300)), ASK]
     request = {"model": "merged", "messages": [{"role": "user", "content": content}], "temperature": 0,
                "max_tokens": 8, "logprobs": True}
-    options = ServeOptions.from_args(app_args(served.store))
-    encoders = MediaEncoders(served.store)
-
-    async def encode(m, p, data, limits):
-        return encoders.encode_sync(m, p, data, limits)
-
-    server = LLMServer(options, encode, lambda w: LocalPipeline.build(w, 1, dtype=torch.float32,
-                                                                     slot_budget_bytes=options.slot_budget))
-    server.switch_to(server.load(None))
-
-    async def run():
-        return [e async for e in server.chat(request)]
-
-    try:
-        events = asyncio.run(run())
-    finally:
-        server.shutdown()
+    events = in_process_chat(served.store, request)
     want = "".join(e["text"] for e in events if e["type"] == "token")
     answer = served.client.chat.completions.create(**request)
     assert answer.choices[0].message.content == want

@@ -17,7 +17,7 @@ import openai
 import pytest
 import torch
 from ray_helpers import free_port
-from serve_helpers import TOKEN, app_args, build_store, image, in_process_server, serve_app, tone
+from serve_helpers import TOKEN, app_args, build_store, chat_events, image, in_process_server, serve_app, tone
 from test_serve import ASK, hf_generate
 
 from mmer_dist.demo import tiny_models
@@ -26,6 +26,7 @@ from mmer_dist.media import parts as media_parts
 from mmer_dist.merge.incremental import add_model
 from mmer_dist.merge.local import LocalBackend
 from mmer_dist.store.serving import rollback
+from serve.protocol import ChatCompletionRequest
 
 pytestmark = pytest.mark.slow
 
@@ -104,15 +105,17 @@ def test_a_request_keeps_the_version_it_was_admitted_on(tmp_path):
     request = {"model": "merged", "temperature": 0, "max_tokens": 12, "logprobs": True,
                "messages": [{"role": "user", "content": "hi"}]}
 
+    versions = server.versions
+
     async def run():
-        v1 = server.load(1)
-        server.switch_to(v1)
-        alone = [e async for e in server.chat(request)]
-        stream = server.chat(request)
+        v1 = versions.load(1)
+        versions.switch_to(v1)
+        alone = await chat_events(server, request)
+        stream = server.chat(ChatCompletionRequest.model_validate(request))
         first = [await stream.__anext__() for _ in range(3)]
-        server.switch_to(server.load(2))  # a promote, seen by the follower: new requests go to 2
+        versions.switch_to(versions.load(2))  # a promote, seen by the follower: new requests go to 2
         rest = [e async for e in stream]
-        newer = [e async for e in server.chat(request)]
+        newer = await chat_events(server, request)
         return alone, first + rest, newer, v1
 
     try:

@@ -1,7 +1,8 @@
 """The engine's step loop on its own thread, with an asyncio face for servers.
 
 ``AsyncEngine.generate`` validates a request at once (a bad request fails its caller, never the
-loop), hands it to the loop thread and yields its ``TokenEvent``s as steps produce them. A caller
+loop) and returns its stream: iterating it hands the request to the loop thread and yields its
+``TokenEvent``s as steps produce them. A caller
 that stops listening (a client disconnect cancels the task) aborts its request, which frees its
 KV caches at the next step boundary. Requests join and leave between steps: that is all the
 continuous batching a server needs.
@@ -35,14 +36,12 @@ class AsyncEngine:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
-    @property
-    def active(self) -> int:
-        """Requests admitted or waiting (a version is dropped once this is 0)."""
-        with self._lock:
-            return len(self._listeners)
-
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+    def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        """The request's events, once iterated; a request the engine cannot run raises here."""
         self.engine.validate(request)
+        return self._stream(request)
+
+    async def _stream(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         with self._lock:
@@ -93,7 +92,7 @@ class AsyncEngine:
                 return
             if kind == "add":
                 try:
-                    self.engine.add(arg)
+                    self.engine.enqueue(arg)
                 except Exception as e:  # validated already; a race on the id, say
                     self._deliver(TokenEvent(arg.request_id, finish_reason="error", error=str(e)))
             elif (event := self.engine.abort(arg)) is not None:

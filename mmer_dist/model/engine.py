@@ -164,9 +164,14 @@ class Engine:
             raise InvalidInputError(f"stop token ids {bad} are outside the output vocabulary ({limit} tokens)")
 
     def add(self, request: GenerationRequest) -> None:
+        self.validate(request)
+        self.enqueue(request)
+
+    def enqueue(self, request: GenerationRequest) -> None:
+        """``add`` for a request ``validate`` has passed already (``AsyncEngine`` checks it in
+        the caller's thread, so the loop does not check it twice)."""
         if request.request_id in self.waiting or request.request_id in self.running:
             raise InvalidInputError(f"request id {request.request_id!r} is already in use")
-        self.validate(request)
         self.waiting[request.request_id] = _Running(request, Sampler(request.sampling))
 
     def abort(self, request_id: str) -> TokenEvent | None:
