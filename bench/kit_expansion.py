@@ -37,6 +37,7 @@ from mmer_dist.model.batch import expand, run_lengths
 from mmer_dist.store.store import Store
 from mmer_dist.store.weights import StoreWeights, VersionWeights
 from serve.chat import expansion_parts
+from serve.component_files import component_folder
 from serve.config import ServeOptions
 from serve.encoders import ENCODERS, ComponentEncoder
 from serve.llm import LLMServer
@@ -63,7 +64,7 @@ class Encoders:
     def component(self, model_id: str) -> ComponentEncoder:
         if model_id not in self.components:
             record = self.weights.catalog.model(model_id)
-            folder = self.weights.fetch_files(model_id, self.workdir / f"{model_id}-{record.sha256[:12]}")
+            folder = component_folder(self.weights, model_id, self.workdir, with_weights=True)
             self.components[model_id] = ENCODERS[record.format](model_id, folder)
         return self.components[model_id]
 

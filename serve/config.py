@@ -54,6 +54,9 @@ class ServeOptions(BaseModel):
     stage_resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources each stage "
                                               "actor needs (e.g. {'llm_stage': 1} to put one stage per node)")
     stage_gpus: float = Field(0.0, ge=0, description="GPUs per stage actor (0: CPU stages)")
+    spare_stages: bool = Field(True, description="keep one warm stage process per stage (imports done, no "
+                               "weights), so a lost stage or a new version's stages start in seconds; costs one "
+                               "idle process per stage")
     device: str = Field("auto", description="torch device of the stages: auto (CUDA when the actor has a GPU), cpu, cuda")
     dtype: str = Field("auto", description="compute dtype: auto (the store's), bfloat16, float16, float32")
     slot_budget: int | str = Field("2GB", validate_default=True,
@@ -72,6 +75,10 @@ class ServeOptions(BaseModel):
                                      "(-1: no limit)")
     retry_after_s: float = Field(1.0, ge=0, description="Retry-After of a 429")
     follow_interval_s: float = Field(2.0, gt=0, description="how often the serving pointer is polled")
+    request_timeout_s: float = Field(300.0, gt=0, description="longest a request may take, end to end; past it "
+                                     "the client gets a 503 (a stream: an error event) and the request is cancelled")
+    step_timeout_s: float = Field(300.0, gt=0, description="longest one engine step may take; a stage that does "
+                                  "not answer within it counts as lost (its version's stages are rebuilt)")
 
     @field_validator("slot_budget")
     @classmethod

@@ -9,17 +9,18 @@ on the store's serving pointer (or the version pinned in ``user_config``).
 from __future__ import annotations
 
 import asyncio
-import logging
+import os
 
 from ray.util import get_current_placement_group
 
+from serve import log
 from serve.config import ServeOptions
+from serve.errors import ApiError
 from serve.llm import LLMServer
-from serve.pipeline import RayPipeline
+from serve.pipeline import RayPipeline, StagePool
 from serve.protocol import ChatCompletionRequest
 from serve.versions import Follower
 
-log = logging.getLogger(__name__)
 
 
 class LLMDeployment:
@@ -28,9 +29,13 @@ class LLMDeployment:
         placement_group = get_current_placement_group()
 
         async def encode(model_id, part_type, payload, limits):
-            return await encoders.encode.remote(model_id, part_type, payload, limits)
+            rows = await encoders.encode.remote(model_id, part_type, payload, limits)
+            if isinstance(rows, ApiError):  # refused: answered, not raised (see serve.encoders)
+                raise rows
+            return rows
 
-        self.server = LLMServer(self.options, encode, lambda weights: RayPipeline(weights, self.options, placement_group))
+        self.stages = StagePool(self.options, placement_group)  # warm spares start now, beside the first load
+        self.server = LLMServer(self.options, encode, lambda weights: RayPipeline(weights, self.options, self.stages))
         await asyncio.get_running_loop().run_in_executor(None, self.server.versions.follow, self.options.version)
         self.follower = Follower(self.server.versions, self.options.follow_interval_s, self.options.version)
 
@@ -40,33 +45,43 @@ class LLMDeployment:
         unknown = sorted(set(user_config or {}) - {"version"})
         if unknown:
             raise ValueError(f"LLMEngine user_config takes 'version' only, not {unknown}")
-        self.follower.pinned = (user_config or {}).get("version", self.options.version)
+        pinned = (user_config or {}).get("version", self.options.version)
+        self.follower.pinned = pinned
         # loads beside the served version without blocking the replica's in-flight requests
-        await asyncio.get_running_loop().run_in_executor(None, self.server.versions.follow, self.follower.pinned)
+        await asyncio.get_running_loop().run_in_executor(None, self.server.versions.follow, pinned)
 
     async def chat(self, request: ChatCompletionRequest):
-        async for event in self.server.chat(request):
-            yield event
+        """The server's events; a failure is an ``error`` event (an ApiError), not an exception:
+        Serve would log a traceback for each, a client's mistake included."""
+        try:
+            async for event in self.server.chat(request):
+                yield event
+        except Exception as e:  # noqa: BLE001 - every failure is the client's answer
+            error = ApiError.from_exception(e)
+            if error.status == 500:  # not a refusal, a lost process or a timeout: a bug, with its traceback
+                log.exception("request failed")
+            yield {"type": "error", "error": error}
 
     async def models(self) -> list[dict]:
         return self.server.models_listing()
 
     async def ready(self) -> dict:
-        current = self.server.versions.current
-        if current is None:
-            raise RuntimeError("no version loaded")
-        return {"version": current.version, "models": self.server.model_ids()}
+        """``/readyz``: ``status`` is ``loading``, ``serving vN`` or ``degraded: why``."""
+        return {**self.server.versions.status(), "models": self.server.model_ids()}
 
     async def stats(self) -> dict:
-        return self.server.stats()
+        return {**self.server.stats(), "pid": os.getpid()}
 
     def check_health(self) -> None:
-        current = self.server.versions.current
-        if current is None or not current.engine.alive:
-            raise RuntimeError("the engine's step loop is not running")
+        """Fails (Serve replaces the replica) when it cannot get well by itself: a lost stage
+        that does not rebuild, a dead step loop or follower thread."""
+        why = self.server.versions.unhealthy() or (None if self.follower.alive else "the follower thread died")
+        if why is not None:
+            raise RuntimeError(why)
 
     def __del__(self):
         follower = getattr(self, "follower", None)
         if follower is not None:
             follower.stop()
         self.server.shutdown()
+        self.stages.shutdown()

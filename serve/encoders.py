@@ -12,13 +12,18 @@ message naming it. Adding one (an audio tower that is not a vision tower, say) i
 ``load`` and ``embed``; the ``MediaEncoders`` deployment needs no change.
 
 ``MediaEncoders`` hosts any model's component, loaded the first time a request needs it and kept
-(LRU), so models added to a live endpoint are served with no redeploy.
+(LRU), so models added to a live endpoint are served with no redeploy. A replica imports what
+encoding needs when it starts (transformers imports its classes lazily, and two threads importing
+one at once can fail); concurrent first requests for one model build its component once, from
+files that are never seen half-written (``serve.component_files``). A request the encoders refuse
+is answered with its ``ApiError`` (a 400), not raised: Serve would log a traceback for each.
 """
 
 from __future__ import annotations
 
 import asyncio
 import copy
+import os
 import tempfile
 import threading
 from collections import OrderedDict
@@ -28,10 +33,19 @@ import torch
 
 from mmer_dist.errors import InvalidInputError
 from mmer_dist.media.parts import PART_TYPES, MediaLimits
+from serve.component_files import component_folder
+from serve.errors import ApiError
 
 
 class ComponentEncoder:
     part_types: tuple[str, ...] = ()
+    transformers_class: str = ""  # the checkpoint's model class in transformers
+
+    @classmethod
+    def model_class(cls):
+        import transformers
+
+        return getattr(transformers, cls.transformers_class)
 
     def __init__(self, model_id: str, directory: Path):
         self.model_id, self.directory = model_id, directory
@@ -82,14 +96,13 @@ class LlavaEncoder(ComponentEncoder):
     """``LlavaForConditionalGeneration``: CLIP tower, feature layer / selection, projector."""
 
     part_types = ("image_url", "input_audio", "point_cloud")
+    transformers_class = "LlavaForConditionalGeneration"
 
     def __init__(self, model_id: str, directory: Path):
-        from transformers import LlavaForConditionalGeneration
-
         from mmer_dist.media.processor import load_processor
 
         super().__init__(model_id, directory)
-        self.model = _tower_model(LlavaForConditionalGeneration, directory)
+        self.model = _tower_model(self.model_class(), directory)
         self.processor = load_processor(directory)
 
     @torch.inference_mode()
@@ -107,14 +120,13 @@ class VideoLlavaEncoder(ComponentEncoder):
     the processor's count), images through the image tower."""
 
     part_types = ("video_url", "image_url")
+    transformers_class = "VideoLlavaForConditionalGeneration"
 
     def __init__(self, model_id: str, directory: Path):
-        from transformers import VideoLlavaForConditionalGeneration
-
         from mmer_dist.media.processor import load_processor
 
         super().__init__(model_id, directory)
-        self.model = _tower_model(VideoLlavaForConditionalGeneration, directory)
+        self.model = _tower_model(self.model_class(), directory)
         self.processor = load_processor(directory)
 
     @torch.inference_mode()
@@ -137,15 +149,32 @@ class VideoLlavaEncoder(ComponentEncoder):
 ENCODERS: dict[str, type[ComponentEncoder]] = {"llava-hf": LlavaEncoder, "video-llava-hf": VideoLlavaEncoder}
 
 
+def preload() -> None:
+    """Import what building and running any encoder needs, once, on one thread."""
+    import av  # noqa: F401  (video decoding)
+    import transformers
+    from PIL import Image  # noqa: F401
+
+    from mmer_dist.media import processor  # noqa: F401  (AutoProcessor, AutoImageProcessor, AutoTokenizer)
+
+    for cls in ENCODERS.values():
+        cls.model_class()
+    for name in ("AutoConfig", "LlavaProcessor", "CLIPImageProcessor", "VideoLlavaImageProcessor"):
+        getattr(transformers, name)
+
+
 class MediaEncoders:
     """Every model's component, loaded on demand from the store (the deployment class)."""
 
     def __init__(self, store: str, max_loaded: int = 16, cache_dir: str | None = None):
+        preload()
         self.store_url = store
         self.max_loaded = max_loaded
         self._cache = Path(cache_dir or tempfile.mkdtemp(prefix="mmer-encoders-"))
         self._loaded: OrderedDict[tuple[str, str], ComponentEncoder] = OrderedDict()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the LRU
+        self._building = threading.Lock()  # one component built at a time, each once
+        self.builds = 0
 
     def _component(self, model_id: str) -> ComponentEncoder:
         from mmer_dist.store.store import Store
@@ -154,21 +183,26 @@ class MediaEncoders:
         weights = StoreWeights(Store.open(self.store_url))
         record = weights.catalog.model(model_id)
         key = (model_id, record.sha256)
+        with self._building:
+            with self._lock:
+                if key in self._loaded:
+                    self._loaded.move_to_end(key)
+                    return self._loaded[key]
+            cls = ENCODERS.get(record.format)
+            if cls is None:
+                raise InvalidInputError(f"model {model_id!r} is in format {record.format!r}; the server runs the "
+                                        f"components of {', '.join(ENCODERS)} checkpoints")
+            encoder = cls(model_id, component_folder(weights, model_id, self._cache, with_weights=True))
+            self.builds += 1
+            with self._lock:
+                self._loaded[key] = encoder
+                while len(self._loaded) > self.max_loaded:
+                    self._loaded.popitem(last=False)
+            return encoder
+
+    def stats(self) -> dict:
         with self._lock:
-            if key in self._loaded:
-                self._loaded.move_to_end(key)
-                return self._loaded[key]
-        cls = ENCODERS.get(record.format)
-        if cls is None:
-            raise InvalidInputError(f"model {model_id!r} is in format {record.format!r}; the server runs the "
-                                    f"components of {', '.join(ENCODERS)} checkpoints")
-        folder = weights.fetch_files(model_id, self._cache / f"{model_id}-{record.sha256[:12]}")
-        encoder = cls(model_id, folder)
-        with self._lock:
-            self._loaded[key] = encoder
-            while len(self._loaded) > self.max_loaded:
-                self._loaded.popitem(last=False)
-        return encoder
+            return {"pid": os.getpid(), "loaded": [m for m, _ in self._loaded], "builds": self.builds}
 
     def encode_sync(self, model_id: str, part_type: str, payload: bytes, limits: MediaLimits) -> torch.Tensor:
         encoder = self._component(model_id)
@@ -176,7 +210,10 @@ class MediaEncoders:
             raise InvalidInputError(f"model {model_id!r} does not take {part_type} parts")
         return encoder.encode(part_type, payload, limits)
 
-    async def encode(self, model_id: str, part_type: str, payload: bytes, limits: MediaLimits) -> torch.Tensor:
-        # decoding and the towers are CPU/GPU work: off the replica's event loop
-        return await asyncio.get_running_loop().run_in_executor(None, self.encode_sync, model_id, part_type,
-                                                                payload, limits)
+    async def encode(self, model_id: str, part_type: str, payload: bytes, limits: MediaLimits) -> torch.Tensor | ApiError:
+        """The part's rows, or the ApiError that refuses it (see the module docstring)."""
+        try:  # decoding and the towers are CPU/GPU work: off the replica's event loop
+            return await asyncio.get_running_loop().run_in_executor(None, self.encode_sync, model_id, part_type,
+                                                                    payload, limits)
+        except InvalidInputError as e:
+            return ApiError(400, str(e), param="messages")

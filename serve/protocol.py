@@ -7,13 +7,18 @@ take the same part type). The request may carry ``text_policy`` (``extra_body`` 
 client) for the merged model. Unknown fields the API does not act on are refused when they ask
 for something this server does not do (``n`` > 1, tools, ...), and otherwise ignored, as OpenAI's
 own server ignores what it does not know.
+
+``parse_request`` is the one way in: body bytes -> a checked ``ChatCompletionRequest``, every
+problem a 400 naming where it is (JSON nested deeper than ``MAX_JSON_DEPTH``, a string that is
+not Unicode, an unknown part type, a value out of OpenAI's range).
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import json
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mmer_dist.media.parts import MEDIA_PART_TYPES, PART_TYPES
 from serve.errors import ApiError
@@ -172,3 +177,60 @@ def check_part_types(payload: dict) -> None:
             if kind not in WIRE_PART_TYPES:
                 raise ApiError(400, f"messages[{i}].content[{j}]: unknown content part type {kind!r}; expected one "
                                     f"of {', '.join(WIRE_PART_TYPES)}", param="messages")
+
+
+MAX_JSON_DEPTH = 32  # a chat request nests 6 deep; deeper is an attack on the parser, not a request
+
+
+def parse_request(body: bytes) -> ChatCompletionRequest:
+    try:
+        payload = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ApiError(400, f"the request body nests deeper than {MAX_JSON_DEPTH} levels") from None
+    if not isinstance(payload, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    check_json(payload)
+    check_part_types(payload)
+    try:
+        parsed = ChatCompletionRequest.model_validate(payload)
+    except ValidationError as e:
+        # of a union's alternatives, the deepest error names the real problem
+        first = max(e.errors(), key=lambda err: len(err["loc"]))
+        # without pydantic's labels of union alternatives ("list[tagged-union[...]]"): the path only
+        where = ".".join(str(x) for x in first["loc"] if not (isinstance(x, str) and "[" in x))
+        raise ApiError(400, f"{where}: {first['msg']}" if where else first["msg"],
+                       param=str(first["loc"][0]) if first["loc"] else None) from None
+    parsed.check_supported()
+    return parsed
+
+
+def check_json(payload: Any) -> None:
+    """No deeper than ``MAX_JSON_DEPTH``, and every string Unicode that UTF-8 can hold (JSON's
+    ``\\ud800`` escapes decode to lone surrogates, which tokenizers refuse). Iterative: the
+    check itself cannot overflow the stack."""
+    stack = [(payload, ())]
+    while stack:
+        value, path = stack.pop()
+        if len(path) > MAX_JSON_DEPTH:
+            raise ApiError(400, f"the request body nests deeper than {MAX_JSON_DEPTH} levels")
+        if isinstance(value, dict):
+            stack.extend((v, (*path, str(k))) for k, v in value.items())
+            for k in value:
+                _check_text(k, path)
+        elif isinstance(value, list):
+            stack.extend((v, (*path, str(i))) for i, v in enumerate(value))
+        elif isinstance(value, str):
+            _check_text(value, path)
+
+
+def _check_text(text: str, path: tuple[str, ...]) -> None:
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        where = ".".join(path) or "the request body"
+        raise ApiError(400, f"{where}: the text holds a lone UTF-16 surrogate ({text[e.start]!r} at character "
+                            f"{e.start}); send valid Unicode", param=path[0] if path else None) from None

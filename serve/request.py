@@ -8,7 +8,8 @@ was trained (``serve.chat``) and the sampling parameters. Every check that depen
 checked when the request is parsed (``serve.protocol``), the context length by the engine when
 the request is submitted (``AsyncEngine.generate``).
 
-``detokenize`` turns the engine's ``TokenEvent``s into text deltas, applying the stop strings.
+``detokenize`` turns the engine's ``TokenEvent``s into text deltas, applying the stop strings; a
+request the engine ended for want of a stage is a 503, one it failed a 500.
 """
 
 from __future__ import annotations
@@ -176,9 +177,12 @@ async def detokenize(events, assets: ChatAssets, stops: Sequence[str]) -> AsyncI
     ids: list[int] = []
     sent = 0
     async for e in events:
-        if e.finish_reason in ("error", "abort"):
-            yield {"type": "done", "finish_reason": e.finish_reason, "error": e.error,
-                   "usage": _usage(e.prompt_tokens, e.completion_tokens)}
+        if e.finish_reason == "unavailable":  # a stage died with the request's caches
+            raise ApiError(503, "the server lost a pipeline stage while answering; retry")
+        if e.finish_reason == "error":
+            raise ApiError(500, f"generation failed ({e.error.split(':')[0] if e.error else 'unknown error'})")
+        if e.finish_reason == "abort":
+            yield {"type": "done", "finish_reason": "abort", "usage": _usage(e.prompt_tokens, e.completion_tokens)}
             return
         at_stop_token = e.finish_reason == "stop"
         if not at_stop_token:

@@ -152,7 +152,7 @@ def test_models_health_and_auth(served):
     listed = {m.id for m in served.client.models.list().data}
     assert listed == {"merged", "vision", "video", "audio"}
     assert httpx.get(f"{served.url}/healthz").status_code == 200
-    assert httpx.get(f"{served.url}/readyz").json()["status"] == "ready"
+    assert httpx.get(f"{served.url}/readyz").json()["status"] == "serving v1"
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic " + TOKEN}):
         r = httpx.post(f"{served.url}/v1/chat/completions", headers=headers,
                        json={"model": "merged", "messages": [{"role": "user", "content": "hi"}]})
