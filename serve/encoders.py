@@ -52,17 +52,16 @@ class ComponentEncoder:
 
     def decode(self, part_type: str, payload: bytes, limits: MediaLimits):
         """A payload -> the image its tower reads: decoded by the part type's decoder, through the
-        model's adapter where the part type needs one."""
+        model's adapter where the part type needs one (an image goes to the processor as it is)."""
         from mmer_dist.media import adapters
 
         spec = PART_TYPES[part_type]
+        if spec.adapter is None:
+            return spec.decode(payload, limits)
         adapter = adapters.load_adapter(self.directory)
-        if adapter is not None and adapter.part_type != part_type:
-            raise InvalidInputError(f"model {self.model_id!r} takes {adapter.part_type} parts, not {part_type}")
-        if adapter is None and spec.adapter is not None:
+        if adapter is None or adapter.part_type != part_type:
             raise InvalidInputError(f"model {self.model_id!r} reads images; it has no adapter for {part_type}")
-        raw = spec.decode(payload, limits)
-        return adapter(raw) if adapter is not None else raw
+        return adapter(spec.decode(payload, limits))
 
     def encode(self, part_type: str, payload: bytes, limits: MediaLimits) -> torch.Tensor:
         raise NotImplementedError

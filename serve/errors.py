@@ -15,7 +15,8 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from mmer_dist.errors import InvalidInputError, MmerError
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-          413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}
+          413: "invalid_request_error", 429: "rate_limit_error", 499: "client_closed_request",
+          503: "service_unavailable"}
 UNAVAILABLE = (RayActorError, WorkerCrashedError, ObjectLostError, NodeDiedError, DeploymentUnavailableError)
 
 

@@ -30,6 +30,7 @@ from collections.abc import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.requests import ClientDisconnect
 
 from serve import log
 from serve.config import ServeOptions
@@ -134,7 +135,7 @@ class OpenAIIngress:
         except Exception as e:  # noqa: BLE001
             if events is not None:
                 events.cancel()  # a request past its deadline (or refused) stops on the engine too
-            return self.error_response(_timeout_error(e, self.options.request_timeout_s), where)
+            return self.error_response(_ingress_error(e, self.options.request_timeout_s), where)
         finally:
             if release is not None:
                 release()
@@ -185,9 +186,12 @@ def _raise_error(event: dict) -> dict:
     return event
 
 
-def _timeout_error(e: BaseException, timeout_s: float) -> BaseException:
+def _ingress_error(e: BaseException, timeout_s: float) -> BaseException:
+    """What the ingress itself ran into: its deadline, or a client gone before its body came."""
     if isinstance(e, TimeoutError):
         return ApiError(503, f"the request did not finish within {timeout_s:g} s (request_timeout_s); retry later")
+    if isinstance(e, ClientDisconnect):
+        return ApiError(499, "the client closed the connection before its request was read")
     return e
 
 
@@ -231,7 +235,7 @@ async def _sse(events, completion: dict, include_usage: bool, logprobs: bool, de
                         yield chunk({}, usage=event["usage"], choices=False)
     except Exception as e:  # noqa: BLE001 - the stream has started: report in band, then end it
         events.cancel()
-        err = log_error(_timeout_error(e, timeout_s), "POST /v1/chat/completions (stream)")
+        err = log_error(_ingress_error(e, timeout_s), "POST /v1/chat/completions (stream)")
         yield f"data: {json.dumps(err.body())}\n\n"
     finally:
         release()

@@ -55,7 +55,8 @@ class LLMServer:
                  "mmer": {"mode": "expansion", "version": v.version}}] + [
             {"id": m, "object": "model", "created": v.created, "owned_by": "mmer",
              "mmer": {"mode": "retention", "modality": v.modalities[m], "task": v.tasks.get(m), "version": v.version,
-                      "part_type": a.media.part_type if a.media else None}}
+                      "part_type": a.media.part_type if a.media else None,
+                      "part_types": list(a.media.prompts) if a.media else []}}
             for m, a in v.models.items()]
 
     def stats(self) -> dict:

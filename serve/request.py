@@ -94,9 +94,9 @@ def resolve_media(served: ServedVersion, part: MediaContentPart, retention_model
     kind, named = part.type, part.model
     if retention_model is not None:
         spec = served.models[retention_model].media
-        if spec is None or spec.part_type != kind:
-            takes = spec.part_type if spec else "no media"
-            raise ApiError(400, f"model {retention_model!r} takes {takes} parts, not {kind}; send mixed media "
+        if spec is None or not spec.takes(kind):
+            takes = " or ".join(spec.prompts) if spec else "no media"
+            raise ApiError(400, f"model {retention_model!r} takes {takes} parts, not {kind}; send other media "
                                 f"to model {MERGED!r}", param="messages")
         if named not in (None, retention_model):
             raise ApiError(400, f"a {kind} part names model {named!r} in a request to {retention_model!r}",

@@ -112,6 +112,38 @@ def serve_app(apps: dict[str, dict], *, port: int, ray_init: dict | None = None)
                 os.environ[k] = v
 
 
+class ReplicaLogs:
+    """The Serve replica logs of one application, from a point on (``new()``: what was written since)."""
+
+    def __init__(self, app: str):
+        import ray
+
+        self.folder = Path(ray._private.worker.global_worker.node.get_logs_dir_path()) / "serve"
+        self.app = app
+        self.sizes = {p: p.stat().st_size for p in self._files()}
+
+    def _files(self) -> list[Path]:
+        return sorted(self.folder.glob(f"replica_{self.app}_*.log"))
+
+    def new(self) -> str:
+        out = []
+        for p in self._files():
+            with open(p, "rb") as f:
+                f.seek(self.sizes.get(p, 0))
+                out.append(f.read().decode(errors="replace"))
+        return "".join(out)
+
+
+def replica_process(app: str, deployment: str):
+    """The psutil process of the one live replica of ``deployment`` (Ray titles it ``ray::ServeReplica:app:name``)."""
+    import psutil
+
+    title = f"ServeReplica:{app}:{deployment}"
+    found = [p for p in psutil.process_iter(["cmdline"]) if any(title in part for part in p.info["cmdline"] or [])]
+    assert len(found) == 1, f"{len(found)} processes titled {title}"
+    return found[0]
+
+
 def in_process_server(store: str):
     """The endpoint's server code (``LLMServer``) in this process over a one-stage ``LocalPipeline``
     and the store's encoders: the reference for what the endpoint answers."""
