@@ -149,7 +149,11 @@ class AsyncEngine:
                     self._deliver(event)
                 if self.engine.lost is not None:
                     self._fail(self.engine.lost, "unavailable")
-        finally:  # whoever still listens hears that nothing more comes
+        finally:  # aborts still queued free their caches; whoever still listens hears that nothing more comes
+            try:
+                self._apply_commands()
+            except Exception:  # noqa: BLE001 - closing goes on
+                log.exception("could not apply the engine's last commands")
             with self._lock:
                 self._closed = True
                 waiting = list(self._listeners)
