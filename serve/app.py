@@ -14,7 +14,7 @@ from serve.config import ServeOptions
 from serve.encoders import MediaEncoders
 from serve.deployment import LLMDeployment
 from serve.ingress import OpenAIIngress
-from serve.pipeline import stage_bundle
+from serve.stage import stage_bundle
 
 REPLICA_CPUS = 0.25  # the engine replica only schedules and tokenizes; the stages compute
 INGRESS_HEADROOM = 16  # /readyz, /v1/models and 429 answers beside the admitted and queued chats

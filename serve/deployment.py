@@ -16,17 +16,20 @@ from ray.util import get_current_placement_group
 from serve import log
 from serve.config import ServeOptions
 from serve.errors import ApiError
-from serve.llm import LLMServer
-from serve.pipeline import RayPipeline, StagePool
 from serve.protocol import ChatCompletionRequest
-from serve.versions import Follower
-
+from serve.stage import StagePool
 
 
 class LLMDeployment:
     async def __init__(self, encoders, options: dict):
         self.options = ServeOptions.from_args(options)
         placement_group = get_current_placement_group()
+        # the stage processes start first, so their imports run beside this replica's own (torch,
+        # transformers: most of a replica's start, which is why they are imported here, not above)
+        self.stages = StagePool(self.options, placement_group)
+        from serve.llm import LLMServer
+        from serve.pipeline import RayPipeline
+        from serve.versions import Follower
 
         async def encode(model_id, part_type, payload, limits):
             rows = await encoders.encode.remote(model_id, part_type, payload, limits)
@@ -34,7 +37,6 @@ class LLMDeployment:
                 raise rows
             return rows
 
-        self.stages = StagePool(self.options, placement_group)  # warm spares start now, beside the first load
         self.server = LLMServer(self.options, encode, lambda weights: RayPipeline(weights, self.options, self.stages))
         await asyncio.get_running_loop().run_in_executor(None, self.server.versions.follow, self.options.version)
         self.follower = Follower(self.server.versions, self.options.follow_interval_s, self.options.version)

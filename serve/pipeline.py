@@ -8,74 +8,17 @@ at the end (DESIGN.md: ~1.7 ms per actor call on a 2-core machine, ~10 ms per Se
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
 
 import ray
 from ray.exceptions import GetTimeoutError, RayError
-from ray.util.placement_group import PlacementGroup
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from mmer_dist.model.config import DecoderConfig
 from mmer_dist.model.engine import StageLostError, split_layers
 from mmer_dist.store.weights import VersionWeights
 from serve.config import ServeOptions
 from serve.errors import UNAVAILABLE, root_cause
-from serve.stage import StageActor
-
-# Each bundle of the replica's placement group holds a third of its resources per stage actor: a
-# version's stage, the stage of a version loading beside it (a switch) and a warm spare.
-SHARES_PER_BUNDLE = 3
-
-
-def stage_bundle(options: ServeOptions) -> dict[str, float]:
-    bundle = {"CPU": 1.0, **options.stage_resources}
-    if options.stage_gpus:
-        bundle["GPU"] = float(options.stage_gpus)
-    return bundle
-
-
-class StagePool:
-    """Where a replica's stage actors come from: ``take(i)`` gives stage ``i``'s warm spare (an
-    actor started earlier, imports done, no weights), or a new actor when there is none;
-    ``refill()`` starts the missing spares in the background (after a pipeline has loaded, so they
-    never compete with it). With ``spare_stages`` off there are none. Actor ``i`` goes to bundle
-    ``first_bundle + i`` of the replica's placement group."""
-
-    def __init__(self, options: ServeOptions, placement_group: PlacementGroup | None, first_bundle: int = 1):
-        self.options, self.placement_group, self.first_bundle = options, placement_group, first_bundle
-        self._spares: dict[int, ray.actor.ActorHandle] = {}
-        self._lock = threading.Lock()
-        self.refill()
-
-    def _start(self, i: int) -> ray.actor.ActorHandle:
-        share = {k: v / SHARES_PER_BUNDLE for k, v in stage_bundle(self.options).items()}
-        cpus, gpus = share.pop("CPU"), share.pop("GPU", 0.0)
-        strategy = (PlacementGroupSchedulingStrategy(self.placement_group,
-                                                     placement_group_bundle_index=self.first_bundle + i)
-                    if self.placement_group is not None else "DEFAULT")
-        return StageActor.options(num_cpus=cpus, num_gpus=gpus, resources=share or None,
-                                  scheduling_strategy=strategy, max_concurrency=1).remote()
-
-    def take(self, i: int) -> ray.actor.ActorHandle:
-        with self._lock:
-            actor = self._spares.pop(i, None)
-        return actor if actor is not None else self._start(i)
-
-    def refill(self) -> None:
-        if not self.options.spare_stages:
-            return
-        with self._lock:
-            for i in range(self.options.stages):
-                if i not in self._spares:
-                    self._spares[i] = self._start(i)
-
-    def shutdown(self) -> None:
-        with self._lock:
-            spares, self._spares = list(self._spares.values()), {}
-        for actor in spares:
-            ray.kill(actor, no_restart=True)
-
+from serve.stage import StagePool
 
 class RayPipeline:
     """A version's stage actors. A stage whose process died (or a step past ``step_timeout_s``)
