@@ -85,17 +85,17 @@ class Versions:
         self.lease = ServerLease(options.store)  # `mmer gc` keeps every version this server holds
         self.changed = threading.Event()  # the follower is needed now: a version lost a stage, a new pin
         self.problem: str | None = None  # why the last follow failed (the follower sets it)
+        self._assets: dict[tuple[str | None, str | None], ChatAssets] = {}  # (model, checkpoint digest)
 
     def load(self, version: int | None) -> ServedVersion:
         store = Store.open(self.options.store)
         weights = VersionWeights(store, version)
-        root = self._cache / hashlib.sha256(self.options.store.encode()).hexdigest()[:12]
-        base = ChatAssets.load(component_folder(weights, None, root, with_weights=False), None, None)
+        base = self._chat_assets(weights, None)
         models, modalities, tasks = {}, {}, {}
         for m in weights.models:
             record = weights.catalog.model(m)
             tasks[m] = record.task
-            models[m] = ChatAssets.load(component_folder(weights, m, root, with_weights=False), m, record.modality)
+            models[m] = self._chat_assets(weights, m)
             modalities[m] = record.modality
         pipeline = self._pipeline_factory(weights)
         try:
@@ -107,6 +107,20 @@ class Versions:
                 shutdown()
             raise
         return ServedVersion(weights.version, weights, pipeline, engine, base, models, modalities, tasks)
+
+    def _chat_assets(self, weights: VersionWeights, model_id: str | None) -> ChatAssets:
+        """A model's (None: the base's) tokenizer and template: loaded once per checkpoint, and
+        shared by every version that holds it (a switch loads only the new models')."""
+        record = weights.catalog.model(model_id) if model_id is not None else None
+        key = (model_id, record.sha256 if record else None)
+        with self._lock:
+            if (assets := self._assets.get(key)) is not None:
+                return assets
+        root = self._cache / hashlib.sha256(self.options.store.encode()).hexdigest()[:12]
+        folder = component_folder(weights, model_id, root, with_weights=False)
+        assets = ChatAssets.load(folder, model_id, record.modality if record else None)
+        with self._lock:
+            return self._assets.setdefault(key, assets)
 
     def target_version(self, pinned: int | None) -> int:
         """The version to serve: the pinned one, else the store's serving pointer (the latest
@@ -213,6 +227,9 @@ class Versions:
             self._retiring = [v for v in self._retiring if v not in idle]
         if idle:
             self._hold()
+            with self._lock:  # the chat assets of models no held version has any more go too
+                used = {id(a) for v in self.held() for a in (v.base, *v.models.values())}
+                self._assets = {k: a for k, a in self._assets.items() if id(a) in used}
         for v in idle:
             v.close()
             log.info("version %d dropped (no requests left)", v.version)

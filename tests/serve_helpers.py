@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -177,6 +178,16 @@ def in_process_chat(store: str, request: dict) -> list[dict]:
         return asyncio.run(chat_events(server, request))
     finally:
         server.shutdown()
+
+
+def wait_for(predicate, timeout: float = 120.0, what: str = "condition") -> float:
+    """Polls ``predicate`` until it holds (returns when); the timeout only bounds a hang."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return time.time()
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 def copy_tree(src: Path, dst: Path) -> Path:

@@ -23,7 +23,8 @@ import openai
 import pytest
 import torch
 from ray_helpers import free_port
-from serve_helpers import TOKEN, app_args, build_store, chat_events, image, in_process_server, serve_app, tone
+from serve_helpers import (TOKEN, app_args, build_store, chat_events, image, in_process_server, serve_app, tone,
+                           wait_for)
 from test_serve import ASK, hf_generate
 
 from mmer_dist.demo import tiny_models
@@ -36,16 +37,6 @@ from mmer_dist.store.serving import promote, rollback
 from serve.protocol import ChatCompletionRequest
 
 pytestmark = pytest.mark.slow
-
-
-def wait_for(predicate, timeout=120.0, what="condition"):
-    """Polls ``predicate``; the timeout only bounds a hang (speeds are bench/serve_ops.py's)."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return time.time()
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class Clients:
