@@ -114,8 +114,8 @@ def test_versions_follow_the_store_under_load_without_a_failed_request(tmp_path)
                 ask("vision2", content)
             after = {m: ask(m, c) for m, c in probes.items()}
 
-            broken = add_model(store, "vision3", str(newcomers["vision3"]), "image", LocalBackend(), progress=False,
-                               promote=False).record.version
+            broken = add_model(store, "vision3", str(newcomers["vision3"]), "image", LocalBackend(), task="third-look",
+                               progress=False, promote=False).record.version
             files = Path(store) / layout.model_component("vision3") / "files"
             away = files.rename(files.with_name("files.away"))
             promote(store, broken)
