@@ -82,8 +82,6 @@ class LLMDeployment:
             raise RuntimeError(why)
 
     def __del__(self):
-        follower = getattr(self, "follower", None)
-        if follower is not None:
-            follower.stop()
-        self.server.shutdown()
-        self.stages.shutdown()
+        for part, stop in (("follower", "stop"), ("server", "shutdown"), ("stages", "shutdown")):
+            if (owner := getattr(self, part, None)) is not None:  # a constructor that failed made fewer
+                getattr(owner, stop)()

@@ -151,7 +151,8 @@ class Versions:
                             describe(broken.failure), target)
                 broken.close()  # its requests have ended; its bundles are needed
             self._drop_idle()
-            if len(self._retiring) + 1 >= self.max_versions:
+            running = [v for v in self.held() if not v.closed]  # a closed version holds no stages
+            if len(running) >= self.max_versions:
                 log.info("version %d waits for the last requests of version(s) %s", target,
                          [v.version for v in self._retiring])
                 return False
