@@ -134,11 +134,12 @@ def run_engine(store: str, prompts: list[str], new_tokens: int) -> dict:
     from mmer_dist.model.prompt import Retention, plan_prompt
     from mmer_dist.store.weights import VersionWeights
     from serve.chat import ChatAssets, retention_parts
+    from serve.protocol import Message
 
     weights = VersionWeights.open(store)
     pipe = LocalPipeline.build(weights, 1, slot_budget_bytes=1 << 34)
     assets = ChatAssets.load(weights.fetch_files("m0", CACHE / "assets-m0", weights=False), "m0", "text")
-    reqs = [GenerationRequest(f"r{i}", plan_prompt(retention_parts(assets, [{"role": "user", "content": p}], []),
+    reqs = [GenerationRequest(f"r{i}", plan_prompt(retention_parts(assets, [Message(role="user", content=p)], []),
                                                    Retention("m0"), weights.vocabulary),
                               SamplingParams(max_tokens=new_tokens)) for i, p in enumerate(prompts)]
     Engine(pipe).generate(reqs[:1])  # warm-up

@@ -9,7 +9,7 @@ writes it, else by the tokenizer.
 
 Expansion (``model`` = ``merged``): the base's template renders the text, with each media part
 replaced by a sentinel; at each sentinel go the part's model's wrapper tokens (``wrap`` in its
-``mmer_adapter.json``, e.g. ``<audio_start>`` / ``<audio_end>``; none by default: LLaVA puts only
+``mmer_adapter.json``, read by ``mmer_dist.media.adapters.read_adapter_file``, e.g. ``<audio_start>`` / ``<audio_end>``; none by default: LLaVA puts only
 ``<image>``), tokenized by that model's tokenizer and embedded with its own rows, and between
 them the encoder rows. A checkpoint without a chat template gets ``DEFAULT_CHAT_TEMPLATE``.
 """
@@ -22,11 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mmer_dist.errors import InvalidInputError
+from mmer_dist.media.adapters import read_adapter_file
+from mmer_dist.media.parts import MODALITY_PART_TYPES, PART_TYPES
+from mmer_dist.media.processor import processor_inputs
 from mmer_dist.model.prompt import MediaPart, TextPart
-from serve.config import MODALITY_PART_TYPES
+from serve.protocol import Message, TextContentPart
 
 SENTINEL = "\u0000mmer-media-{}\u0000"
-ADAPTER_FILE = "mmer_adapter.json"
 # Used only for a checkpoint that has no chat template: role markers and media placeholders.
 DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}{{ message['role'].upper() + ': ' }}"
@@ -37,14 +39,26 @@ DEFAULT_CHAT_TEMPLATE = (
 
 
 @dataclass(frozen=True)
-class MediaSpec:
-    """How a model takes media: the request part type, the content type its chat template
-    renders, the placeholder token its template writes, and expansion-mode wrapper text."""
+class PartPrompt:
+    """How one media part type shows in a model's prompts: the content type its chat template
+    renders, and the placeholder token the template writes for it."""
 
-    part_type: str
     template_type: str
     placeholder: str
+
+
+@dataclass(frozen=True)
+class MediaSpec:
+    """How a model takes media: its own part type (its modality's, or its adapter's: what
+    expansion routes to it), every part type it takes alone (retention: what its processor takes,
+    and its adapter's), and its expansion-mode wrapper text."""
+
+    part_type: str
+    prompts: dict[str, PartPrompt]
     wrap: tuple[str, str] = ("", "")
+
+    def takes(self, part_type: str) -> bool:
+        return part_type in self.prompts
 
 
 @dataclass
@@ -99,34 +113,36 @@ def _stop_ids(directory: Path, tokenizer) -> tuple[int, ...]:
     return tuple(sorted(int(i) for i in ids))
 
 
-_HF_CONTENT_TYPES = {"image_url": "image", "video_url": "video", "input_audio": "audio", "point_cloud": "point"}
-
-
 def _media_spec(directory: Path, model_id: str, modality: str | None, tokenizer, template: str) -> MediaSpec | None:
-    """How model ``model_id`` takes media: ``mmer_adapter.json`` says what it knows; the placeholder
-    is its processor's image / video token; the content type is the one its chat template turns
-    into that placeholder (HF templates read ``{"type": "image"}``, some the OpenAI part type)."""
-    adapter = json.loads((directory / ADAPTER_FILE).read_text()) if (directory / ADAPTER_FILE).exists() else {}
-    processor = {}
-    for name in ("processor_config.json", "preprocessor_config.json"):
-        if (directory / name).exists():
-            processor = {**json.loads((directory / name).read_text()), **processor}
-    part_type = adapter.get("part_type") or MODALITY_PART_TYPES.get(modality or "")
+    """How model ``model_id`` takes media: what its processor takes as it is (images, videos),
+    what its adapter turns into an image (``mmer_adapter.json``, which may also name the
+    placeholder, the template's content type and the wrapper text), each with its placeholder
+    token; the content type is the one its chat template turns into that placeholder (HF templates
+    read ``{"type": "image"}``, some the OpenAI part type)."""
+    adapter = read_adapter_file(directory)
+    placeholders = processor_inputs(directory)
+    if adapter is not None and adapter.adapter is not None:  # its part becomes an image for the processor
+        placeholders[adapter.part_type] = placeholders.get("image_url", PART_TYPES[adapter.part_type].placeholder)
+    part_type = (adapter.part_type if adapter else None) or MODALITY_PART_TYPES.get(modality or "")
     if part_type is None:
         return None
-    token_key = "video_token" if part_type == "video_url" else "image_token"
-    placeholder = adapter.get("placeholder") or processor.get(token_key) or f"<{_HF_CONTENT_TYPES[part_type]}>"
-    if tokenizer.convert_tokens_to_ids(placeholder) in (None, tokenizer.unk_token_id):
-        raise InvalidInputError(f"model {model_id!r}: its media placeholder {placeholder!r} is not a token "
-                                "of its tokenizer")
-    template_type = adapter.get("template_type") or _template_type(tokenizer, template, placeholder, part_type)
-    wrap = tuple(adapter.get("wrap", ("", "")))
-    return MediaSpec(part_type, template_type, placeholder, (wrap[0], wrap[1]))
+    if part_type not in placeholders and PART_TYPES[part_type].adapter is None:  # no processor files to say
+        placeholders[part_type] = PART_TYPES[part_type].placeholder
+    if adapter is not None and adapter.placeholder and part_type in placeholders:
+        placeholders[part_type] = adapter.placeholder
+    prompts = {}
+    for kind, placeholder in placeholders.items():
+        if tokenizer.convert_tokens_to_ids(placeholder) in (None, tokenizer.unk_token_id):
+            raise InvalidInputError(f"model {model_id!r}: its {kind} placeholder {placeholder!r} is not a token "
+                                    "of its tokenizer")
+        given = adapter.template_type if adapter is not None and kind == part_type else None
+        prompts[kind] = PartPrompt(given or _template_type(tokenizer, template, placeholder, kind), placeholder)
+    return MediaSpec(part_type, prompts, adapter.wrap if adapter else ("", ""))
 
 
 def _template_type(tokenizer, template: str, placeholder: str, part_type: str) -> str:
     # a LLaVA reading spectrograms or projections renders its media as an image
-    for candidate in dict.fromkeys((_HF_CONTENT_TYPES[part_type], part_type, "image", "video")):
+    for candidate in dict.fromkeys((PART_TYPES[part_type].content_type, part_type, "image", "video")):
         try:
             text = tokenizer.apply_chat_template([{"role": "user", "content": [{"type": candidate}]}], tokenize=False,
                                                  chat_template=template)
@@ -134,79 +150,74 @@ def _template_type(tokenizer, template: str, placeholder: str, part_type: str) -
             continue
         if placeholder in text:
             return candidate
-    return _HF_CONTENT_TYPES[part_type]
+    return PART_TYPES[part_type].content_type
 
 
-@dataclass(frozen=True)
-class Media:
-    """One media part of a request, resolved to its model and encoded to embeddings."""
-
-    model: str
-    embeds: object  # torch.Tensor (tokens, hidden)
-
-
-def conversation(messages: Sequence[dict], media_item) -> list[dict]:
-    """OpenAI messages (parsed dicts) as the HF conversation a chat template renders; media part k
-    becomes ``media_item(k)``."""
+def conversation(messages: Sequence[Message], media_item) -> list[dict]:
+    """The request's messages as the HF conversation a chat template renders; media part k
+    becomes ``media_item(k, part)``."""
     out, k = [], 0
     for m in messages:
-        role = "system" if m["role"] == "developer" else m["role"]
-        content = m.get("content")
-        if content is None:
-            content = ""
+        role = "system" if m.role == "developer" else m.role
+        content = m.content if m.content is not None else ""
         if isinstance(content, list):
             items = []
             for part in content:
-                if part["type"] == "text":
-                    items.append({"type": "text", "text": part["text"]})
+                if isinstance(part, TextContentPart):
+                    items.append({"type": "text", "text": part.text})
                 else:
-                    items.append(media_item(k))
+                    items.append(media_item(k, part))
                     k += 1
             content = items
         out.append({"role": role, "content": content})
     return out
 
 
-def _check_text(messages: Sequence[dict]) -> None:
+def _check_text(messages: Sequence[Message]) -> None:
     for m in messages:
-        texts = [m["content"]] if isinstance(m.get("content"), str) else \
-            [p["text"] for p in m.get("content") or [] if p["type"] == "text"]
+        texts = [m.content] if isinstance(m.content, str) else \
+            [p.text for p in m.content or [] if isinstance(p, TextContentPart)]
         if any("\u0000" in t for t in texts):
             raise InvalidInputError("message text may not contain NUL characters")
 
 
-def retention_parts(assets: ChatAssets, messages: Sequence[dict], media: Sequence[Media]) -> list:
+def retention_parts(assets: ChatAssets, messages: Sequence[Message], media: Sequence[MediaPart]) -> list:
     """The prompt of a request to one model (see the module docstring)."""
     _check_text(messages)
     spec = assets.media
     if media and spec is None:
         raise InvalidInputError(f"model {assets.model_id!r} takes no media parts")
-    rendered = assets.render(conversation(messages, lambda k: {"type": spec.template_type}))
+    kinds = [p.type for m in messages for p in m.media()]
+    if unknown := sorted({k for k in kinds if not spec.takes(k)}):
+        raise InvalidInputError(f"model {assets.model_id!r} takes {' or '.join(spec.prompts)} parts, not "
+                                f"{', '.join(unknown)}")
+    rendered = assets.render(conversation(messages, lambda k, part: {"type": spec.prompts[part.type].template_type}))
     ids = assets.encode(rendered, first=True)
-    parts: list = []
     if not media:
         return [TextPart(tuple(ids), tokenizer=assets.model_id)]
-    placeholder = assets.tokenizer.convert_tokens_to_ids(spec.placeholder)
-    at = [i for i, t in enumerate(ids) if t == placeholder]
-    if len(at) != len(media):
+    wanted = [assets.tokenizer.convert_tokens_to_ids(spec.prompts[k].placeholder) for k in kinds]
+    at = [i for i, t in enumerate(ids) if t in set(wanted)]
+    if [ids[i] for i in at] != wanted:
         raise InvalidInputError(f"the chat template of model {assets.model_id!r} placed {len(at)} media placeholders "
-                                f"({spec.placeholder}) for {len(media)} media parts")
+                                f"({', '.join(dict.fromkeys(spec.prompts[k].placeholder for k in kinds))}) for "
+                                f"{len(media)} media parts")
+    parts: list = []
     start = 0
     for i, m in zip(at, media):
         if i > start:
             parts.append(TextPart(tuple(ids[start:i]), tokenizer=assets.model_id))
-        parts.append(MediaPart(m.model, m.embeds))
+        parts.append(m)
         start = i + 1
     if start < len(ids):
         parts.append(TextPart(tuple(ids[start:]), tokenizer=assets.model_id))
     return parts
 
 
-def expansion_parts(base: ChatAssets, models: dict[str, ChatAssets], messages: Sequence[dict],
-                    media: Sequence[Media]) -> list:
+def expansion_parts(base: ChatAssets, models: dict[str, ChatAssets], messages: Sequence[Message],
+                    media: Sequence[MediaPart]) -> list:
     """The prompt of a request to the merged model (see the module docstring)."""
     _check_text(messages)
-    conv = conversation(messages, lambda k: {"type": "text", "text": SENTINEL.format(k)})
+    conv = conversation(messages, lambda k, part: {"type": "text", "text": SENTINEL.format(k)})
     rendered = base.render(conv)
     if media and SENTINEL.format(0) not in rendered:  # a template that reads string content only
         flat = [{**m, "content": "".join(p["text"] for p in m["content"]) if isinstance(m["content"], list)
@@ -229,7 +240,7 @@ def expansion_parts(base: ChatAssets, models: dict[str, ChatAssets], messages: S
             before, after = models[m.model].media.wrap
             if before:
                 parts.append(TextPart(tuple(models[m.model].encode(before, first=False)), m.model, m.model))
-            parts.append(MediaPart(m.model, m.embeds))
+            parts.append(m)
             if after:
                 parts.append(TextPart(tuple(models[m.model].encode(after, first=False)), m.model, m.model))
     return parts

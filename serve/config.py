@@ -13,10 +13,8 @@ import re
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from mmer_dist.errors import InvalidInputError
+from mmer_dist.media.parts import MEDIA_PART_TYPES, MediaLimits
 from mmer_dist.model.policies import DEFAULT_TEXT_POLICY, TEXT_POLICIES
-
-PART_TYPES = ("image_url", "input_audio", "video_url", "point_cloud")
-MODALITY_PART_TYPES = {"image": "image_url", "audio": "input_audio", "video": "video_url", "point": "point_cloud"}
 
 
 def parse_bytes(value: int | str) -> int:
@@ -39,6 +37,11 @@ class Limits(BaseModel):
     max_prompt_tokens: int = Field(4096, gt=0, description="prompt tokens (media tokens included)")
     max_completion_tokens: int = Field(1024, gt=0, description="largest max_tokens a request may ask for")
 
+    def media(self) -> MediaLimits:
+        """What the media decoders enforce (the fields they share, by name)."""
+        return MediaLimits(max_part_bytes=self.max_body_bytes, **{
+            name: getattr(self, name) for name in MediaLimits.__dataclass_fields__ if name != "max_part_bytes"})
+
 
 class ServeOptions(BaseModel):
     """What ``serve.app:build`` takes (the Serve application's ``args``)."""
@@ -51,6 +54,9 @@ class ServeOptions(BaseModel):
     stage_resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources each stage "
                                               "actor needs (e.g. {'llm_stage': 1} to put one stage per node)")
     stage_gpus: float = Field(0.0, ge=0, description="GPUs per stage actor (0: CPU stages)")
+    spare_stages: bool = Field(True, description="keep one warm stage process per stage (imports done, no "
+                               "weights), so a lost stage or a new version's stages start in seconds; costs one "
+                               "idle process per stage")
     device: str = Field("auto", description="torch device of the stages: auto (CUDA when the actor has a GPU), cpu, cuda")
     dtype: str = Field("auto", description="compute dtype: auto (the store's), bfloat16, float16, float32")
     slot_budget: int | str = Field("2GB", validate_default=True,
@@ -69,6 +75,10 @@ class ServeOptions(BaseModel):
                                      "(-1: no limit)")
     retry_after_s: float = Field(1.0, ge=0, description="Retry-After of a 429")
     follow_interval_s: float = Field(2.0, gt=0, description="how often the serving pointer is polled")
+    request_timeout_s: float = Field(300.0, gt=0, description="longest a request may take, end to end; past it "
+                                     "the client gets a 503 (a stream: an error event) and the request is cancelled")
+    step_timeout_s: float = Field(300.0, gt=0, description="longest one engine step may take; a stage that does "
+                                  "not answer within it counts as lost (its version's stages are rebuilt)")
 
     @field_validator("slot_budget")
     @classmethod
@@ -99,8 +109,8 @@ class ServeOptions(BaseModel):
     @field_validator("default_part_models")
     @classmethod
     def _parts(cls, v):
-        if bad := sorted(set(v) - set(PART_TYPES)):
-            raise ValueError(f"unknown part types {bad}; expected {', '.join(PART_TYPES)}")
+        if bad := sorted(set(v) - set(MEDIA_PART_TYPES)):
+            raise ValueError(f"unknown part types {bad}; expected {', '.join(MEDIA_PART_TYPES)}")
         return v
 
     def api_token(self) -> str | None:

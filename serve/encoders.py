@@ -12,13 +12,18 @@ message naming it. Adding one (an audio tower that is not a vision tower, say) i
 ``load`` and ``embed``; the ``MediaEncoders`` deployment needs no change.
 
 ``MediaEncoders`` hosts any model's component, loaded the first time a request needs it and kept
-(LRU), so models added to a live endpoint are served with no redeploy.
+(LRU), so models added to a live endpoint are served with no redeploy. A replica imports what
+encoding needs when it starts (transformers imports its classes lazily, and two threads importing
+one at once can fail); concurrent first requests for one model build its component once, from
+files that are never seen half-written (``serve.component_files``). A request the encoders refuse
+is answered with its ``ApiError`` (a 400), not raised: Serve would log a traceback for each.
 """
 
 from __future__ import annotations
 
 import asyncio
 import copy
+import os
 import tempfile
 import threading
 from collections import OrderedDict
@@ -27,36 +32,38 @@ from pathlib import Path
 import torch
 
 from mmer_dist.errors import InvalidInputError
-from serve.config import Limits
+from mmer_dist.media.parts import PART_TYPES, MediaLimits
+from serve.component_files import component_folder
+from serve.errors import ApiError
 
 
 class ComponentEncoder:
     part_types: tuple[str, ...] = ()
+    transformers_class: str = ""  # the checkpoint's model class in transformers
+
+    @classmethod
+    def model_class(cls):
+        import transformers
+
+        return getattr(transformers, cls.transformers_class)
 
     def __init__(self, model_id: str, directory: Path):
         self.model_id, self.directory = model_id, directory
 
-    def decode(self, part_type: str, payload: bytes, limits: Limits):
-        from mmer_dist.media import adapters, decode
+    def decode(self, part_type: str, payload: bytes, limits: MediaLimits):
+        """A payload -> the image its tower reads: decoded by the part type's decoder, through the
+        model's adapter where the part type needs one (an image goes to the processor as it is)."""
+        from mmer_dist.media import adapters
 
-        if part_type == "image_url":
-            raw = decode.decode_image(payload, max_pixels=limits.max_image_pixels)
-        elif part_type == "input_audio":
-            raw = decode.decode_wav(payload, max_seconds=limits.max_audio_seconds)
-        elif part_type == "point_cloud":
-            raw = decode.decode_points(payload, max_points=limits.max_points)
-        else:
-            raise InvalidInputError(f"model {self.model_id!r} does not take {part_type} parts")
+        spec = PART_TYPES[part_type]
+        if spec.adapter is None:
+            return spec.decode(payload, limits)
         adapter = adapters.load_adapter(self.directory)
-        if adapter is not None:
-            if adapter.part_type != part_type:
-                raise InvalidInputError(f"model {self.model_id!r} takes {adapter.part_type} parts, not {part_type}")
-            raw = adapter(raw)
-        elif part_type != "image_url":
+        if adapter is None or adapter.part_type != part_type:
             raise InvalidInputError(f"model {self.model_id!r} reads images; it has no adapter for {part_type}")
-        return raw
+        return adapter(spec.decode(payload, limits))
 
-    def encode(self, part_type: str, payload: bytes, limits: Limits) -> torch.Tensor:
+    def encode(self, part_type: str, payload: bytes, limits: MediaLimits) -> torch.Tensor:
         raise NotImplementedError
 
 
@@ -88,18 +95,17 @@ class LlavaEncoder(ComponentEncoder):
     """``LlavaForConditionalGeneration``: CLIP tower, feature layer / selection, projector."""
 
     part_types = ("image_url", "input_audio", "point_cloud")
+    transformers_class = "LlavaForConditionalGeneration"
 
     def __init__(self, model_id: str, directory: Path):
-        from transformers import LlavaForConditionalGeneration
-
         from mmer_dist.media.processor import load_processor
 
         super().__init__(model_id, directory)
-        self.model = _tower_model(LlavaForConditionalGeneration, directory)
+        self.model = _tower_model(self.model_class(), directory)
         self.processor = load_processor(directory)
 
     @torch.inference_mode()
-    def encode(self, part_type: str, payload: bytes, limits: Limits) -> torch.Tensor:
+    def encode(self, part_type: str, payload: bytes, limits: MediaLimits) -> torch.Tensor:
         image = self.decode(part_type, payload, limits)
         pixels = self.processor.image_processor(images=[image], return_tensors="pt")["pixel_values"]
         cfg = self.model.config
@@ -113,24 +119,20 @@ class VideoLlavaEncoder(ComponentEncoder):
     the processor's count), images through the image tower."""
 
     part_types = ("video_url", "image_url")
+    transformers_class = "VideoLlavaForConditionalGeneration"
 
     def __init__(self, model_id: str, directory: Path):
-        from transformers import VideoLlavaForConditionalGeneration
-
         from mmer_dist.media.processor import load_processor
 
         super().__init__(model_id, directory)
-        self.model = _tower_model(VideoLlavaForConditionalGeneration, directory)
+        self.model = _tower_model(self.model_class(), directory)
         self.processor = load_processor(directory)
 
     @torch.inference_mode()
-    def encode(self, part_type: str, payload: bytes, limits: Limits) -> torch.Tensor:
-        from mmer_dist.media import decode
-
+    def encode(self, part_type: str, payload: bytes, limits: MediaLimits) -> torch.Tensor:
         cfg = self.model.config
         if part_type == "video_url":
-            frames = decode.decode_video(payload, num_frames=self.processor.num_frames,
-                                         max_frames=limits.max_video_frames, max_pixels=limits.max_image_pixels)
+            frames = PART_TYPES[part_type].decode(payload, limits, num_frames=self.processor.num_frames)
             pixels = self.processor(text=self.processor.video_token, videos=[frames],
                                     return_tensors="pt")["pixel_values_videos"]
             out = self.model.model.get_video_features(pixels, vision_feature_layer=cfg.vision_feature_layer)
@@ -146,15 +148,32 @@ class VideoLlavaEncoder(ComponentEncoder):
 ENCODERS: dict[str, type[ComponentEncoder]] = {"llava-hf": LlavaEncoder, "video-llava-hf": VideoLlavaEncoder}
 
 
+def preload() -> None:
+    """Import what building and running any encoder needs, once, on one thread."""
+    import av  # noqa: F401  (video decoding)
+    import transformers
+    from PIL import Image  # noqa: F401
+
+    from mmer_dist.media import processor  # noqa: F401  (AutoProcessor, AutoImageProcessor, AutoTokenizer)
+
+    for cls in ENCODERS.values():
+        cls.model_class()
+    for name in ("AutoConfig", "LlavaProcessor", "CLIPImageProcessor", "VideoLlavaImageProcessor"):
+        getattr(transformers, name)
+
+
 class MediaEncoders:
     """Every model's component, loaded on demand from the store (the deployment class)."""
 
     def __init__(self, store: str, max_loaded: int = 16, cache_dir: str | None = None):
+        preload()
         self.store_url = store
         self.max_loaded = max_loaded
         self._cache = Path(cache_dir or tempfile.mkdtemp(prefix="mmer-encoders-"))
         self._loaded: OrderedDict[tuple[str, str], ComponentEncoder] = OrderedDict()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the LRU
+        self._building = threading.Lock()  # one component built at a time, each once
+        self.builds = 0
 
     def _component(self, model_id: str) -> ComponentEncoder:
         from mmer_dist.store.store import Store
@@ -163,30 +182,37 @@ class MediaEncoders:
         weights = StoreWeights(Store.open(self.store_url))
         record = weights.catalog.model(model_id)
         key = (model_id, record.sha256)
-        with self._lock:
-            if key in self._loaded:
-                self._loaded.move_to_end(key)
-                return self._loaded[key]
-        cls = ENCODERS.get(record.format)
-        if cls is None:
-            raise InvalidInputError(f"model {model_id!r} is in format {record.format!r}; the server runs the "
-                                    f"components of {', '.join(ENCODERS)} checkpoints")
-        folder = weights.fetch_files(model_id, self._cache / f"{model_id}-{record.sha256[:12]}")
-        encoder = cls(model_id, folder)
-        with self._lock:
-            self._loaded[key] = encoder
-            while len(self._loaded) > self.max_loaded:
-                self._loaded.popitem(last=False)
-        return encoder
+        with self._building:
+            with self._lock:
+                if key in self._loaded:
+                    self._loaded.move_to_end(key)
+                    return self._loaded[key]
+            cls = ENCODERS.get(record.format)
+            if cls is None:
+                raise InvalidInputError(f"model {model_id!r} is in format {record.format!r}; the server runs the "
+                                        f"components of {', '.join(ENCODERS)} checkpoints")
+            encoder = cls(model_id, component_folder(weights, model_id, self._cache, with_weights=True))
+            self.builds += 1
+            with self._lock:
+                self._loaded[key] = encoder
+                while len(self._loaded) > self.max_loaded:
+                    self._loaded.popitem(last=False)
+            return encoder
 
-    def encode_sync(self, model_id: str, part_type: str, payload: bytes, limits: Limits | dict) -> torch.Tensor:
-        limits = limits if isinstance(limits, Limits) else Limits.model_validate(limits)
+    def stats(self) -> dict:
+        with self._lock:
+            return {"pid": os.getpid(), "loaded": [m for m, _ in self._loaded], "builds": self.builds}
+
+    def encode_sync(self, model_id: str, part_type: str, payload: bytes, limits: MediaLimits) -> torch.Tensor:
         encoder = self._component(model_id)
         if part_type not in encoder.part_types:
             raise InvalidInputError(f"model {model_id!r} does not take {part_type} parts")
         return encoder.encode(part_type, payload, limits)
 
-    async def encode(self, model_id: str, part_type: str, payload: bytes, limits: Limits | dict) -> torch.Tensor:
-        # decoding and the towers are CPU/GPU work: off the replica's event loop
-        return await asyncio.get_running_loop().run_in_executor(None, self.encode_sync, model_id, part_type,
-                                                                payload, limits)
+    async def encode(self, model_id: str, part_type: str, payload: bytes, limits: MediaLimits) -> torch.Tensor | ApiError:
+        """The part's rows, or the ApiError that refuses it (see the module docstring)."""
+        try:  # decoding and the towers are CPU/GPU work: off the replica's event loop
+            return await asyncio.get_running_loop().run_in_executor(None, self.encode_sync, model_id, part_type,
+                                                                    payload, limits)
+        except InvalidInputError as e:
+            return ApiError(400, str(e), param="messages")

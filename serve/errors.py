@@ -1,11 +1,23 @@
-"""The one error type of the endpoint: an HTTP status and an OpenAI error body naming the problem."""
+"""The one error type of the endpoint: an HTTP status and an OpenAI error body naming the problem.
+
+What an exception means is decided by its type, never its text (``ApiError.from_exception``):
+the caller's mistake (``InvalidInputError``) is a 400; a process that died or cannot be reached
+(a stage actor, a replica; ``UNAVAILABLE``) or a server-side state the caller cannot fix
+(``MmerError``: a store that does not answer, a version that is still loading) is a 503; anything
+else is a 500 that names only the exception's type.
+"""
 
 from __future__ import annotations
+
+from ray.exceptions import NodeDiedError, ObjectLostError, RayActorError, WorkerCrashedError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from mmer_dist.errors import InvalidInputError, MmerError
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-          413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}
+          413: "invalid_request_error", 429: "rate_limit_error", 499: "client_closed_request",
+          503: "service_unavailable"}
+UNAVAILABLE = (RayActorError, WorkerCrashedError, ObjectLostError, NodeDiedError, DeploymentUnavailableError)
 
 
 class ApiError(Exception):
@@ -22,15 +34,18 @@ class ApiError(Exception):
 
     @classmethod
     def from_exception(cls, e: BaseException) -> ApiError:
-        """A caller's mistake found below the ingress (bad media, a prompt over the context, ...)
-        is a 400 naming it; anything else is the server's fault. Ray's task errors are unwrapped
-        first, however deep (ingress -> engine -> encoders): their text is a remote traceback,
-        and their class also derives from the cause's, so isinstance alone would keep it."""
+        """Ray's task errors are unwrapped first, however deep (ingress -> engine -> encoders):
+        their text is a remote traceback, and their class also derives from the cause's, so
+        isinstance alone would keep it."""
         e = root_cause(e)
         if isinstance(e, ApiError):
             return e
         if isinstance(e, InvalidInputError):
             return cls(400, str(e))
+        if isinstance(e, BackPressureError):
+            return cls(429, "the server is busy; retry later")
+        if isinstance(e, UNAVAILABLE):
+            return cls(503, f"the server lost a process while answering ({type(e).__name__}); retry")
         if isinstance(e, MmerError):
             return cls(503, str(e))
         return cls(500, f"internal error ({type(e).__name__})")
@@ -41,7 +56,7 @@ class ApiError(Exception):
 
 def root_cause(e: BaseException) -> BaseException:
     """The exception a deployment raised, out of Ray's task-error wrappers, however deep."""
-    while (cause := getattr(e, "cause", None)) is not None and cause is not e:
+    while isinstance(cause := getattr(e, "cause", None), BaseException) and cause is not e:
         e = cause
     return e
 

@@ -11,66 +11,68 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import ray
-from ray.util.placement_group import PlacementGroup
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ray.exceptions import GetTimeoutError, RayError
 
 from mmer_dist.model.config import DecoderConfig
-from mmer_dist.model.engine import split_layers
+from mmer_dist.model.engine import StageLostError, split_layers
 from mmer_dist.store.weights import VersionWeights
 from serve.config import ServeOptions
-from serve.stage import StageActor
-
-# Each bundle of the replica's placement group holds half its resources per stage actor, so a
-# version can load beside the one being served (a switch) without new bundles.
-VERSIONS_PER_BUNDLE = 2
-
-
-def stage_bundle(options: ServeOptions) -> dict[str, float]:
-    bundle = {"CPU": 1.0, **options.stage_resources}
-    if options.stage_gpus:
-        bundle["GPU"] = float(options.stage_gpus)
-    return bundle
-
+from serve.errors import UNAVAILABLE, root_cause
+from serve.stage import StagePool
 
 class RayPipeline:
-    def __init__(self, weights: VersionWeights, options: ServeOptions, placement_group: PlacementGroup | None,
-                 first_bundle: int = 1):
+    """A version's stage actors. A stage whose process died (or a step past ``step_timeout_s``)
+    is ``StageLostError``: the engine ends its requests and the version is rebuilt (``serve.versions``);
+    a pipeline that fails to start kills the stages it already placed."""
+
+    def __init__(self, weights: VersionWeights, options: ServeOptions, pool: StagePool):
         config = DecoderConfig.from_base_config(weights.base_config)
         self.version = weights.version
         self.vocabulary = weights.vocabulary
         self.max_positions = config.max_positions
-        share = {k: v / VERSIONS_PER_BUNDLE for k, v in stage_bundle(options).items()}
-        cpus, gpus = share.pop("CPU"), share.pop("GPU", 0.0)
+        self.step_timeout_s = options.step_timeout_s
         self.actors = []
-        for i, (first, stop) in enumerate(split_layers(config.n_layers, options.stages)):
-            strategy = (PlacementGroupSchedulingStrategy(placement_group, placement_group_bundle_index=first_bundle + i)
-                        if placement_group is not None else "DEFAULT")
-            actor = StageActor.options(
-                num_cpus=cpus, num_gpus=gpus, resources=share or None,
-                scheduling_strategy=strategy, max_concurrency=1,
-            ).remote(weights.store.url, weights.version, first, stop, device=options.device, dtype=options.dtype,
-                     slot_budget_bytes=options.slot_budget)
-            self.actors.append(actor)
-        ray.get([a.ready.remote() for a in self.actors])  # surface a stage's load error here
-        self._capacity = min(ray.get([a.slot_capacity.remote() for a in self.actors]))
+        try:
+            loads = []
+            for i, (first, stop) in enumerate(split_layers(config.n_layers, options.stages)):
+                self.actors.append(pool.take(i))
+                loads.append(self.actors[-1].load.remote(
+                    weights.store.url, weights.version, first, stop, device=options.device, dtype=options.dtype,
+                    slot_budget_bytes=options.slot_budget))
+            self._capacity = min(self._get(loads))  # a stage's load error surfaces here
+        except BaseException:
+            self.shutdown()
+            raise
+        pool.refill()
+
+    def _get(self, refs, timeout: float | None = None):
+        try:
+            return ray.get(refs, timeout=timeout)
+        except GetTimeoutError:
+            raise StageLostError(f"a stage of version {self.version} did not answer within {timeout:g} s") from None
+        except RayError as e:
+            if isinstance(cause := root_cause(e), UNAVAILABLE):
+                raise StageLostError(f"a stage actor of version {self.version} is gone ({type(cause).__name__})") \
+                    from None
+            raise
 
     def forward(self, batch):
         batch_ref = ray.put(batch)
         hidden = None
         for actor in self.actors[:-1]:
             hidden = actor.forward.remote(batch_ref, hidden)
-        return ray.get(self.actors[-1].forward.remote(batch_ref, hidden))
+        return self._get(self.actors[-1].forward.remote(batch_ref, hidden), timeout=self.step_timeout_s)
 
     def release(self, request_ids: Sequence[str]) -> None:
-        ray.get([a.release.remote(list(request_ids)) for a in self.actors])
+        self._get([a.release.remote(list(request_ids)) for a in self.actors], timeout=self.step_timeout_s)
 
     def slot_capacity(self) -> int:
         return self._capacity
 
     def stats(self) -> list[dict]:
-        return ray.get([a.stats.remote() for a in self.actors])
+        return self._get([a.stats.remote() for a in self.actors], timeout=self.step_timeout_s)
 
     def shutdown(self) -> None:
         for a in self.actors:
-            ray.kill(a)
+            ray.kill(a, no_restart=True)  # a dead one is killed already: Ray says nothing
         self.actors = []

@@ -7,26 +7,41 @@ take the same part type). The request may carry ``text_policy`` (``extra_body`` 
 client) for the merged model. Unknown fields the API does not act on are refused when they ask
 for something this server does not do (``n`` > 1, tools, ...), and otherwise ignored, as OpenAI's
 own server ignores what it does not know.
+
+``parse_request`` is the one way in: body bytes -> a checked ``ChatCompletionRequest``, every
+problem a 400 naming where it is (JSON nested deeper than ``MAX_JSON_DEPTH``, a string that is
+not Unicode, an unknown part type, a value out of OpenAI's range).
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import json
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from mmer_dist.media.parts import MEDIA_PART_TYPES, PART_TYPES
 from serve.errors import ApiError
 
+# The wire types are named ``*ContentPart`` / ``Message``; the engine's prompt pieces
+# (``mmer_dist.model.prompt.TextPart`` / ``MediaPart``) are what these become after admission.
 
-class TextPart(BaseModel):
+
+class TextContentPart(BaseModel):
     model_config = ConfigDict(extra="forbid")
     type: Literal["text"]
     text: str
 
 
-class _Media(BaseModel):
+class MediaContentPart(BaseModel):
+    """A media part; ``payload()`` is its data URL or base64 text (where ``PART_TYPES`` says)."""
+
     model_config = ConfigDict(extra="allow")
     model: str | None = None  # which model's encoder (mmer extension)
+
+    def payload(self) -> str:
+        outer, key = PART_TYPES[self.type].payload
+        return getattr(getattr(self, outer), key)
 
 
 class ImageURL(BaseModel):
@@ -35,7 +50,7 @@ class ImageURL(BaseModel):
     detail: str | None = None
 
 
-class ImagePart(_Media):
+class ImageContentPart(MediaContentPart):
     type: Literal["image_url"]
     image_url: ImageURL
 
@@ -46,7 +61,7 @@ class InputAudio(BaseModel):
     format: Literal["wav"] = "wav"
 
 
-class AudioPart(_Media):
+class AudioContentPart(MediaContentPart):
     type: Literal["input_audio"]
     input_audio: InputAudio
 
@@ -56,7 +71,7 @@ class VideoURL(BaseModel):
     url: str
 
 
-class VideoPart(_Media):
+class VideoContentPart(MediaContentPart):
     type: Literal["video_url"]
     video_url: VideoURL
 
@@ -66,13 +81,13 @@ class PointCloud(BaseModel):
     data: str
 
 
-class PointCloudPart(_Media):
+class PointCloudContentPart(MediaContentPart):
     type: Literal["point_cloud"]
     point_cloud: PointCloud
 
 
-ContentPart = Annotated[TextPart | ImagePart | AudioPart | VideoPart | PointCloudPart, Field(discriminator="type")]
-MediaPart = ImagePart | AudioPart | VideoPart | PointCloudPart
+ContentPart = Annotated[TextContentPart | ImageContentPart | AudioContentPart | VideoContentPart
+                        | PointCloudContentPart, Field(discriminator="type")]
 
 
 class Message(BaseModel):
@@ -80,6 +95,9 @@ class Message(BaseModel):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+
+    def media(self) -> list[MediaContentPart]:
+        return [p for p in self.content if isinstance(p, MediaContentPart)] if isinstance(self.content, list) else []
 
 
 class StreamOptions(BaseModel):
@@ -92,17 +110,20 @@ UNSUPPORTED = {"tools": None, "tool_choice": None, "functions": None, "function_
 
 
 class ChatCompletionRequest(BaseModel):
+    """The request as sent; value ranges are OpenAI's. What depends on the server (its token
+    limits, the served models) is checked at admission (``serve.request``)."""
+
     model_config = ConfigDict(extra="allow")
     model: str
     messages: list[Message] = Field(min_length=1)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    seed: int | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = Field(None, ge=-(1 << 63), lt=1 << 64)
     stop: str | list[str] | None = None
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     n: int | None = None
@@ -116,6 +137,20 @@ class ChatCompletionRequest(BaseModel):
             raise ValueError("stop takes at most 4 non-empty strings")
         return [v] if isinstance(v, str) else v
 
+    @model_validator(mode="after")
+    def _one_max_tokens(self):
+        if None not in (self.max_tokens, self.max_completion_tokens) and self.max_tokens != self.max_completion_tokens:
+            raise ValueError("max_tokens and max_completion_tokens differ; send one")
+        return self
+
+    @property
+    def asked_tokens(self) -> int | None:
+        """The completion length asked for (``max_completion_tokens``, or the older ``max_tokens``)."""
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def media(self) -> list[MediaContentPart]:
+        return [p for m in self.messages for p in m.media()]
+
     def check_supported(self) -> None:
         if self.n not in (None, 1):
             raise ApiError(400, f"n={self.n} is not supported: one choice per request", param="n")
@@ -124,15 +159,8 @@ class ChatCompletionRequest(BaseModel):
             if extras.get(key) not in (None, [], {}):
                 raise ApiError(400, f"{key!r} is not supported by this server", param=key)
 
-    def completion_limit(self, default: int) -> int:
-        if self.max_tokens is not None and self.max_completion_tokens is not None \
-                and self.max_tokens != self.max_completion_tokens:
-            raise ApiError(400, "max_tokens and max_completion_tokens differ; send one", param="max_tokens")
-        value = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-        return default if value is None else value
 
-
-PART_TYPES = ("text", "image_url", "input_audio", "video_url", "point_cloud")
+WIRE_PART_TYPES = ("text", *MEDIA_PART_TYPES)
 
 
 def check_part_types(payload: dict) -> None:
@@ -146,6 +174,63 @@ def check_part_types(payload: dict) -> None:
             continue
         for j, part in enumerate(content):
             kind = part.get("type") if isinstance(part, dict) else None
-            if kind not in PART_TYPES:
+            if kind not in WIRE_PART_TYPES:
                 raise ApiError(400, f"messages[{i}].content[{j}]: unknown content part type {kind!r}; expected one "
-                                    f"of {', '.join(PART_TYPES)}", param="messages")
+                                    f"of {', '.join(WIRE_PART_TYPES)}", param="messages")
+
+
+MAX_JSON_DEPTH = 32  # a chat request nests 6 deep; deeper is an attack on the parser, not a request
+
+
+def parse_request(body: bytes) -> ChatCompletionRequest:
+    try:
+        payload = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ApiError(400, f"the request body nests deeper than {MAX_JSON_DEPTH} levels") from None
+    if not isinstance(payload, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    check_json(payload)
+    check_part_types(payload)
+    try:
+        parsed = ChatCompletionRequest.model_validate(payload)
+    except ValidationError as e:
+        # of a union's alternatives, the deepest error names the real problem
+        first = max(e.errors(), key=lambda err: len(err["loc"]))
+        # without pydantic's labels of union alternatives ("list[tagged-union[...]]"): the path only
+        where = ".".join(str(x) for x in first["loc"] if not (isinstance(x, str) and "[" in x))
+        raise ApiError(400, f"{where}: {first['msg']}" if where else first["msg"],
+                       param=str(first["loc"][0]) if first["loc"] else None) from None
+    parsed.check_supported()
+    return parsed
+
+
+def check_json(payload: Any) -> None:
+    """No deeper than ``MAX_JSON_DEPTH``, and every string Unicode that UTF-8 can hold (JSON's
+    ``\\ud800`` escapes decode to lone surrogates, which tokenizers refuse). Iterative: the
+    check itself cannot overflow the stack."""
+    stack = [(payload, ())]
+    while stack:
+        value, path = stack.pop()
+        if len(path) > MAX_JSON_DEPTH:
+            raise ApiError(400, f"the request body nests deeper than {MAX_JSON_DEPTH} levels")
+        if isinstance(value, dict):
+            stack.extend((v, (*path, str(k))) for k, v in value.items())
+            for k in value:
+                _check_text(k, path)
+        elif isinstance(value, list):
+            stack.extend((v, (*path, str(i))) for i, v in enumerate(value))
+        elif isinstance(value, str):
+            _check_text(value, path)
+
+
+def _check_text(text: str, path: tuple[str, ...]) -> None:
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        where = ".".join(path) or "the request body"
+        raise ApiError(400, f"{where}: the text holds a lone UTF-16 surrogate ({text[e.start]!r} at character "
+                            f"{e.start}); send valid Unicode", param=path[0] if path else None) from None

@@ -10,9 +10,11 @@ Models (tiny, random, bf16, built in code by ``mmer_dist.demo.tiny_models``):
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -111,6 +113,38 @@ def serve_app(apps: dict[str, dict], *, port: int, ray_init: dict | None = None)
                 os.environ[k] = v
 
 
+class ReplicaLogs:
+    """The Serve replica logs of one application, from a point on (``new()``: what was written since)."""
+
+    def __init__(self, app: str):
+        import ray
+
+        self.folder = Path(ray._private.worker.global_worker.node.get_logs_dir_path()) / "serve"
+        self.app = app
+        self.sizes = {p: p.stat().st_size for p in self._files()}
+
+    def _files(self) -> list[Path]:
+        return sorted(self.folder.glob(f"replica_{self.app}_*.log"))
+
+    def new(self) -> str:
+        out = []
+        for p in self._files():
+            with open(p, "rb") as f:
+                f.seek(self.sizes.get(p, 0))
+                out.append(f.read().decode(errors="replace"))
+        return "".join(out)
+
+
+def replica_process(app: str, deployment: str):
+    """The psutil process of the one live replica of ``deployment`` (Ray titles it ``ray::ServeReplica:app:name``)."""
+    import psutil
+
+    title = f"ServeReplica:{app}:{deployment}"
+    found = [p for p in psutil.process_iter(["cmdline"]) if any(title in part for part in p.info["cmdline"] or [])]
+    assert len(found) == 1, f"{len(found)} processes titled {title}"
+    return found[0]
+
+
 def in_process_server(store: str):
     """The endpoint's server code (``LLMServer``) in this process over a one-stage ``LocalPipeline``
     and the store's encoders: the reference for what the endpoint answers."""
@@ -127,6 +161,33 @@ def in_process_server(store: str):
 
     return LLMServer(options, encode, lambda w: LocalPipeline.build(w, 1, dtype=torch.float32,
                                                                    slot_budget_bytes=options.slot_budget))
+
+
+async def chat_events(server, request: dict) -> list[dict]:
+    """Every event of one request (an OpenAI request body) to an in-process server."""
+    from serve.protocol import ChatCompletionRequest
+
+    return [e async for e in server.chat(ChatCompletionRequest.model_validate(request))]
+
+
+def in_process_chat(store: str, request: dict) -> list[dict]:
+    """The events the in-process reference server gives ``request`` on the store's served version."""
+    server = in_process_server(store)
+    server.versions.switch_to(server.versions.load(None))
+    try:
+        return asyncio.run(chat_events(server, request))
+    finally:
+        server.shutdown()
+
+
+def wait_for(predicate, timeout: float = 120.0, what: str = "condition") -> float:
+    """Polls ``predicate`` until it holds (returns when); the timeout only bounds a hang."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return time.time()
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 def copy_tree(src: Path, dst: Path) -> Path:

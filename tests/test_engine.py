@@ -13,8 +13,6 @@ agreement is to float32 rounding, not to bf16's.
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 import torch
 from engine_reference import routed_reference
@@ -22,7 +20,6 @@ from store_helpers import load_dir, run_cli, split_checkpoint
 from transformers import LlamaConfig, LlavaForConditionalGeneration, VideoLlavaForConditionalGeneration
 
 from mmer_dist.errors import InvalidInputError, StoreError
-from mmer_dist.model.async_engine import AsyncEngine
 from mmer_dist.model.batch import RequestSlice, StepBatch
 from mmer_dist.model.engine import Engine, GenerationRequest, LocalPipeline
 from mmer_dist.model.prompt import Expansion, MediaPart, Retention, TextPart, plan_prompt
@@ -370,36 +367,3 @@ def test_bad_requests_are_refused_and_the_stage_keeps_serving(weights, merged_st
     while engine.has_work:
         events += engine.step()
     assert [e.token for e in events] == [e.token for e in Engine(pipeline(weights)).generate([good])["good"][1:]]
-
-
-def test_async_engine_streams_and_a_cancelled_request_frees_its_caches(weights):
-    vocab = weights.vocabulary
-    pipe = pipeline(weights)
-    engine = AsyncEngine(Engine(pipe))
-    prompt = plan_prompt([TextPart(TEXT)], Retention("llava-hf"), vocab)
-
-    async def collect(rid, n):
-        return [e async for e in engine.generate(GenerationRequest(rid, prompt, SamplingParams(n)))]
-
-    async def cancel_midway():
-        agen = engine.generate(GenerationRequest("cancel", prompt, SamplingParams(200)))
-        async for _ in agen:
-            break
-        await agen.aclose()
-
-    async def main():
-        results = await asyncio.gather(collect("a", 5), collect("b", 7), cancel_midway())
-        for _ in range(100):
-            if not any("cancel" in s.caches for s in pipe.stages):
-                break
-            await asyncio.sleep(0.02)
-        return results
-
-    try:
-        a, b, _ = asyncio.run(main())
-        assert [e.token for e in a] == [e.token for e in b][:5] and len(b) == 7
-        assert all("cancel" not in s.caches for s in pipe.stages)
-        with pytest.raises(InvalidInputError, match="max_tokens"):
-            asyncio.run(collect("c", 300))
-    finally:
-        engine.shutdown()

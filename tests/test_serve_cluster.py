@@ -7,30 +7,16 @@ Ray actor calls. The reference is the same server code in-process with one stage
 
 from __future__ import annotations
 
-import asyncio
 import os
 
 import openai
 import pytest
 from ray_helpers import free_port
-from serve_helpers import RAY_ENV, TOKEN, app_args, build_store, image, in_process_server, serve_app
+from serve_helpers import RAY_ENV, TOKEN, app_args, build_store, image, in_process_chat, serve_app
 
 from mmer_dist.media import parts as media_parts
 
 pytestmark = pytest.mark.slow
-
-
-def in_process(store: str, request: dict) -> list[dict]:
-    server = in_process_server(store)
-    server.switch_to(server.load(None))
-
-    async def run():
-        return [e async for e in server.chat(request)]
-
-    try:
-        return asyncio.run(run())
-    finally:
-        server.shutdown()
 
 
 def test_two_stages_on_two_nodes_equal_one_stage(tmp_path, monkeypatch):
@@ -42,7 +28,7 @@ def test_two_stages_on_two_nodes_equal_one_stage(tmp_path, monkeypatch):
     store, _ = build_store(tmp_path)
     request = {"model": "merged", "temperature": 0, "max_tokens": 8, "logprobs": True, "messages": [
         {"role": "user", "content": [media_parts.image_part(image(11)), {"type": "text", "text": "what is this ?"}]}]}
-    want = in_process(store, request)
+    want = in_process_chat(store, request)
     cluster = Cluster(initialize_head=True, head_node_args=dict(num_cpus=3, resources={"llm_stage": 1},
                                                                 include_dashboard=False))
     try:

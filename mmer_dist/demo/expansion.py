@@ -39,10 +39,14 @@ from mmer_dist.model.stage import DecoderStage
 from mmer_dist.store.store import Store
 from mmer_dist.store.weights import StoreWeights, VersionWeights
 from mmer_dist.store.weightsets import WeightSet
-from serve.chat import Media, expansion_parts, retention_parts
+from mmer_dist.model.prompt import MediaPart
+from serve.chat import expansion_parts, retention_parts
+from serve.component_files import component_folder
 from serve.config import ServeOptions
 from serve.encoders import ENCODERS, ComponentEncoder
-from serve.llm import LLMServer, media_payload
+from serve.llm import LLMServer
+from serve.protocol import ChatCompletionRequest
+from serve.request import media_payload
 
 SLOT_BUDGET = 1 << 30  # dense weight sets per stage: every kit model's theta_hat fits
 
@@ -139,7 +143,7 @@ class Encoders:
     def component(self, model_id: str) -> ComponentEncoder:
         if model_id not in self.components:
             record = self.weights.catalog.model(model_id)
-            folder = self.weights.fetch_files(model_id, self.workdir / f"{model_id}-{record.sha256[:12]}")
+            folder = component_folder(self.weights, model_id, self.workdir, with_weights=True)
             self.components[model_id] = ENCODERS[record.format](model_id, folder)
         return self.components[model_id]
 
@@ -170,7 +174,7 @@ class Served:
 
         self.encoders = encoders
         self.server = LLMServer(options, encoders.encode, pipeline)
-        self.server.switch_to(self.server.load(version))
+        self.server.versions.switch_to(self.server.versions.load(version))
         self._ids = itertools.count()
 
     def close(self) -> None:
@@ -182,7 +186,7 @@ class Served:
     def answers(self, requests: Sequence[dict]) -> list[EngineAnswer]:
         """Each request's streamed reply, with the log-probability of every generated token."""
         async def one(request: dict) -> EngineAnswer:
-            events = [e async for e in self.server.chat({**request, "logprobs": True})]
+            events = [e async for e in self.server.chat(ChatCompletionRequest.model_validate({**request, "logprobs": True}))]
             done = events[-1]
             if done.get("finish_reason") == "error":
                 raise RuntimeError(f"the engine failed a request: {done.get('error')}")
@@ -194,19 +198,19 @@ class Served:
         """The prompt the server builds for ``request`` (its payloads, encoders and chat templates)
         in ``mode``: ``retention`` (the model's own template) or ``expansion`` (model ``merged``,
         the base's template, the request's text policy)."""
-        served, limits = self.server.current, self.server.options.limits
-        messages = request["messages"]
-        parts = [p for m in messages for p in m["content"] if p["type"] != "text"]
-        media = [Media(p["model"], await self.encoders.encode(p["model"], p["type"], media_payload(p, False), limits))
+        served, limits = self.server.versions.current, self.server.options.limits.media()
+        chat = ChatCompletionRequest.model_validate(request)
+        messages, parts = chat.messages, chat.media()
+        media = [MediaPart(p.model, await self.encoders.encode(p.model, p.type, media_payload(p, False), limits))
                  for p in parts]
         if mode == "retention":
-            model = parts[0]["model"]
+            model = parts[0].model
             return plan_prompt(retention_parts(served.models[model], messages, media), Retention(model),
                                served.weights.vocabulary)
         # mean-mask unless asked: the rewrites (``through``, ``text_through``) find the text tokens
         # as the runs routed through the prompt's text weights
         return plan_prompt(expansion_parts(served.base, served.models, messages, media),
-                           Expansion(request.get("text_policy", "mean-mask")), served.weights.vocabulary)
+                           Expansion(chat.text_policy or "mean-mask"), served.weights.vocabulary)
 
     def same_prompt_as_retention(self, requests: Sequence[dict]) -> list[int]:
         """[same, n]: single-media expansion requests whose prompt (token ids, routes, encoder rows,
@@ -222,7 +226,7 @@ class Served:
         return [sum(_gather([one(r) for r in requests])), len(requests)]
 
     def routed(self, requests: Sequence[dict], rewrite: Callable[[Prompt], Prompt]) -> list[str]:
-        served = self.server.current
+        served = self.server.versions.current
 
         async def one(request: dict) -> str:
             prompt = await self._prompt(request, "expansion")

@@ -135,9 +135,8 @@ class Asker:
 
     def all(self, requests: Sequence[dict]) -> list[str]:
         """The replies, in order. A request bringing a model's media for the first time goes alone
-        first: the endpoint loads that model's encoder on it, and concurrent first loads of one
-        encoder race on its files (``serve.encoders.MediaEncoders._component`` checks its cache
-        outside its lock; a replica died of SIGBUS)."""
+        first: the endpoint loads that model's encoder on it, and the requests after it find the
+        encoder loaded (the demo's timing then measures answers, not one encoder load per client)."""
         replies: list[str | None] = [None] * len(requests)
         for i, req in enumerate(requests):
             media = {p["model"] for m in req["messages"] for p in m["content"] if p["type"] != "text"}

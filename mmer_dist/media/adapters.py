@@ -6,6 +6,12 @@ checkpoint as ``mmer_adapter.json`` (``{"kind": ..., "part_type": ..., <paramete
 training, the plain-transformers evaluator and the serving endpoint all turn the same raw input
 into the same pixels. Images and videos need no adapter: they go to the processor as they are.
 
+The file may also say how the model's prompts carry the part (``placeholder``: the token its
+template writes; ``template_type``: the content type its chat template renders as that
+placeholder; ``wrap``: two strings around the encoder rows in expansion mode, e.g.
+``["<audio_start>", "<audio_end>"]``); a file may hold only those (an image model's). One reader,
+:func:`read_adapter_file`, serves the encoders and the chat templates alike.
+
 Interface (:class:`MediaAdapter`): ``kind`` names the implementation, ``part_type`` the content
 part it serves (see :mod:`mmer_dist.media.parts`), ``adapter(raw)`` returns an RGB uint8 image
 (H, W, 3) of ``image_size``, ``to_config()`` / ``from_config(dict)`` round-trip the parameters.
@@ -180,13 +186,53 @@ def save_adapter(adapter: MediaAdapter, directory: str | Path) -> Path:
     return path
 
 
-def load_adapter(directory: str | Path) -> MediaAdapter | None:
-    """The adapter saved in a checkpoint (or a store component's files) directory, or None if it
-    has none (image and video models). A malformed file is a FormatError naming it."""
+PROMPT_KEYS = ("placeholder", "template_type", "wrap")
+
+
+@dataclass(frozen=True)
+class AdapterFile:
+    """What a checkpoint's ``mmer_adapter.json`` says (see the module docstring)."""
+
+    adapter: MediaAdapter | None  # None: the file only says how prompts carry the part
+    part_type: str | None
+    placeholder: str | None = None
+    template_type: str | None = None
+    wrap: tuple[str, str] = ("", "")
+
+
+def read_adapter_file(directory: str | Path) -> AdapterFile | None:
+    """The checkpoint's ``mmer_adapter.json``, or None when it has none (image and video models).
+    A malformed file is a FormatError naming it and the problem."""
+    from mmer_dist.media.parts import MEDIA_PART_TYPES
+
     path = Path(directory) / ADAPTER_FILE
     if not path.is_file():
         return None
     try:
-        return adapter_from_config(json.loads(path.read_text(encoding="utf-8")))
+        config = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(config, dict):
+            raise InvalidInputError(f"expected a JSON object, got {type(config).__name__}")
+        prompt = {k: config.pop(k) for k in PROMPT_KEYS if k in config}
+        adapter = adapter_from_config(config) if "kind" in config else None
+        part_type = config.get("part_type") if adapter is None else adapter.part_type
+        if adapter is None and (unknown := sorted(set(config) - {"part_type"})):
+            raise InvalidInputError(f"unknown keys {unknown} without an adapter 'kind'")
+        if part_type is not None and part_type not in MEDIA_PART_TYPES:
+            raise InvalidInputError(f"part_type {part_type!r}; expected one of {list(MEDIA_PART_TYPES)}")
+        wrap = prompt.get("wrap", ("", ""))
+        if not (isinstance(wrap, (list, tuple)) and len(wrap) == 2 and all(isinstance(w, str) for w in wrap)):
+            raise InvalidInputError(f"wrap must be two strings, got {wrap!r}")
+        for key in ("placeholder", "template_type"):
+            if not isinstance(prompt.get(key, ""), str):
+                raise InvalidInputError(f"{key} must be a string, got {prompt[key]!r}")
     except (json.JSONDecodeError, UnicodeDecodeError, InvalidInputError, TypeError) as e:
         raise FormatError(f"{path}: not a valid media adapter config ({e})") from None
+    return AdapterFile(adapter, part_type, prompt.get("placeholder") or None, prompt.get("template_type") or None,
+                       (wrap[0], wrap[1]))
+
+
+def load_adapter(directory: str | Path) -> MediaAdapter | None:
+    """The adapter saved in a checkpoint (or a store component's files) directory, or None if it
+    has none (image and video models). A malformed file is a FormatError naming it."""
+    found = read_adapter_file(directory)
+    return found.adapter if found is not None else None

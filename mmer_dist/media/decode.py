@@ -10,6 +10,8 @@ model's own processor takes the arrays from here.
 from __future__ import annotations
 
 import io
+import struct
+import tokenize
 import wave
 from typing import NamedTuple
 
@@ -38,6 +40,8 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
 
     try:
         image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError:  # PIL's own bound, far above ours: a header naming billions of pixels
+        raise InvalidInputError(f"image: its header declares more pixels than the limit of {max_pixels}") from None
     except UnidentifiedImageError:  # PIL's message names only its in-memory buffer object
         raise InvalidInputError(f"image: not a readable PNG or JPEG file ({len(data)} bytes in no image format "
                                 "PIL knows)") from None
@@ -67,8 +71,9 @@ def decode_wav(data: bytes, *, max_seconds: float = DEFAULT_MAX_SECONDS) -> Wave
             if count / rate > max_seconds:
                 raise InvalidInputError(f"audio: {count / rate:.2f} s long, over the limit of {max_seconds:g} s")
             raw = f.readframes(count)
-    except (wave.Error, EOFError) as e:
-        raise InvalidInputError(f"audio: not a readable PCM WAV file ({e})") from None
+    except (wave.Error, EOFError, RuntimeError, ValueError, OverflowError, struct.error) as e:
+        # wave raises bare RuntimeError / struct.error on some corrupt chunk headers
+        raise InvalidInputError(f"audio: not a readable PCM WAV file ({e or type(e).__name__})") from None
     if count == 0:
         raise InvalidInputError("audio: the WAV file has no samples")
     if len(raw) != count * channels * width:
@@ -145,7 +150,7 @@ def decode_points(data: bytes, *, max_points: int = DEFAULT_MAX_POINTS) -> np.nd
         if version not in _NPY_HEADER_READERS:
             raise ValueError(f"format version {version} is not supported")
         shape, _, dtype = _NPY_HEADER_READERS[version](buf)
-    except (ValueError, EOFError, SyntaxError) as e:
+    except (ValueError, EOFError, SyntaxError, tokenize.TokenError) as e:  # the header is parsed as Python
         raise InvalidInputError(f"point cloud: not a .npy array ({e})") from None
     if len(shape) != 2 or shape[1] not in (3, 6) or shape[0] < 1:
         raise InvalidInputError(f"point cloud: shape {shape}; expected (N, 3) xyz or (N, 6) xyz + rgb with N >= 1")

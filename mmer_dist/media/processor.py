@@ -1,4 +1,5 @@
-"""A checkpoint's own HF processor, loaded offline: ``load_processor(dir)``.
+"""A checkpoint's own HF processor, loaded offline: ``load_processor(dir)``; what it takes:
+``processor_inputs(dir)``.
 
 LLaVA checkpoints load with ``AutoProcessor`` (``LlavaProcessor`` over the PIL
 ``CLIPImageProcessor``, which transformers picks when torchvision is absent). Video-LLaVA's
@@ -23,7 +24,27 @@ from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer, Batch
 from mmer_dist.errors import FormatError, InvalidInputError
 
 VIDEO_CONFIG = "video_preprocessor_config.json"
+IMAGE_CONFIG = "preprocessor_config.json"
 PROCESSOR_CONFIG = "processor_config.json"
+
+
+def processor_inputs(directory: str | Path) -> dict[str, str]:
+    """The media part types a checkpoint's own processor takes as they are (no adapter), each
+    with the placeholder token it expands: ``image_url`` where it has an image processor,
+    ``video_url`` where it has a video one (Video-LLaVA)."""
+    from mmer_dist.media.parts import PART_TYPES
+
+    directory = Path(directory)
+    fields: dict[str, Any] = {}
+    for name in (IMAGE_CONFIG, PROCESSOR_CONFIG):  # the processor's own fields win
+        if (directory / name).is_file():
+            fields.update(_read_json(directory / name))
+    takes = {}  # transformers 5 writes the image processor into processor_config.json, older ones beside it
+    if (directory / IMAGE_CONFIG).is_file() or "image_processor" in fields or "image_token" in fields:
+        takes["image_url"] = fields.get("image_token") or PART_TYPES["image_url"].placeholder
+    if (directory / VIDEO_CONFIG).is_file() or "video_processor" in fields or "video_token" in fields:
+        takes["video_url"] = fields.get("video_token") or PART_TYPES["video_url"].placeholder
+    return takes
 
 
 def load_processor(directory: str | Path) -> Any:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 
-import torch
-
 from mmer_dist.store.catalog import Catalog
 
 # Below this many parameter x model entries, torch.compile's start-up (seconds per kernel) costs
@@ -21,21 +19,9 @@ def resolve_compile(flag: bool | None, catalog: Catalog) -> bool:
 
 
 def resolve_device(name: str) -> str:
-    from mmer_dist.errors import InvalidInputError
+    from mmer_dist.devices import resolve_device as resolve
 
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise InvalidInputError(f"--device {name!r} is not a torch device; use auto, cpu, cuda or cuda:N") from None
-    if device.type not in ("cpu", "cuda"):
-        raise InvalidInputError(f"--device {name!r}: merges run on cpu or cuda")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise InvalidInputError(f"--device {name}: no CUDA device is visible to this process")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise InvalidInputError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    resolve(name, what="--device")  # refuses what this process cannot use
     return name
 
 

@@ -9,6 +9,11 @@ serving layer), the engine cannot tell.
 Weight sets beyond a stage's slot budget are not refused: a step whose requests need more
 theta_hat_i than fit is split into sub-steps that each fit (requests needing resident sets first),
 so each sub-step rebuilds at most what it must.
+
+A pipeline that loses a stage (``StageLostError``: its process died, with every request's KV
+caches) ends the step's requests with finish reason ``unavailable`` and sets ``lost``: the engine
+then takes no more steps on it (``fail_all`` ends the rest), and its owner builds a new pipeline.
+A step that fails otherwise ends only its own requests (``error``).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from typing import Protocol
 
 import torch
 
-from mmer_dist.errors import InvalidInputError
+from mmer_dist.errors import InvalidInputError, MmerError
 from mmer_dist.model.batch import RequestSlice, StepBatch, run_lengths
 from mmer_dist.model.prompt import Prompt
 from mmer_dist.model.sampling import Sample, Sampler, SamplingParams
@@ -33,7 +38,14 @@ from mmer_dist.store.weightsets import WeightSet
 log = logging.getLogger(__name__)
 
 
+class StageLostError(MmerError):
+    """A stage of the pipeline is gone (its process died or stopped answering), and with it the
+    KV caches of every request on it."""
+
+
 class Pipeline(Protocol):
+    """``forward`` and ``release`` raise ``StageLostError`` when a stage is gone."""
+
     version: int
     vocabulary: VocabularyLayout
     max_positions: int
@@ -109,7 +121,7 @@ class TokenEvent:
     token: int | None = None
     logprob: float | None = None
     top_logprobs: tuple[tuple[int, float], ...] = ()
-    finish_reason: str | None = None  # None while running; stop | length | abort | error
+    finish_reason: str | None = None  # None while running; stop | length | abort | error | unavailable
     error: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -145,6 +157,7 @@ class Engine:
         self.waiting: OrderedDict[str, _Running] = OrderedDict()
         self.running: OrderedDict[str, _Running] = OrderedDict()
         self.steps = 0
+        self.lost: StageLostError | None = None  # set once a stage is gone: no more steps
 
     # -- requests --------------------------------------------------------------------------------
 
@@ -164,18 +177,39 @@ class Engine:
             raise InvalidInputError(f"stop token ids {bad} are outside the output vocabulary ({limit} tokens)")
 
     def add(self, request: GenerationRequest) -> None:
+        self.validate(request)
+        self.enqueue(request)
+
+    def enqueue(self, request: GenerationRequest) -> None:
+        """``add`` for a request ``validate`` has passed already (``AsyncEngine`` checks it in
+        the caller's thread, so the loop does not check it twice)."""
         if request.request_id in self.waiting or request.request_id in self.running:
             raise InvalidInputError(f"request id {request.request_id!r} is already in use")
-        self.validate(request)
         self.waiting[request.request_id] = _Running(request, Sampler(request.sampling))
 
     def abort(self, request_id: str) -> TokenEvent | None:
         entry = self.waiting.pop(request_id, None)
         if entry is None and (entry := self.running.pop(request_id, None)) is not None:
-            self.pipeline.release([request_id])
+            self._release([request_id])
         if entry is None:
             return None
         return self._end(entry, "abort")
+
+    def fail_all(self, reason: str, error: str) -> list[TokenEvent]:
+        """End every waiting and running request without a step (the pipeline is gone)."""
+        entries = [*self.waiting.values(), *self.running.values()]
+        self.waiting.clear()
+        self.running.clear()
+        return [self._end(e, reason, error=error) for e in entries]
+
+    def _release(self, request_ids: list[str]) -> None:
+        """Free requests' caches; a stage that is gone has freed them already."""
+        try:
+            self.pipeline.release(request_ids)
+        except StageLostError as e:
+            self.lost = e
+        except Exception:  # noqa: BLE001 - a stage that cannot free caches must not end the others
+            log.exception("could not release requests %s", request_ids)
 
     @property
     def has_work(self) -> bool:
@@ -249,13 +283,17 @@ class Engine:
         try:
             logits = self.pipeline.forward(batch)
         except Exception as e:  # a stage refused the step or broke: those requests end, the rest go on
-            log.exception("step %d failed for requests %s", self.steps, [s.request_id for s in slices])
-            self.pipeline.release([s.request_id for s in slices])
-            out = []
+            ids = [s.request_id for s in slices]
+            if isinstance(e, StageLostError):
+                self.lost, reason = e, "unavailable"
+                log.error("step %d lost a stage (%s); requests %s end", self.steps, e, ids)
+            else:
+                reason = "error"
+                log.exception("step %d failed for requests %s", self.steps, ids)
+                self._release(ids)
             for entry in entries:
                 self.running.pop(entry.request.request_id, None)
-                out.append(self._end(entry, "error", error=f"{type(e).__name__}: {e}"))
-            return out
+            return [self._end(entry, reason, error=f"{type(e).__name__}: {e}") for entry in entries]
         events = []
         for entry, s, row in zip(entries, slices, logits):
             entry.past += s.n_new
@@ -275,7 +313,7 @@ class Engine:
             reason = "length"
         if reason is not None:
             self.running.pop(request.request_id, None)
-            self.pipeline.release([request.request_id])
+            self._release([request.request_id])
         return TokenEvent(request.request_id, sample.token, sample.logprob, sample.top, reason,
                           prompt_tokens=len(request.prompt), completion_tokens=entry.generated)
 

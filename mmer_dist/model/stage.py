@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
+from mmer_dist.devices import resolve_device
 from mmer_dist.errors import InvalidInputError
 from mmer_dist.model import layers as L
 from mmer_dist.model.batch import RoutingPlan, StepBatch
@@ -29,15 +30,6 @@ from mmer_dist.model.resident import ResidentTensors
 from mmer_dist.model.slots import SlotPool
 from mmer_dist.store.weights import VersionWeights
 from mmer_dist.store.weightsets import WeightSet
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError as e:
-        raise InvalidInputError(f"unknown torch device {device!r}: {e}") from None
 
 
 class DecoderStage:
