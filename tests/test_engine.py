@@ -90,7 +90,7 @@ def test_served_weights_are_the_exported_ones_bit_for_bit(weights, exported):
     _, sets = exported
     stage = DecoderStage(weights, 0, 4, dtype=torch.bfloat16, slot_budget_bytes=1 << 30)
     for key, want in sets.items():
-        dense = stage.slots.acquire([key])[key]
+        dense = stage.slots.take([key])[key]
         assert torch.equal(dense.embed, want["model.embed_tokens.weight"][:V].bfloat16()), key
         assert torch.equal(dense.head, want["lm_head.weight"][:V].bfloat16()), key
         for layer, lw in dense.layers.items():

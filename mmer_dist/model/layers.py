@@ -20,14 +20,15 @@ from mmer_dist.model.batch import RoutingPlan
 from mmer_dist.model.kv_cache import RequestCache
 
 
-def grouped_linear(x: torch.Tensor, plan: RoutingPlan, weights: Sequence[torch.Tensor],
-                   biases: Sequence[torch.Tensor | None]) -> torch.Tensor:
-    """``x`` (T, in) sorted by group; group g's rows through ``weights[g]`` (out, in)."""
-    if len(weights) == 1:
+def grouped_linear(x: torch.Tensor, plan: RoutingPlan, weights: Sequence[torch.Tensor | None],
+                   biases: Sequence[torch.Tensor | None], out_features: int) -> torch.Tensor:
+    """``x`` (T, in) sorted by group; group g's rows through ``weights[g]`` (out, in). A group whose
+    weight is None is left unwritten (the mask-native path fills it)."""
+    if len(weights) == 1 and weights[0] is not None:
         return F.linear(x, weights[0], biases[0])
-    out = x.new_empty((x.shape[0], weights[0].shape[0]))
+    out = x.new_empty((x.shape[0], out_features))
     for (a, b), w, bias in zip(plan.segments, weights, biases):
-        if b > a:
+        if b > a and w is not None:
             if bias is None:
                 torch.mm(x[a:b], w.t(), out=out[a:b])
             else:
