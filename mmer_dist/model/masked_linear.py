@@ -8,10 +8,10 @@ per model in it, however many models that is.
 
 Semantics (the plain loop every path equals, up to float32 summation order):
 
-    for start, stop, i in groups:                  # tokens [start, stop) belong to model i
+    for g, (start, stop, i) in enumerate(groups):  # tokens [start, stop) belong to model i
         W = theta_pre.float() + where(unpack_bits(packed[i], K), tau_star.float(), 0)   # (O, K)
         W = W.to(round_to).float()                 # the checkpoint dtype: the export's theta_hat_i
-        out[start:stop] = x[start:stop].float() @ W.T
+        out[start:stop] = x[start:stop].float() @ W.T + (biases[g] if biases else 0)
 
 ``W`` before rounding is ``compose`` of ``hat:<i>`` (``mmer_dist.store.weights``), the function
 exports are written with, so a token on this path multiplies exactly the weights of the exported
@@ -66,25 +66,38 @@ class MaskGroups:
     def __iter__(self):
         return zip(self.starts.tolist(), self.stops.tolist(), self.models.tolist())
 
-    def split(self, tokens: int) -> tuple[MaskGroups, MaskGroups]:
-        """(groups of fewer than ``tokens`` tokens, the others)."""
-        small = (self.stops - self.starts) < tokens
-        return (MaskGroups(self.starts[small], self.stops[small], self.models[small]),
-                MaskGroups(self.starts[~small], self.stops[~small], self.models[~small]))
+    @functools.cached_property
+    def rows(self) -> torch.Tensor:
+        """Every token row of the groups, in group order."""
+        return torch.cat([torch.arange(a, b) for a, b, _ in self]) if len(self) else torch.zeros(0, dtype=torch.int64)
+
+    def split(self, tokens: int) -> tuple[list[int], list[int]]:
+        """Indices of the groups of fewer than ``tokens`` tokens, and of the others."""
+        sizes = (self.stops - self.starts).tolist()
+        return [g for g, n in enumerate(sizes) if n < tokens], [g for g, n in enumerate(sizes) if n >= tokens]
+
+    def select(self, indices: list[int]) -> MaskGroups:
+        if len(indices) == len(self):
+            return self
+        index = torch.tensor(indices, dtype=torch.int64)
+        return MaskGroups(self.starts[index], self.stops[index], self.models[index])
 
 
 def masked_linear_reference(x: torch.Tensor, groups: MaskGroups, base: torch.Tensor, tau_star: torch.Tensor,
-                            packed: torch.Tensor, round_to: torch.dtype, out: torch.Tensor) -> None:
+                            packed: torch.Tensor, round_to: torch.dtype, out: torch.Tensor,
+                            biases: Sequence[torch.Tensor | None] | None = None) -> None:
     """The semantics above, row block by row block (bounded temporary memory)."""
     rows, cols = base.shape
     block = max(1, _CHUNK_ENTRIES // max(1, cols))
-    for start, stop, i in groups:
+    for g, (start, stop, i) in enumerate(groups):
         if stop <= start:
             continue
         xs = x[start:stop].float()
         for r in range(0, rows, block):
             w = reconstruct(base[r:r + block], unpack_bits(packed[i, r:r + block], cols), tau_star[r:r + block].float())
             out[start:stop, r:r + block] = (xs @ w.to(round_to).float().t()).to(out.dtype)
+        if biases is not None and biases[g] is not None:
+            out[start:stop] += biases[g]
 
 
 def _fused(x: torch.Tensor, token_model: torch.Tensor, base: torch.Tensor, tau_star: torch.Tensor,
@@ -104,28 +117,36 @@ def _compiled_fused():
 
 
 def masked_linear(x: torch.Tensor, groups: MaskGroups, base: torch.Tensor, tau_star: torch.Tensor,
-                  packed: torch.Tensor, round_to: torch.dtype, out: torch.Tensor) -> None:
+                  packed: torch.Tensor, round_to: torch.dtype, out: torch.Tensor,
+                  biases: Sequence[torch.Tensor | None] | None = None) -> None:
     """Fill ``out``'s rows of ``groups`` (see the module docstring); ``x`` and ``out`` are (T, K) and
-    (T, O) in any float dtype, the weights on the same device."""
+    (T, O) in any float dtype, the weights on the same device; ``biases``: one per group, or None."""
     if not len(groups):
         return
     small, large = groups.split(PREFILL_TOKENS)
-    masked_linear_reference(x, large, base, tau_star, packed, round_to, out)
-    if not len(small):
-        return
+    if len(large):
+        masked_linear_reference(x, groups.select(large), base, tau_star, packed, round_to, out,
+                                None if biases is None else [biases[g] for g in large])
+    if small:
+        _small_groups(x, groups.select(small), base, tau_star, packed, round_to, out)
+        for g in small if biases is not None else ():
+            if biases[g] is not None:
+                out[groups.starts[g]:groups.stops[g]] += biases[g]
+
+
+def _small_groups(x: torch.Tensor, groups: MaskGroups, base: torch.Tensor, tau_star: torch.Tensor,
+                  packed: torch.Tensor, round_to: torch.dtype, out: torch.Tensor) -> None:
     if x.device.type == "cpu" and (lib := native.load()) is not None and round_to in native.DTYPE_CODES:
         result = out if out.dtype == torch.float32 and out.is_contiguous() else torch.empty(out.shape)
-        lib.run(x.float().contiguous(), base, tau_star, packed, small.starts, small.stops, small.models, round_to,
+        lib.run(x.float().contiguous(), base, tau_star, packed, groups.starts, groups.stops, groups.models, round_to,
                 result)
         if result is not out:
-            for start, stop, _ in small:
-                out[start:stop] = result[start:stop]
+            out.index_copy_(0, groups.rows, result.index_select(0, groups.rows).to(out.dtype))
         return
     if x.device.type == "cuda":  # one compiled reduction for every group: each token tagged with its model
-        lengths = small.stops - small.starts
-        rows = torch.cat([torch.arange(a, b) for a, b, _ in small]).to(x.device)
-        token_model = torch.repeat_interleave(small.models, lengths).to(x.device)
+        rows = groups.rows.to(x.device)
+        token_model = torch.repeat_interleave(groups.models, groups.stops - groups.starts).to(x.device)
         y = _compiled_fused()(x.index_select(0, rows), token_model, base, tau_star, packed, round_to)
         out.index_copy_(0, rows, y.to(out.dtype))
         return
-    masked_linear_reference(x, small, base, tau_star, packed, round_to, out)
+    masked_linear_reference(x, groups, base, tau_star, packed, round_to, out)

@@ -34,18 +34,21 @@ SOURCE = Path(__file__).with_name("masked_linear.cpp")
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
-def _flags() -> list[str]:
+def can_vectorize() -> bool:
+    """Whether this CPU runs the vector path: AVX2 + FMA + F16C (every x86 CPU torch reports as
+    AVX2 or better has them)."""
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
+def _flags(vector: bool) -> list[str]:
     flags = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off"]
-    # the vector path needs AVX2 + FMA + F16C (every x86 CPU torch reports as AVX2 or better has them)
-    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
-        flags += ["-mavx2", "-mfma", "-mf16c"]
-    return flags
+    return flags + (["-mavx2", "-mfma", "-mf16c"] if vector else [])
 
 
-def _library_path(cache_dir: str | None) -> tuple[Path, list[str]]:
+def _library_path(cache_dir: str | None, vector: bool) -> tuple[Path, list[str]]:
     from mmer_dist.merge.kernel_cache import default_cache_dir
 
-    flags = _flags()
+    flags = _flags(vector)
     compiler = os.environ.get("CXX", "g++")
     digest = hashlib.sha256(SOURCE.read_bytes() + repr((compiler, flags)).encode()).hexdigest()[:20]
     return Path(cache_dir or default_cache_dir()) / f"masked_linear-{digest}.so", [compiler, *flags]
@@ -90,9 +93,10 @@ class MaskedLinearLibrary:
 
 
 @functools.cache
-def load(cache_dir: str | None = None) -> MaskedLinearLibrary | None:
-    """The compiled kernel (built on first use on this machine), or None where it cannot be built."""
-    path, command = _library_path(cache_dir)
+def load(cache_dir: str | None = None, vector: bool | None = None) -> MaskedLinearLibrary | None:
+    """The compiled kernel (built on first use on this machine), or None where it cannot be built.
+    ``vector``: the AVX2 path (default: where the CPU has it); False builds the scalar path."""
+    path, command = _library_path(cache_dir, can_vectorize() if vector is None else vector and can_vectorize())
     try:
         if not path.exists():
             print(f"mmer: compiling the mask-native linear kernel into {path.parent} (once per machine)",

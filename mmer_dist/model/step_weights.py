@@ -64,11 +64,8 @@ class PlanWeights:
         biases = [getattr(v.layers[layer], bias) for v in self.vectors]
         out = L.grouped_linear(x, self.plan, weights, biases, block.base.shape[0])
         if self.native_groups:
-            masked_linear(x, self.native, block.base, block.tau_star, block.packed, round_to, out)
-            for g in self.native_groups:
-                if biases[g] is not None:
-                    a, b = self.plan.segments[g]
-                    out[a:b] += biases[g]
+            masked_linear(x, self.native, block.base, block.tau_star, block.packed, round_to, out,
+                          [biases[g] for g in self.native_groups])
         return out
 
     def norm_weights(self, layer: int | None, field: str) -> list[torch.Tensor]:
