@@ -6,14 +6,15 @@ whatever models it mixes: every resident tensor is read at most once per step (a
 a slot costs one bit per parameter more, ``masked_linear``), at most ``max_running`` requests
 decode and at most ``max_step_tokens`` prompt tokens prefill (a longer prompt runs alone).
 
-Order of admission:
-1. requests that have waited ``max_wait_s`` or more, oldest first (the starvation bound: under
-   any traffic a request is admitted once it is the oldest overdue one and room frees);
-2. then one request at a time from the model that has received the least service lately (tokens
-   admitted and generated, decayed by half every ``half_life`` steps; ties: the oldest request),
-   so under skewed traffic a model with a trickle of requests is not queued behind another
-   model's flood, and each model's share of admissions is max-min fair;
-3. within a model, arrival order.
+Order of admission, one request at a time, each model's requests in arrival order:
+1. among the models whose oldest waiting request has waited ``max_wait_s`` or more, the one whose
+   oldest request is oldest (the starvation bound: a model that fairness would pass over, because
+   it had much service lately, still gets a request in once its head is overdue, and overdue
+   models take turns, so no model's flood shuts out another's overdue request);
+2. otherwise the model that has received the least service lately (tokens admitted and
+   generated, decayed by half every ``half_life`` steps; service granted in this admission
+   counts; ties: the oldest request), so under skewed traffic a model with a trickle of requests
+   is not queued behind another model's flood, and admissions are max-min fair across models.
 """
 
 from __future__ import annotations
@@ -57,30 +58,29 @@ class Scheduler:
         queues: dict[str, deque[str]] = {}
         for rid, c in waiting.items():
             queues.setdefault(c.model, deque()).append(rid)
-        overdue = deque(rid for rid, c in waiting.items() if now - c.arrived >= self.limits.max_wait_s)
         given: dict[str, float] = {}  # service granted by this admission, so that picks rotate
         admitted: list[str] = []
-        taken: set[str] = set()
-        while room > 0 and len(taken) < len(waiting):
-            while overdue and overdue[0] in taken:
-                overdue.popleft()
-            rid = overdue[0] if overdue else self._fairest(queues, taken, waiting, given)
+        while room > 0 and queues:
+            model = self._next_model(queues, waiting, given, now)
+            rid = queues[model][0]
             c = waiting[rid]
             if admitted and c.prompt_tokens > budget:
                 break
-            taken.add(rid)
+            queues[model].popleft()
+            if not queues[model]:
+                del queues[model]
             admitted.append(rid)
             room -= 1
             budget -= c.prompt_tokens
-            given[c.model] = given.get(c.model, 0.0) + c.prompt_tokens
+            given[model] = given.get(model, 0.0) + c.prompt_tokens
         return admitted
 
-    def _fairest(self, queues: dict[str, deque[str]], taken: set[str], waiting: Mapping[str, Candidate],
-                 given: dict[str, float]) -> str:
-        """The oldest request of the least served model with requests left."""
-        for q in queues.values():
-            while q and q[0] in taken:
-                q.popleft()
-        model = min((m for m, q in queues.items() if q),
-                    key=lambda m: (self.service[m] + given.get(m, 0.0), waiting[queues[m][0]].arrived))
-        return queues[model][0]
+    def _next_model(self, queues: dict[str, deque[str]], waiting: Mapping[str, Candidate], given: dict[str, float],
+                    now: float) -> str:
+        def head_arrived(m: str) -> float:
+            return waiting[queues[m][0]].arrived
+
+        overdue = [m for m in queues if now - head_arrived(m) >= self.limits.max_wait_s]
+        if overdue:
+            return min(overdue, key=head_arrived)
+        return min(queues, key=lambda m: (self.service[m] + given.get(m, 0.0), head_arrived(m)))
