@@ -158,11 +158,11 @@ class GatedBuild:
         self.on_thread: list[str] = []
         stage.slots._build = self
 
-    def __call__(self, key):
+    def __call__(self, key, background=False):
         self.on_thread.append(threading.current_thread().name)
         self.started.set()
         assert self.gate.wait(120), "the test never opened the gate"
-        return self.build(key)
+        return self.build(key, background=background)
 
 
 def test_steps_run_while_a_slot_build_is_in_flight_and_the_model_switches_between_steps(many):

@@ -68,8 +68,7 @@ class AsyncEngine:
                 self._listeners.pop(request.request_id, None)
 
     def stats(self) -> dict:
-        return {"running": len(self.engine.running), "waiting": len(self.engine.waiting),
-                "steps": self.engine.steps, "stages": self.engine.pipeline.stats()}
+        return self.engine.stats()  # read from another thread: Engine.stats copies what it iterates
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self._stopped.set()

@@ -205,9 +205,11 @@ class Engine:
         """Plain data for metrics: requests waiting and running, steps, per model (the request's
         label) requests, finished requests, prompt and completion tokens, and each stage's stats
         (memory by part, slot residency and builds, tokens per path, per model)."""
-        waiting = Counter(e.request.label for e in self.waiting.values())
-        running = Counter(e.request.label for e in self.running.values())
-        models = {m: {**asdict(c), "waiting": waiting[m], "running": running[m]} for m, c in self.counters.items()}
+        # copied first (each list() is one step under the GIL): the step loop may change them meanwhile
+        waiting = Counter(e.request.label for e in list(self.waiting.values()))
+        running = Counter(e.request.label for e in list(self.running.values()))
+        models = {m: {**asdict(c), "waiting": waiting[m], "running": running[m]}
+                  for m, c in list(self.counters.items())}
         for m in (waiting | running).keys() - models.keys():
             models[m] = {**asdict(ModelCounters()), "waiting": waiting[m], "running": running[m]}
         return {"running": len(self.running), "waiting": len(self.waiting), "steps": self.steps, "models": models,

@@ -72,6 +72,17 @@ template <int R> static inline __m256 round8(__m256 v) {
     }
 }
 
+template <int O> static inline void store8(void* p, int64_t i, __m256 v) {  // v already rounded to O's precision
+    if constexpr (O == F32) _mm256_storeu_ps((float*)p + i, v);
+    else if constexpr (O == BF16) {
+        __m256i high = _mm256_srli_epi32(_mm256_castps_si256(v), 16);
+        __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(high), _mm256_extracti128_si256(high, 1));
+        _mm_storeu_si128((__m128i*)((uint16_t*)p + i), packed);
+    } else {
+        _mm_storeu_si128((__m128i*)((uint16_t*)p + i), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    }
+}
+
 static inline float hsum8(__m256 a) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -158,7 +169,57 @@ static int by_tau(int TD, int R, const float* x, const void* base, const void* t
     return 1;
 }
 
+template <int O> static inline void store1(void* p, int64_t i, float v) {  // v already rounded to O's precision
+    if constexpr (O == F32) ((float*)p)[i] = v;
+    else if constexpr (O == BF16) { uint32_t u; memcpy(&u, &v, 4); ((uint16_t*)p)[i] = (uint16_t)(u >> 16); }
+    else ((_Float16*)p)[i] = (_Float16)v;
+}
+
+// theta_hat_i's rows [0, rows) of one block, written in the serving dtype: the slot build.
+template <int B, int TD, int R, int OD>
+static void compose_rows(const void* base, const void* tau, const uint8_t* packed, int64_t rows, int64_t K,
+                         void* out, int threads) {
+    const int64_t KB = (K + 7) / 8;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t o = 0; o < rows; ++o) {
+        const uint8_t* mrow = packed + o * KB;
+        const int64_t at = o * K;
+        int64_t k = 0;
+#ifdef MMER_VECTOR
+        const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+        for (; k + 8 <= K; k += 8) {
+            __m256i byte = _mm256_set1_epi32(mrow[k >> 3]);
+            __m256 keep = _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(byte, bit), bit));
+            store8<OD>(out, at + k, round8<R>(_mm256_add_ps(load8<B>(base, at + k), _mm256_and_ps(keep, load8<TD>(tau, at + k)))));
+        }
+#endif
+        for (; k < K; ++k) store1<OD>(out, at + k, weight1<B, TD, R>(base, tau, mrow, at, k));
+    }
+}
+
+#define MMER_DISPATCH3(CODE, NAME, ...)                                  \
+    switch (CODE) {                                                     \
+        case F32: { constexpr int NAME = F32; __VA_ARGS__; } break;     \
+        case BF16: { constexpr int NAME = BF16; __VA_ARGS__; } break;   \
+        case F16: { constexpr int NAME = F16; __VA_ARGS__; } break;     \
+        default: return 1;                                              \
+    }
+
 extern "C" {
+
+// theta_pre + m * tau* of one model's mask rows ``packed`` (rows, ceil(K / 8)), rounded to
+// round_dtype, stored in out_dtype (rows, K): the values masked_linear multiplies. out_dtype is
+// round_dtype or float32 (what a stage asks: it rounds to its compute dtype, or computes in
+// float32). Returns 0, or 1 for a dtype code or pair it does not take.
+int mmer_compose(const void* base, int base_dtype, const void* tau, int tau_dtype, const uint8_t* packed,
+                 int64_t rows, int64_t K, int round_dtype, void* out, int out_dtype, int threads) {
+    if (out_dtype != round_dtype && out_dtype != F32) return 1;
+    const bool f32_out = out_dtype == F32;
+    MMER_DISPATCH3(base_dtype, B, MMER_DISPATCH3(tau_dtype, TD, MMER_DISPATCH3(round_dtype, R,
+        if (f32_out) compose_rows<B, TD, R, F32>(base, tau, packed, rows, K, out, threads);
+        else compose_rows<B, TD, R, R>(base, tau, packed, rows, K, out, threads))))
+    return 0;
+}
 
 // 1 when built with the vector path (for the benchmark's report).
 int mmer_masked_linear_vectorized(void) {

@@ -80,6 +80,9 @@ class MaskedLinearLibrary:
         p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
         self._fn.argtypes = [p, p, i32, p, i32, p, p, p, p, i64, i64, i64, i32, p, i32]
         self._fn.restype = i32
+        self._compose = lib.mmer_compose
+        self._compose.argtypes = [p, i32, p, i32, p, i64, i64, i32, p, i32, i32]
+        self._compose.restype = i32
         self.vectorized = bool(lib.mmer_masked_linear_vectorized())
         self.path = path
 
@@ -90,6 +93,18 @@ class MaskedLinearLibrary:
                         base.shape[0], base.shape[1], DTYPE_CODES[round_to], out.data_ptr(), torch.get_num_threads())
         if code != 0:
             raise RuntimeError(f"the masked-linear kernel refused dtypes {base.dtype}, {tau.dtype}, {round_to}")
+
+    def compose(self, base: torch.Tensor, tau: torch.Tensor, packed_rows: torch.Tensor, round_to: torch.dtype,
+                dtype: torch.dtype, threads: int = 1) -> torch.Tensor:
+        """theta_pre + m * tau* for one model's (rows, ceil(cols / 8)) mask rows, rounded to
+        ``round_to`` and held in ``dtype``: the weights ``run`` multiplies, as a dense tensor."""
+        out = torch.empty(base.shape, dtype=dtype)
+        code = self._compose(base.data_ptr(), DTYPE_CODES[base.dtype], tau.data_ptr(), DTYPE_CODES[tau.dtype],
+                             packed_rows.data_ptr(), base.shape[0], base.shape[1], DTYPE_CODES[round_to],
+                             out.data_ptr(), DTYPE_CODES[dtype], threads)
+        if code != 0:
+            raise RuntimeError(f"the compose kernel refused dtypes {base.dtype}, {tau.dtype}, {round_to}, {dtype}")
+        return out
 
 
 @functools.cache

@@ -19,6 +19,7 @@ slots follows demand, and slots are built on a background thread (``SlotPool``):
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -30,9 +31,12 @@ from mmer_dist.errors import InvalidInputError
 from mmer_dist.method.masks import unpack_bits
 from mmer_dist.method.reconstruct import reconstruct
 from mmer_dist.model import layers as L
+from mmer_dist.model import native
 from mmer_dist.model.batch import RoutingPlan, StepBatch
 from mmer_dist.model.config import DecoderConfig
-from mmer_dist.model.dense import EMBED, HEAD, DenseWeights, build_dense, build_vectors, check_layer_tensors
+from mmer_dist.model.dense import (
+    EMBED, HEAD, MATRICES, DenseWeights, build_dense, build_vectors, check_layer_tensors,
+)
 from mmer_dist.model.kv_cache import KVCacheTable, RequestCache
 from mmer_dist.model.masked_linear import MaskGroups, masked_linear
 from mmer_dist.model.resident import ResidentTensors
@@ -100,12 +104,41 @@ class DecoderStage:
                         "model is served through the mask-native path", first, stop, slot_budget_bytes,
                         self.slot_bytes)
 
-    def _build(self, key: WeightSet) -> DenseWeights:
+    def _build(self, key: WeightSet, background: bool = False) -> DenseWeights:
         self.resident.check(key)
+        if key.kind == "hat" and self._fetcher is None and (lib := self._compose_kernel()) is not None:
+            # one core beside the steps (they keep the others); every core when a step waits for it
+            return self._build_hat(lib, self.resident.model_index(key.models[0]),
+                                   1 if background else torch.get_num_threads())
         fetch = (self._fetcher(key) if self._fetcher else None) or self.resident.fetcher(key)
         return build_dense(fetch, range(self.first, self.stop), self.biases,
                            embed=self.has_embed, head=self.has_head, tied=self.config.tie_embeddings,
                            weight_dtype=self.weight_dtype, dtype=self.dtype)
+
+    def _compose_kernel(self):
+        """The compiled compose, where it gives what ``build_dense`` gives (CPU; the stage computes
+        in float32 or in the dtype it rounds to), else None."""
+        if self.device.type != "cpu" or self.dtype not in (torch.float32, self.round_to):
+            return None
+        return native.load()
+
+    def _build_hat(self, lib, model: int, threads: int) -> DenseWeights:
+        """theta_hat of model row ``model`` straight from the resident blocks, each matrix composed
+        in one pass by the compiled kernel (the same weights ``build_dense`` makes from ``compose``,
+        test_engine checks it bit for bit), its norms and biases the ones composed at load."""
+        def matrix(block: str) -> torch.Tensor:
+            b = self.resident.blocks[block]
+            return lib.compose(b.base, b.tau_star, b.packed[model], self.round_to, self.dtype, threads)
+
+        vectors = self.model_vectors[model]
+        layers = {layer: dataclasses.replace(vectors.layers[layer],
+                                             **{f: matrix(f"{layer}.{f}") for f in MATRICES})
+                  for layer in range(self.first, self.stop)}
+        embed = matrix(EMBED) if self.has_embed else None
+        head = None
+        if self.has_head:
+            head = embed if self.config.tie_embeddings and embed is not None else matrix(self.head_block)
+        return DenseWeights(layers, embed=embed, final_norm=vectors.final_norm, head=head)
 
     # -- what the engine asks ------------------------------------------------------------------
 
