@@ -15,12 +15,12 @@ chat requests back to back for ``--seconds``, the model of each request drawn fr
 - ``uniform``: each model equally likely;
 - ``zipf``: model k (1-based) with probability proportional to 1 / k (Zipf, s = 1.0).
 
-Per row: aggregate completion tokens/s, the ratio to ``one`` at the same N and C, p50 / p99 time
-to first token and inter-token latency, the endpoint's resident bytes per model beyond the first
-(from its stage stats: (resident(N) - resident(4)) / (N - 4) per parameter, in bits; KV caches
-apart), and what the stage did (steps on the mask-native path, slot builds). ``--checkout`` runs
-``mmer serve`` from another source tree (e.g. a worktree of the commit before issue 26, the
-baseline) against the same stores and clients.
+Per row: aggregate completion tokens/s in the measured window, the ratio to ``one`` at the same N
+and C, p50 / p99 time to first token and inter-token latency. Then the stage's resident bytes by
+part for each N (``DecoderStage.memory`` of the same store loaded in-process, as the endpoint's
+stage actor loads it) and the bytes per model beyond the smallest N, in bits per parameter
+(slots and KV caches apart). ``--checkout`` runs ``mmer serve`` from another source tree (e.g. a
+worktree of the commit before issue 26: the baseline) against the same stores and clients.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ import random
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import threading
@@ -78,51 +77,63 @@ def parse_args(argv=None):
 # -- the stores ---------------------------------------------------------------------------------
 
 
-def build_store(args, n_models: int) -> str:
-    """A store with ``n_models`` text fine-tunes of one base, merged (version 1); cached."""
+def build_store(args, ns: list[int]) -> tuple[str, dict[int, int]]:
+    """One store with max(ns) text fine-tunes of one base ingested, and for each N a version
+    merged over the first N of them; cached. Returns (url, N -> version)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from mmer_dist.demo.tiny_models import build_tokenizer
     from mmer_dist.ingest import ingest_base, ingest_model
     from mmer_dist.merge.engine import MergeRequest, merge
     from mmer_dist.merge.local import LocalBackend
+    from mmer_dist.store.store import Store
 
-    tag = f"h{args.hidden}-l{args.layers}-i{args.intermediate}-v{args.vocab}"
-    root = CACHE / tag
-    store = root / f"store-n{n_models}"
-    if (store / ".complete").exists():
-        return str(store)
-    shutil.rmtree(store, ignore_errors=True)
+    root = CACHE / f"h{args.hidden}-l{args.layers}-i{args.intermediate}-v{args.vocab}"
+    store = root / "store"
     config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
                          num_hidden_layers=args.layers, num_attention_heads=max(1, args.hidden // 64),
                          num_key_value_heads=max(1, args.hidden // 256), max_position_embeddings=1024,
                          tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=3)
     tokenizer = build_tokenizer(args.vocab)
-    torch.manual_seed(0)
     base_dir = root / "base"
     if not (base_dir / ".complete").exists():
-        base = LlamaForCausalLM(config).to(torch.bfloat16)
-        base.save_pretrained(base_dir)
+        torch.manual_seed(0)
+        LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(base_dir)
         tokenizer.save_pretrained(base_dir)
         (base_dir / ".complete").write_text("")
-    base_state = LlamaForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16).state_dict()
-    ingest_base(str(store), base_dir, progress=False)
-    for i in range(n_models):
+    if not (store / ".base").exists():
+        shutil.rmtree(store, ignore_errors=True)
+        ingest_base(str(store), base_dir, progress=False)
+        (store / ".base").write_text("")
+    base_state = None
+    ingested = {m.id for m in Store.open(str(store)).catalog().models}
+    for i in range(max(ns)):
         model_dir = root / "models" / f"m{i}"
         if not (model_dir / ".complete").exists():
+            if base_state is None:
+                base_state = LlamaForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16).state_dict()
             g = torch.Generator().manual_seed(1000 + i)
-            tuned = LlamaForCausalLM(config)
             # a fine-tune's task vector: ~1% of each weight's spread, every entry moved
-            tuned.load_state_dict({k: v.float() + 0.01 * v.float().std() * torch.randn(v.shape, generator=g)
-                                   for k, v in base_state.items()})
-            tuned.to(torch.bfloat16).save_pretrained(model_dir)
+            tuned = {k: (v.float() + 0.01 * v.float().std() * torch.randn(v.shape, generator=g)).bfloat16()
+                     for k, v in base_state.items()}
+            model = LlamaForCausalLM(config).to(torch.bfloat16)
+            model.load_state_dict(tuned)
+            model.save_pretrained(model_dir)
             tokenizer.save_pretrained(model_dir)
             (model_dir / ".complete").write_text("")
-        ingest_model(str(store), f"m{i}", model_dir, "text", fmt="llama", progress=False)
-        print(f"  ingested m{i} into {store.name}", flush=True)
-    merge(str(store), MergeRequest(), LocalBackend(), workers=1, progress=False)
-    (store / ".complete").write_text("")
-    return str(store)
+        if f"m{i}" not in ingested:
+            ingest_model(str(store), f"m{i}", model_dir, "text", fmt="llama", progress=False)
+            print(f"  ingested m{i}", flush=True)
+    versions_file = root / "versions.json"
+    versions = {int(k): v for k, v in json.loads(versions_file.read_text()).items()} if versions_file.exists() else {}
+    for n in ns:
+        if n not in versions:
+            record = merge(str(store), MergeRequest(models=tuple(f"m{i}" for i in range(n))), LocalBackend(),
+                           workers=1, progress=False)
+            versions[n] = record.version
+            versions_file.write_text(json.dumps(versions))
+            print(f"  merged N={n} as version {record.version}", flush=True)
+    return str(store), {n: versions[n] for n in ns}
 
 
 def params_of(args) -> int:
@@ -143,11 +154,12 @@ def free_port() -> int:
 class Endpoint:
     """``mmer serve`` as a subprocess (from ``checkout`` when given), until ``stop``."""
 
-    def __init__(self, store: str, slot_budget: int, checkout: Path | None, log: Path):
+    def __init__(self, store: str, version: int, slot_budget: int, checkout: Path | None, log: Path):
         self.port = free_port()
         root = checkout or REPO
         env = {**os.environ, "PYTHONPATH": str(root), "MMER_API_TOKEN": ""}
-        cmd = [sys.executable, "-m", "mmer_dist.cli", "serve", "--store", store, "--port", str(self.port),
+        cmd = [sys.executable, "-m", "mmer_dist.cli", "serve", "--store", store, "--version", str(version),
+               "--port", str(self.port),
                "--slot-budget", str(slot_budget), "--device", "cpu"]
         self.log = open(log, "w")
         self.proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=self.log, stderr=subprocess.STDOUT,
@@ -168,15 +180,6 @@ class Endpoint:
                 pass
             time.sleep(1.0)
         raise TimeoutError(f"mmer serve was not ready within {timeout:.0f} s; see {self.log.name}")
-
-    def stats(self) -> dict | None:
-        import httpx
-
-        try:
-            r = httpx.get(f"{self.url}/v1/stats", timeout=30)
-            return r.json() if r.status_code == 200 else None
-        except (httpx.HTTPError, ValueError):
-            return None
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -273,15 +276,15 @@ def main(argv=None) -> dict:
     client_counts = [int(x) for x in args.clients.split(",")]
     patterns = args.traffic.split(",")
     params = params_of(args)
-    slot_bytes = 2 * params  # a dense set in bf16 (the store's dtype, served as is)
-    budget = int(args.slot_models * slot_bytes)
+    slot_bytes = 2 * params  # a dense set in bf16 (the store's dtype, which the endpoint computes in)
+    budget = int((args.slot_models + 0.05) * slot_bytes)
     print(f"models of {params / 1e6:.1f}M parameters; slot budget {budget / 1e6:.0f} MB "
           f"({args.slot_models:g} dense sets); endpoint from {args.checkout or REPO}", flush=True)
-    stores = {n: build_store(args, n) for n in ns}
-    rows, resident = [], {}
+    store, versions = build_store(args, ns)
+    rows = []
     CACHE.mkdir(parents=True, exist_ok=True)
     for n in ns:
-        endpoint = Endpoint(stores[n], budget, args.checkout, CACHE / f"serve-n{n}.log")
+        endpoint = Endpoint(store, versions[n], budget, args.checkout, CACHE / f"serve-n{n}.log")
         try:
             endpoint.wait_ready()
             for clients in client_counts:
@@ -291,34 +294,42 @@ def main(argv=None) -> dict:
                     print(f"  N={n:3d} C={clients:3d} {pattern:8s} {result['tok_s']:8.1f} tok/s  "
                           f"TTFT p50 {result['ttft_p50_ms']:.0f} ms  ITL p50 {result['itl_p50_ms']:.0f} ms"
                           + (f"  {result['n_errors']} errors" if result["n_errors"] else ""), flush=True)
-            stats = endpoint.stats()
-            if stats is not None:
-                resident[n] = stats
         finally:
             endpoint.stop()
+    memory = {n: stage_memory(store, versions[n], budget) for n in ns}
     one = {(r["models"], r["clients"]): r["tok_s"] for r in rows if r["traffic"] == "one"}
     for r in rows:
         ref = one.get((r["models"], r["clients"]))
         r["ratio"] = r["tok_s"] / ref if ref else float("nan")
     result = {"environment": environment(), "args": {k: str(v) for k, v in vars(args).items()},
-              "params_per_model": params, "slot_budget_bytes": budget, "rows": rows,
-              "endpoint_stats": resident, "bits_per_extra_model": bits_per_extra_model(resident, params)}
+              "params_per_model": params, "slot_budget_bytes": budget, "rows": rows, "memory": memory,
+              "bits_per_extra_model": bits_per_extra_model(memory, params)}
     write_json(args.json, result)
     print_table(result)
     return result
 
 
-def bits_per_extra_model(stats: dict, params: int) -> dict:
-    """Resident bytes of the stages (theta_pre, tau*, masks, vectors, pinned, slots; no KV) per
-    model beyond the smallest N, per parameter, in bits."""
-    def resident(s):
-        stages = (s.get("engine") or {}).get("stages") or []
-        return sum(sum(v for k, v in st.get("memory", {}).items() if k != "kv_caches") for st in stages)
-    sizes = {n: resident(s) for n, s in stats.items() if resident(s)}
-    if len(sizes) < 2:
+def stage_memory(store: str, version: int, budget: int) -> dict[str, int]:
+    """What the endpoint's stage holds for this store, by part (``DecoderStage.memory``; the same
+    code loads it in-process, in the endpoint's dtype), before any request: no slots, no KV."""
+    from mmer_dist.model.engine import LocalPipeline
+    from mmer_dist.store.weights import VersionWeights
+
+    pipe = LocalPipeline.build(VersionWeights.open(store, version), 1, slot_budget_bytes=budget)
+    try:
+        return pipe.stages[0].memory()
+    finally:
+        pipe.stages[0].close()
+
+
+def bits_per_extra_model(memory: dict[int, dict[str, int]], params: int) -> dict[int, float]:
+    """Resident bytes (theta_pre, tau*, masks, extra rows, per-model vectors, pinned theta_bar; the
+    slots and KV caches apart) per model beyond the smallest N, per parameter, in bits."""
+    totals = {n: sum(v for k, v in m.items() if k not in ("slots", "kv_caches")) for n, m in memory.items()}
+    if len(totals) < 2:
         return {}
-    n0 = min(sizes)
-    return {n: 8 * (b - sizes[n0]) / ((n - n0) * params) for n, b in sizes.items() if n != n0}
+    n0 = min(totals)
+    return {n: 8 * (b - totals[n0]) / ((n - n0) * params) for n, b in totals.items() if n != n0}
 
 
 def print_table(result: dict) -> None:
@@ -328,8 +339,10 @@ def print_table(result: dict) -> None:
         print(f"| {r['models']} | {r['clients']} | {r['traffic']} | {r['tok_s']:.1f} | {r['ratio']:.2f} | "
               f"{r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f} | {r['itl_p50_ms']:.0f} / {r['itl_p99_ms']:.0f} | "
               f"{r['requests']}{' (' + str(r['n_errors']) + ' errors)' if r['n_errors'] else ''} |")
+    print("\nresident bytes per stage (MB): " + "; ".join(
+        f"N={n}: " + ", ".join(f"{k} {v / 1e6:.1f}" for k, v in m.items()) for n, m in result["memory"].items()))
     if result["bits_per_extra_model"]:
-        print("\nresident bits per parameter per extra model (KV apart): " +
+        print("resident bits per parameter per extra model (slots and KV apart): " +
               ", ".join(f"N={n}: {b:.3f}" for n, b in result["bits_per_extra_model"].items()))
 
 

@@ -8,7 +8,9 @@ the mask-native path runs a model's linear layers from them directly.
 They are held in blocks laid out as the decoder multiplies: a layer's q/k/v weights as one block
 (rows of q, then k, then v), gate/up as one, o and down alone, every other tensor (norms,
 biases, embeddings, LM head) alone. A block is theta_pre (stored dtype), tau* (stored float32, or
-the serving dtype with ``tau_dtype``: half the bytes of the largest resident tensor) and the
+the serving dtype with ``tau_dtype``: half the bytes of the largest resident tensor; every weight
+is then composed from the rounded tau*, and the demo kit's answers stay the export's on every
+test sample, tests/test_engine_kit.py) and the
 (N, rows, ceil(cols/8)) packed masks, concatenated along rows, so one mask-native call covers
 q, k and v; ``fetcher`` still serves each store tensor by name (a row range of its block, no copy).
 """

@@ -36,6 +36,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -201,6 +202,8 @@ class SlotPool:
     def _start(self, key: WeightSet) -> None:
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmer-slot-build")
+            # the idle builder thread ends with the pool (it holds no reference to it between builds)
+            weakref.finalize(self, self._executor.shutdown, wait=False)
             if self.device.type == "cuda":
                 self._stream = torch.cuda.Stream(self.device)
         with self._lock:
