@@ -19,8 +19,7 @@ import logging
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
 import torch
@@ -218,6 +217,8 @@ class Engine:
     # -- one step ------------------------------------------------------------------------------
 
     def _admit(self) -> list[_Running]:
+        if not self.waiting or len(self.running) >= self.limits.max_running:
+            return []
         ids = self.scheduler.admit({rid: e.candidate for rid, e in self.waiting.items()}, len(self.running),
                                    self.clock())
         return [self.waiting.pop(rid) for rid in ids]

@@ -81,8 +81,8 @@ class DecoderStage:
         self.device = resolve_device(device)
         self.weight_dtype = weights.dtype  # served weights are rounded to it, as exports are
         self.dtype = dtype or weights.dtype  # what the stage computes in
-        # the mask-native path rounds each composed weight once, to the narrower of the two (the
-        # slot path's double rounding to weight_dtype then dtype differs only for bf16 <-> fp16)
+        # a composed weight is rounded once, to the narrower of the two (``build_dense`` rounds to
+        # weight_dtype, then to dtype: the same but for bf16 checkpoints served in fp16 or back)
         self.round_to = self.weight_dtype if self.dtype == torch.float32 else self.dtype
         names = [t.name for t in weights.layers(first, stop)]
         if self.has_head and cfg.tie_embeddings and EMBED not in names:
@@ -120,11 +120,8 @@ class DecoderStage:
                            weight_dtype=self.weight_dtype, dtype=self.dtype)
 
     def _compose_kernel(self):
-        """The compiled compose, where it gives what ``build_dense`` gives (CPU; the stage computes
-        in float32 or in the dtype it rounds to), else None."""
-        if self.device.type != "cpu" or self.dtype not in (torch.float32, self.round_to):
-            return None
-        return native.load()
+        """The compiled compose on a CPU stage (elsewhere None: ``build_dense`` builds)."""
+        return native.load() if self.device.type == "cpu" else None
 
     def _build_hat(self, lib, model: int, threads: int) -> DenseWeights:
         """theta_hat of model row ``model`` straight from the resident blocks, each matrix composed
