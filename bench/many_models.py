@@ -15,8 +15,10 @@ chat requests back to back for ``--seconds``, the model of each request drawn fr
 - ``uniform``: each model equally likely;
 - ``zipf``: model k (1-based) with probability proportional to 1 / k (Zipf, s = 1.0).
 
-Per row: aggregate completion tokens/s in the measured window, the ratio to ``one`` at the same N
-and C, p50 / p99 time to first token and inter-token latency. Then the stage's resident bytes by
+Per row (each measured ``--repeats`` times, the traffic patterns interleaved so that the load of
+a shared machine drifting moves them alike): aggregate completion tokens/s in the measured window
+(median), the ratio to ``one`` at the same N and C (median of the per-repeat ratios), p50 / p99
+time to first token and inter-token latency over every repeat's requests. Then the stage's resident bytes by
 part for each N (``DecoderStage.memory`` of the same store loaded in-process, as the endpoint's
 stage actor loads it) and the bytes per model beyond the smallest N, in bits per parameter
 (slots and KV caches apart). ``--checkout`` runs ``mmer serve`` from another source tree (e.g. a
@@ -32,6 +34,7 @@ import random
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -62,6 +65,7 @@ def parse_args(argv=None):
     p.add_argument("--slot-models", type=float, default=2.0, help="slot budget, in dense weight sets")
     p.add_argument("--seconds", type=float, default=30.0, help="measured seconds per row (after a warm-up)")
     p.add_argument("--warmup", type=float, default=8.0, help="seconds of the same traffic before measuring")
+    p.add_argument("--repeats", type=int, default=2, help="each row measured this many times, patterns interleaved")
     p.add_argument("--max-tokens", type=int, default=24, help="completion tokens per request")
     p.add_argument("--prompt-words", type=int, default=16)
     p.add_argument("--checkout", type=Path, default=None, help="run `mmer serve` from this source tree")
@@ -70,7 +74,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.quick:
         args.models, args.clients, args.hidden, args.layers, args.intermediate, args.vocab = "4,16", "8", 128, 2, 256, 1024
-        args.seconds, args.warmup, args.max_tokens = 8.0, 3.0, 12
+        args.seconds, args.warmup, args.max_tokens, args.repeats = 8.0, 3.0, 12, 1
     return args
 
 
@@ -215,7 +219,9 @@ def prompt_text(i: int, words: int) -> str:
 
 def drive(url: str, clients: int, pattern: str, n_models: int, args) -> dict:
     """``clients`` threads asking back to back for warm-up + measured seconds; the measured
-    window's completion tokens, TTFTs and inter-token gaps."""
+    window's completion tokens, TTFTs and inter-token gaps. At the window's end each client stops
+    reading its stream (the endpoint aborts that request), once it has its first token, so the
+    TTFT of every request sent in the window is counted."""
     import openai
 
     t_start = time.perf_counter()
@@ -224,7 +230,7 @@ def drive(url: str, clients: int, pattern: str, n_models: int, args) -> dict:
     tokens_in_window, ttfts, gaps, errors = [0], [], [], []
 
     def client(c: int) -> None:
-        rng = random.Random(c)
+        rng = random.Random(c * 7919 + int(t_start))
         pick = traffic(pattern, n_models, rng)
         api = openai.OpenAI(base_url=f"{url}/v1", api_key="-", max_retries=0, timeout=600)
         i = 0
@@ -235,9 +241,12 @@ def drive(url: str, clients: int, pattern: str, n_models: int, args) -> dict:
                 stream = api.chat.completions.create(
                     model=pick(), messages=[{"role": "user", "content": prompt_text(c * 1000 + i, args.prompt_words)}],
                     temperature=0, max_tokens=args.max_tokens, stream=True)
-                for chunk in stream:
-                    if chunk.choices and chunk.choices[0].delta.content:
-                        times.append(time.perf_counter())
+                with stream:
+                    for chunk in stream:
+                        if chunk.choices and chunk.choices[0].delta.content:
+                            times.append(time.perf_counter())
+                            if times[-1] >= t_end:
+                                break
             except openai.OpenAIError as e:
                 with lock:
                     errors.append(str(e)[:200])
@@ -249,15 +258,27 @@ def drive(url: str, clients: int, pattern: str, n_models: int, args) -> dict:
                     ttfts.append(times[0] - sent)
                 gaps.extend(b - a for a, b in zip(times, times[1:]) if t_measure <= a < t_end)
 
-    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    threads = [threading.Thread(target=client, args=(c,), daemon=True) for c in range(clients)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    return {"tok_s": tokens_in_window[0] / args.seconds, "ttft_p50_ms": 1000 * _pct(ttfts, 50),
-            "ttft_p99_ms": 1000 * _pct(ttfts, 99), "itl_p50_ms": 1000 * _pct(gaps, 50),
-            "itl_p99_ms": 1000 * _pct(gaps, 99), "requests": len(ttfts), "errors": errors[:5],
+    return {"tok_s": tokens_in_window[0] / args.seconds, "ttfts": ttfts, "gaps": gaps, "errors": errors[:5],
             "n_errors": len(errors)}
+
+
+def summarise(runs: list[dict], one_runs: list[dict]) -> dict:
+    """Repeats of one row: median tokens/s, median of the per-repeat ratios to ``one`` (each
+    repeat of ``one`` ran right before it, so load drifting on a shared machine cancels), latency
+    percentiles over every repeat's requests."""
+    ttfts = [t for r in runs for t in r["ttfts"]]
+    gaps = [g for r in runs for g in r["gaps"]]
+    ratios = [r["tok_s"] / o["tok_s"] for r, o in zip(runs, one_runs) if o["tok_s"] > 0]
+    return {"tok_s": statistics.median(r["tok_s"] for r in runs), "tok_s_runs": [round(r["tok_s"], 2) for r in runs],
+            "ratio": statistics.median(ratios) if ratios else float("nan"),
+            "ttft_p50_ms": 1000 * _pct(ttfts, 50), "ttft_p99_ms": 1000 * _pct(ttfts, 99),
+            "itl_p50_ms": 1000 * _pct(gaps, 50), "itl_p99_ms": 1000 * _pct(gaps, 99), "requests": len(ttfts),
+            "n_errors": sum(r["n_errors"] for r in runs), "errors": [e for r in runs for e in r["errors"]][:5]}
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -288,19 +309,19 @@ def main(argv=None) -> dict:
         try:
             endpoint.wait_ready()
             for clients in client_counts:
+                runs: dict[str, list[dict]] = {p: [] for p in patterns}
+                for repeat in range(args.repeats):  # patterns interleaved: a load change hits them alike
+                    for pattern in patterns:
+                        run = drive(endpoint.url, clients, pattern, n, args)
+                        runs[pattern].append(run)
+                        print(f"  N={n:3d} C={clients:3d} {pattern:8s} #{repeat} {run['tok_s']:8.1f} tok/s"
+                              + (f"  {run['n_errors']} errors" if run["n_errors"] else ""), flush=True)
                 for pattern in patterns:
-                    result = drive(endpoint.url, clients, pattern, n, args)
-                    rows.append({"models": n, "clients": clients, "traffic": pattern, **result})
-                    print(f"  N={n:3d} C={clients:3d} {pattern:8s} {result['tok_s']:8.1f} tok/s  "
-                          f"TTFT p50 {result['ttft_p50_ms']:.0f} ms  ITL p50 {result['itl_p50_ms']:.0f} ms"
-                          + (f"  {result['n_errors']} errors" if result["n_errors"] else ""), flush=True)
+                    rows.append({"models": n, "clients": clients, "traffic": pattern,
+                                 **summarise(runs[pattern], runs.get("one", runs[pattern]))})
         finally:
             endpoint.stop()
     memory = {n: stage_memory(store, versions[n], budget) for n in ns}
-    one = {(r["models"], r["clients"]): r["tok_s"] for r in rows if r["traffic"] == "one"}
-    for r in rows:
-        ref = one.get((r["models"], r["clients"]))
-        r["ratio"] = r["tok_s"] / ref if ref else float("nan")
     result = {"environment": environment(), "args": {k: str(v) for k, v in vars(args).items()},
               "params_per_model": params, "slot_budget_bytes": budget, "rows": rows, "memory": memory,
               "bits_per_extra_model": bits_per_extra_model(memory, params)}
