@@ -6,8 +6,9 @@ A store of 16 tiny llava-hf fine-tunes (two with extra vocabulary rows), merged;
 - a 0-slot budget serves all 16 through the mask-native path, each greedy answer the export's;
 - one step mixing slot and mask-native requests of 8 models gives each request its solo logits
   (float32 summation order: the composed weights are the export's, ``masked_linear``) and text;
-- residency follows demand, a build runs on its thread while steps go on, and the model switches
-  to its slot between steps, answers unchanged;
+- slots follow the traffic mix (the slot set that would have read the fewest bytes), a build runs
+  on its thread while steps go on, and the model switches to its slot between steps, answers
+  unchanged;
 - a model with a trickle of requests among another's flood is admitted within its bound, and the
   waiting-time bound admits an old request whatever the fairness order says;
 - the stage reports its memory by part, and tau* in the serving dtype halves tau*'s bytes.
@@ -32,6 +33,7 @@ from mmer_dist.merge.local import LocalBackend
 from mmer_dist.model.batch import RequestSlice, StepBatch
 from mmer_dist.model.engine import Engine, EngineLimits, GenerationRequest, LocalPipeline
 from mmer_dist.model.prompt import Retention, TextPart, plan_prompt
+from mmer_dist.model.residency import StepBytes, Traffic, best_slots
 from mmer_dist.model.sampling import SamplingParams
 from mmer_dist.model.scheduler import Candidate, Scheduler
 from mmer_dist.store.weights import VersionWeights
@@ -126,7 +128,7 @@ def test_one_step_mixing_slot_and_mask_native_requests_of_8_models(many):
     mixed = pipeline(weights, 3)
     for m in models[:3]:  # three models in slots, five without, for this step
         mixed.stages[0].slots.take([WeightSet.hat(m)])
-    mixed.stages[0].slots.switch_ratio = float("inf")
+    mixed.stages[0].slots.step_bytes = None  # no residency plan: the three stay for this test
     dense = all_resident(weights, models)
     prompts = [request(weights, i, m).prompt for i, m in enumerate(models)]
     slices = tuple(RequestSlice(f"r{i}", 0, p.route, p.text, p.vocab_model, reserve=len(p) + 4, logits="all")
@@ -147,7 +149,7 @@ def test_one_step_mixing_slot_and_mask_native_requests_of_8_models(many):
         assert tokens(answers[r.request_id]) == tokens(Engine(dense).generate([r])[r.request_id]), r.label
 
 
-# -- residency by demand, off the step loop ------------------------------------------------------
+# -- residency by the traffic mix, off the step loop ------------------------------------------------------
 
 
 class GatedBuild:
@@ -191,36 +193,63 @@ def test_steps_run_while_a_slot_build_is_in_flight_and_the_model_switches_betwee
     assert tokens(events) == tokens(Engine(all_resident(weights, ["m5"])).generate([r])[r.request_id])
 
 
-def test_the_slot_goes_to_the_model_with_the_larger_share_of_tokens(many):
-    """Budget of one slot; m1 sends three requests at a time, m2 one: m1 gets the slot and keeps it
-    while m2 keeps asking (hysteresis); when m2's traffic outweighs m1's, the slot moves."""
+def test_slots_follow_the_traffic_mix(many):
+    """Two slots. One model's traffic: it gets a slot. Two models in every step: both do (each
+    step then reads two dense sets and skips theta_pre + tau*). Traffic over six models: no slot
+    set can cover a step, so both slots go (they would only add their own bytes). Answers stay
+    exact throughout (the engine tests' reference: every model in a slot)."""
     weights, _ = many
-    pipe = pipeline(weights, 1)
-    stage = pipe.stages[0]
-    engine = Engine(pipe)
+    stage = pipeline(weights, 2).stages[0]
+    engine = Engine(LocalPipeline([stage]))
+    dense = Engine(all_resident(weights, [f"m{i}" for i in range(1, 7)]))
+    k = iter(range(1000, 10_000))
 
-    def run(counts: dict[str, int], rounds: int) -> None:
-        for k in range(rounds):
-            for m, n in counts.items():
-                for j in range(n):
-                    engine.add(request(weights, 100 + 10 * k + j, m, 6))
-            while engine.has_work:
-                engine.step()
+    def run(models: list[str], rounds: int) -> None:
+        for _ in range(rounds):
+            requests = [request(weights, next(k), m, 6) for m in models]
+            got = engine.generate(requests)
             stage.slots.wait_for_build(60)
+            for r in requests[:1]:
+                assert tokens(got[r.request_id]) == tokens(dense.generate([r])[r.request_id]), r.label
 
-    def paths() -> tuple[str, str]:  # after one more step: a finished build is installed between steps
-        run({"m0": 1}, 1)
-        return stage.residency()["m1"], stage.residency()["m2"]
+    def paths(models: list[str]) -> list[str]:
+        run(models[:1], 1)  # one more step: a finished build is installed between steps
+        return [stage.residency()[m] for m in models]
 
-    run({"m1": 3, "m2": 1}, 2)
-    assert paths() == ("slot", "mask-native")
-    run({"m1": 3, "m2": 2}, 2)
-    assert paths() == ("slot", "mask-native"), "a smaller share must not take the slot"
-    run({"m2": 4}, 6)
-    assert paths() == ("mask-native", "slot")
+    run(["m1"] * 3, 3)
+    assert paths(["m1", "m2"]) == ["slot", "mask-native"]
+    run(["m1", "m2"] * 2, 4)
+    assert paths(["m1", "m2"]) == ["slot", "slot"]
+    run([f"m{i}" for i in range(1, 7)], 12)
+    assert paths(["m1", "m2"]) == ["mask-native", "mask-native"]
     stats = stage.stats()
-    assert stats["models"]["m1"]["builds"] == 1 and stats["models"]["m2"]["builds"] == 1
-    assert stats["background_builds"] == 2 and stats["blocking_builds"] == 0
+    assert stats["background_builds"] == 2 and stats["blocking_builds"] == 0 and stats["evictions"] == 2
+
+
+def test_the_residency_plan_against_the_bytes_each_step_reads():
+    """``best_slots`` on recorded model mixes: P = a model's dense bytes, theta_pre + tau* = 3P."""
+    cost = StepBytes(native_bytes=300, dense_bytes=100, mask_bytes=6)
+    a, b, c, d = (WeightSet.hat(m) for m in "abcd")
+
+    def traffic(*steps):
+        t = Traffic(window=64)
+        for s in steps:
+            t.add(s)
+        return t
+
+    one = traffic(*[[a]] * 20)
+    assert best_slots(frozenset(), one, 2, cost, {}) == {a}
+    assert best_slots(frozenset({a}), one, 2, cost, {}) is None  # already there
+    both = traffic(*[[a, b]] * 20)
+    assert best_slots(frozenset(), both, 1, cost, {}) is None  # one slot never covers a step
+    assert best_slots(frozenset(), both, 2, cost, {}) == {a, b}  # found as a pair
+    spread = traffic(*[[a, b, c], [b, c, d], [a, c, d], [a, b, d]] * 5)
+    assert best_slots(frozenset({a, b}), spread, 2, cost, {}) == frozenset()  # the slots only cost bytes
+    turns = traffic(*[[a], [b]] * 10)
+    assert best_slots(frozenset({a}), turns, 1, cost, {b: 5.0}) is None  # b saves as much as a: no churn
+    assert best_slots(frozenset(), turns, 1, cost, {}) in ({a}, {b})
+    mostly_c = traffic(*[[a]] * 4, *[[c]] * 16)
+    assert best_slots(frozenset({a}), mostly_c, 1, cost, {}) == {c}
 
 
 # -- the scheduler ------------------------------------------------------------------------------

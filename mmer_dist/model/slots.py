@@ -1,4 +1,4 @@
-"""Dense weight sets of a stage within a byte budget, chosen by demand and built off the step loop.
+"""Dense weight sets of a stage within a byte budget, chosen by the traffic and built off the step loop.
 
 A dense slot holds a weight set (theta_hat_i, a subset mean, ...) as plain serving tensors: the
 fastest way to run its tokens. Serving N models must not cost N dense copies, so a stage keeps
@@ -6,23 +6,19 @@ theta_bar (every expansion request's text) pinned and the other sets in slots th
 ``budget_bytes``. A model without a slot is still served, by the mask-native path
 (``masked_linear``): slots only make the busiest models faster.
 
-Which models hold slots follows their recent share of the stage's tokens (``Demand``: token counts
-decayed by half every ``half_life`` steps), not the last step's order: a burst of one request does
-not evict a model that carries a third of the traffic. ``begin_step`` runs between steps and
-never waits for a build:
+Which models hold slots follows the recent traffic, not the last step's order: every
+``plan_every`` steps, the slot set that would have read the fewest bytes over the last steps
+(``residency.best_slots``: a slot pays when its models often make up a whole step, so that the
+step skips the mask-native pass over theta_pre + tau*; when traffic spreads over more models than
+slots, no slot is best). ``begin_step`` runs between steps and never waits for a build:
 
 1. a finished background build is installed (its model switches from the mask-native path to the
    slot from this step on);
-2. if no build is running, the busiest model without a slot carries at least ``min_share`` of the
-   recent tokens, and there is room or it outweighs the least busy model with a slot by
-   ``switch_ratio`` (hysteresis: equal shares never churn), that slot is freed (its model goes
-   mask-native at once) and the build starts on the builder thread (on CUDA, on its own stream;
-   the slot is installed once the stream's work is done).
+2. if no build is running and the plan moves to another slot set, the slots leaving it are freed
+   at once (their models go mask-native) and one missing slot's build starts on the builder
+   thread (on CUDA, on its own stream; the slot is installed once the stream's work is done).
 
-A model with a small share is better off on the mask-native path, which serves any number of
-them in one pass over theta_pre and tau*: a slot pays back its build (a pass over the stage's
-weights, on a core the steps then lack) only for a model that carries a good part of the traffic.
-With 16 models of uniform traffic no slot is built; under Zipf(1) traffic the top two or three are.
+Each set's recent share of tokens (``Demand``) is kept for the stats and orders the rest.
 
 Sets that have no mask-native path (a subset mean, theta*, theta_pre) are built when a step needs
 them and is not resident, on the step (``take``): they are rare (the ``present-mean`` text policy,
@@ -44,6 +40,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mmer_dist.model.dense import DenseWeights
+from mmer_dist.model.residency import StepBytes, Traffic, best_slots
 from mmer_dist.store.weightsets import WeightSet
 
 log = logging.getLogger(__name__)
@@ -115,13 +112,16 @@ class SlotPool:
 
     def __init__(self, build: Callable[..., DenseWeights], budget_bytes: int, pinned: Iterable[WeightSet] = (),
                  *, slot_bytes: int | None = None, mask_native: bool = True, device: torch.device | None = None,
-                 half_life: float = 64.0, switch_ratio: float = 1.5, min_share: float = 0.1):
+                 step_bytes: StepBytes | None = None, window: int = 64, plan_every: int = 4, min_gain: float = 0.25,
+                 half_life: float = 64.0):
         self._build = build
         self.budget_bytes = int(budget_bytes)
         self.mask_native = mask_native
         self.device = device or torch.device("cpu")
-        self.switch_ratio = switch_ratio
-        self.min_share = min_share
+        self.step_bytes = step_bytes  # None: no plan (slots only by ``take``)
+        self.traffic = Traffic(window)
+        self.plan_every, self.min_gain = plan_every, min_gain
+        self._steps_to_plan = 0
         self.demand = Demand(half_life)
         self.stats = SlotStats()
         self.pinned: dict[WeightSet, DenseWeights] = {key: self._timed_build(key) for key in pinned}
@@ -156,6 +156,7 @@ class SlotPool:
         """Between steps: record the step's tokens per set, install a finished build, start the
         next one (see the module docstring). Never waits for a build."""
         self.demand.add_step(counts)
+        self.traffic.add(counts)
         self._install_finished()
         if self._building is None and self.mask_native:
             self._plan()
@@ -182,22 +183,26 @@ class SlotPool:
             out[key] = weights
         return out
 
-    # -- residency by demand ---------------------------------------------------------------------
+    # -- residency by traffic --------------------------------------------------------------------
 
     def _plan(self) -> None:
-        candidates = sorted((k for k in self.demand.tokens if k.kind == "hat" and self.dense(k) is None),
-                            key=lambda k: -self.demand[k])
-        if not candidates or self.capacity == 0:
+        if self.capacity == 0 or self.step_bytes is None:
             return
-        best = candidates[0]
-        if self.demand.share(best) < self.min_share:
+        self._steps_to_plan -= 1
+        if self._steps_to_plan > 0:
             return
-        if self.used_bytes + self.slot_bytes > self.budget_bytes:
-            victim = min(self.slots, key=lambda k: self.demand[k], default=None)
-            if victim is None or self.demand[best] <= self.switch_ratio * self.demand[victim]:
-                return
-            self._evict(victim)
-        self._start(best)
+        self._steps_to_plan = self.plan_every
+        held = frozenset(k for k in self.slots if k.kind == "hat")
+        room = self.capacity - (len(self.slots) - len(held))  # other sets' slots stay until a step frees them
+        target = best_slots(held, self.traffic, room, self.step_bytes, self.demand.tokens, self.min_gain)
+        if target is None:
+            return
+        for key in held - target:
+            self._evict(key)
+        missing = sorted(target - held, key=lambda k: -self.demand[k])
+        if missing and self.used_bytes + self.slot_bytes <= self.budget_bytes:
+            self._start(missing[0])
+            self._steps_to_plan = 0  # the next one as soon as this one is in
 
     def _start(self, key: WeightSet) -> None:
         if self._executor is None:

@@ -43,6 +43,7 @@ from mmer_dist.model.dense import (
 )
 from mmer_dist.model.kv_cache import KVCacheTable, RequestCache
 from mmer_dist.model.masked_linear import MaskGroups, masked_linear
+from mmer_dist.model.residency import StepBytes
 from mmer_dist.model.resident import ResidentTensors
 from mmer_dist.model.slots import SlotPool
 from mmer_dist.model.step_weights import PlanWeights, StepWeights
@@ -100,13 +101,24 @@ class DecoderStage:
         self.rope = LlamaRotaryEmbedding(cfg.hf_config()).to(self.device)
         self.caches = KVCacheTable(stop - first, cfg.n_kv_heads, cfg.head_dim, self.device, self.dtype)
         self.slots = SlotPool(self._build, slot_budget_bytes, pinned=[WeightSet.bar()], mask_native=fetcher is None,
-                              device=self.device)
+                              device=self.device, step_bytes=self._step_bytes())
         self.slot_bytes = self.slots.slot_bytes
         self.path_tokens: dict[str, Counter] = {"slot": Counter(), "mask_native": Counter()}
         if self.slots.capacity == 0:
             log.warning("stage [%d, %d): the slot budget (%d bytes) holds no dense weight set (%d bytes each): every "
                         "model is served through the mask-native path", first, stop, slot_budget_bytes,
                         self.slot_bytes)
+
+    def _step_bytes(self) -> StepBytes:
+        """What a step reads on each path (``residency``): the matrices' and LM head's theta_pre +
+        tau* once for all mask-native models (an embedding lookup reads a few rows), one dense set
+        per slot model, one model's masks per mask-native model."""
+        read = [b for name, b in self.resident.blocks.items()
+                if b.base.dim() == 2 and b.base.shape[0] > 1 and (name != EMBED or self.head_block == EMBED)]
+        native = sum(t.numel() * t.element_size() for b in read for t in (b.base, b.tau_star))
+        masks = sum(b.packed.numel() for b in read) // max(1, len(self.models))
+        dense = sum(b.base.numel() * torch.finfo(self.dtype).bits // 8 for b in read)
+        return StepBytes(native, dense, masks)
 
     def _build(self, key: WeightSet, background: bool = False) -> DenseWeights:
         self.resident.check(key)
