@@ -149,6 +149,33 @@ def test_one_step_mixing_slot_and_mask_native_requests_of_8_models(many):
         assert tokens(answers[r.request_id]) == tokens(Engine(dense).generate([r])[r.request_id]), r.label
 
 
+def test_a_bf16_stage_gives_the_same_answers_on_both_paths(many):
+    """The serving default (compute in the checkpoints' bf16): a model through its slot (the dense
+    kernel for bf16 matrices) and through the mask-native kernel, with the same exported weights,
+    agree to bf16 rounding of the activations and give the same greedy answer."""
+    weights, _ = many
+    bf16 = {"dtype": torch.bfloat16}
+    slot = LocalPipeline.build(weights, 1, dtype=torch.bfloat16, slot_budget_bytes=0).stages[0].slot_bytes
+    dense = LocalPipeline.build(weights, 1, slot_budget_bytes=4 * slot, **bf16)
+    native = LocalPipeline.build(weights, 1, slot_budget_bytes=0, **bf16)
+    models = ["m2", "m3", "m7"]
+    for m in models:
+        dense.stages[0].slots.take([WeightSet.hat(m)])
+    dense.stages[0].slots.step_bytes = native.stages[0].slots.step_bytes = None
+    for i, m in enumerate(models):
+        r = request(weights, i, m, 6)
+        slice_ = RequestSlice("p", 0, r.prompt.route, r.prompt.text, r.prompt.vocab_model, reserve=len(r.prompt),
+                              logits="all")
+        batch = StepBatch((slice_,), r.prompt.token_ids, r.prompt.embed_route)
+        a, b = dense.forward(batch)[0], native.forward(batch)[0]
+        dense.release(["p"])
+        native.release(["p"])
+        torch.testing.assert_close(a, b, atol=0.05, rtol=0.02)
+        assert tokens(Engine(dense).generate([r])[r.request_id]) == tokens(Engine(native).generate([r])[r.request_id])
+    assert dense.stages[0].stats()["models"]["m2"]["slot_tokens"] > 0
+    assert native.stages[0].stats()["models"]["m2"]["mask_native_tokens"] > 0
+
+
 # -- residency by the traffic mix, off the step loop ------------------------------------------------------
 
 

@@ -132,3 +132,15 @@ def test_composed_weights_are_the_exports_bit_for_bit():
     got = run(ml.masked_linear, x, groups, base, tau, packed, torch.bfloat16)
     want = reconstruct(base, unpack_bits(packed[2], 24), tau).bfloat16().float()
     assert torch.equal(got, want.t())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_dense_kernel_equals_torch_linear(kernel, dtype):
+    """The dense path's bf16 / fp16 matmul on the CPU (``layers.linear``): float32 accumulation of
+    the weights' exact values, so it equals a float64 matmul to float32 summation order."""
+    g = torch.Generator().manual_seed(3)
+    for rows, cols, tokens in [(5, 7, 1), (33, 64, 4), (16, 53, 9), (40, 8, 2)]:
+        w = (0.1 * torch.randn((rows, cols), generator=g)).to(dtype)
+        x = torch.randn((tokens, cols), generator=g)
+        want = (x.double() @ w.double().t()).float()
+        torch.testing.assert_close(kernel.dense(x, w), want, atol=1e-5 * cols ** 0.5, rtol=1e-5)

@@ -145,6 +145,43 @@ static void masked_linear(const float* x, const void* base, const void* tau, con
     }
 }
 
+// The dense path's matmul for bf16 / fp16 weights: out[t] = x[t] . W^T for tokens [t0, t1), each
+// 8-entry tile of a row of W widened to float32 once per 4 tokens (torch's bf16 matmul on CPUs
+// without bf16 instructions converts and packs the whole matrix per call: 2-4x slower at decode).
+template <int B>
+static void dense_linear(const float* x, const void* w, int64_t t0, int64_t t1, int64_t O, int64_t K, float* out,
+                         int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t o = 0; o < O; ++o) {
+        const int64_t at = o * K;
+        for (int64_t tb = t0; tb < t1; tb += 4) {
+            const int nt = t1 - tb < 4 ? (int)(t1 - tb) : 4;
+            float sums[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            int64_t k = 0;
+#ifdef MMER_VECTOR
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            const float* x0 = x + tb * K;
+            for (; k + 8 <= K; k += 8) {
+                __m256 wv = load8<B>(w, at + k);
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x0 + k), wv, a0);
+                if (nt > 1) a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x0 + K + k), wv, a1);
+                if (nt > 2) a2 = _mm256_fmadd_ps(_mm256_loadu_ps(x0 + 2 * K + k), wv, a2);
+                if (nt > 3) a3 = _mm256_fmadd_ps(_mm256_loadu_ps(x0 + 3 * K + k), wv, a3);
+            }
+            sums[0] = hsum8(a0);
+            sums[1] = hsum8(a1);
+            sums[2] = hsum8(a2);
+            sums[3] = hsum8(a3);
+#endif
+            for (; k < K; ++k) {
+                const float wk = load1<B>(w, at + k);
+                for (int t = 0; t < nt; ++t) sums[t] += x[(tb + t) * K + k] * wk;
+            }
+            for (int t = 0; t < nt; ++t) out[(tb + t) * O + o] = sums[t];
+        }
+    }
+}
+
 template <int B, int TD>
 static int by_rounding(int R, const float* x, const void* base, const void* tau, const uint8_t* packed,
                        const int64_t* starts, const int64_t* stops, const int64_t* models, int64_t G, int64_t O,
@@ -206,6 +243,13 @@ static void compose_rows(const void* base, const void* tau, const uint8_t* packe
     }
 
 extern "C" {
+
+// out rows [t0, t1) = x rows [t0, t1) . W^T, W (O, K) in w_dtype; x, out float32 (T, K), (T, O).
+int mmer_dense_linear(const float* x, const void* w, int w_dtype, int64_t t0, int64_t t1, int64_t O, int64_t K,
+                      float* out, int threads) {
+    MMER_DISPATCH3(w_dtype, B, dense_linear<B>(x, w, t0, t1, O, K, out, threads))
+    return 0;
+}
 
 // theta_pre + m * tau* of one model's mask rows ``packed`` (rows, ceil(K / 8)), rounded to
 // round_dtype, stored in out_dtype (rows, K): the values masked_linear multiplies. out_dtype is

@@ -83,6 +83,9 @@ class MaskedLinearLibrary:
         self._compose = lib.mmer_compose
         self._compose.argtypes = [p, i32, p, i32, p, i64, i64, i32, p, i32, i32]
         self._compose.restype = i32
+        self._dense = lib.mmer_dense_linear
+        self._dense.argtypes = [p, p, i32, i64, i64, i64, i64, p, i32]
+        self._dense.restype = i32
         self.vectorized = bool(lib.mmer_masked_linear_vectorized())
         self.path = path
 
@@ -93,6 +96,15 @@ class MaskedLinearLibrary:
                         base.shape[0], base.shape[1], DTYPE_CODES[round_to], out.data_ptr(), torch.get_num_threads())
         if code != 0:
             raise RuntimeError(f"the masked-linear kernel refused dtypes {base.dtype}, {tau.dtype}, {round_to}")
+
+    def dense(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """x (T, K) float32 contiguous times W^T, W (O, K) contiguous in any of the dtypes: (T, O) float32."""
+        out = torch.empty((x.shape[0], w.shape[0]), dtype=torch.float32)
+        code = self._dense(x.data_ptr(), w.data_ptr(), DTYPE_CODES[w.dtype], 0, x.shape[0], w.shape[0], w.shape[1],
+                           out.data_ptr(), torch.get_num_threads())
+        if code != 0:
+            raise RuntimeError(f"the dense kernel refused dtype {w.dtype}")
+        return out
 
     def compose(self, base: torch.Tensor, tau: torch.Tensor, packed_rows: torch.Tensor, round_to: torch.dtype,
                 dtype: torch.dtype, threads: int = 1) -> torch.Tensor:

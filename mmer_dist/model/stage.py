@@ -362,7 +362,7 @@ class DecoderStage:
         native_heads = [(h, members) for h, members in by_head.items() if h not in step.dense]
         for head, members in dense_heads.items():
             rows = self._last_rows(x, plan, members)
-            self._emit(batch, out, members, rows, rows @ step.dense[head].head.t())
+            self._emit(batch, out, members, rows, L.linear(rows, step.dense[head].head))
         if native_heads:  # every mask-native head's rows in one call, grouped by model
             members = [i for _, ms in native_heads for i in ms]
             rows = self._last_rows(x, plan, members)
@@ -398,7 +398,7 @@ class DecoderStage:
 
     def _head(self, r, rows: torch.Tensor, step: StepWeights) -> torch.Tensor:
         if r.head in step.dense:
-            logits = rows @ step.dense[r.head].head.t()
+            logits = L.linear(rows, step.dense[r.head].head)
         else:
             logits = torch.empty((rows.shape[0], self.vocabulary.base), device=rows.device, dtype=torch.float32)
             b = self.resident.blocks[self.head_block]
