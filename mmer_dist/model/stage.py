@@ -10,7 +10,8 @@ overrun) is refused before anything changes, and the stage keeps serving the oth
 Every model of the version runs in every step, whatever the slot budget: a model with a dense slot
 through it, the others on the mask-native path (``masked_linear``) from the resident theta_pre,
 tau* and packed masks, with the exported theta_hat_i's weights either way. Which models hold
-slots follows demand, and slots are built on a background thread (``SlotPool``): no step waits.
+slots follows the traffic (the slot set that cuts the bytes steps read), and slots are built on a
+background thread (``SlotPool``): no step waits.
 On the mask-native path a model's norms and biases are its own, composed once at load for every
 model (a few thousand parameters per layer: ``model_vectors``); its embedding rows are composed
 per step for the ids the step looks up (exactly the export's rows); its LM head is one more
