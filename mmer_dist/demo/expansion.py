@@ -162,7 +162,8 @@ class Served:
     """LLMServer in-process over one version (see the module docstring); ``originals``: its
     theta_hat_k slots hold the ingested theta_k (``originals_pipeline``)."""
 
-    def __init__(self, url: str, version: int, encoders: Encoders, device: str, originals: bool = False):
+    def __init__(self, url: str, version: int, encoders: Encoders, device: str, originals: bool = False,
+                 slot_budget: int = SLOT_BUDGET, tau_dtype: torch.dtype | None = None):
         options = ServeOptions.from_args({
             "store": url, "version": version, "dtype": "float32", "slot_budget": SLOT_BUDGET, "api_token_env": None,
             "max_running": 256, "max_step_tokens": 1 << 16, "max_queued_requests": -1})
@@ -170,7 +171,8 @@ class Served:
         def pipeline(weights: VersionWeights):
             if originals:
                 return originals_pipeline(weights, device)
-            return LocalPipeline.build(weights, 1, device=device, dtype=torch.float32, slot_budget_bytes=SLOT_BUDGET)
+            return LocalPipeline.build(weights, 1, device=device, dtype=torch.float32, slot_budget_bytes=slot_budget,
+                                       tau_dtype=tau_dtype)
 
         self.encoders = encoders
         self.server = LLMServer(options, encoders.encode, pipeline)

@@ -82,8 +82,8 @@ class AsyncEngine:
                 self._listeners.pop(request.request_id, None)
 
     def stats(self) -> dict:
-        return {"running": len(self.engine.running), "waiting": len(self.engine.waiting),
-                "steps": self.engine.steps, "finished": dict(self.finished), "stages": self.engine.pipeline.stats()}
+        # Engine.stats copies what it iterates: read from another thread
+        return {**self.engine.stats(), "finished": dict(self.finished)}
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self._stopped.set()

@@ -21,9 +21,18 @@ LAYER_TENSORS = (
     "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight",
     "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
 )
-LAYER_BIASES = ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias", "self_attn.o_proj.bias",
-                "mlp.gate_proj.bias", "mlp.up_proj.bias", "mlp.down_proj.bias")
 EMBED, FINAL_NORM, HEAD = "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"
+# the decoder's matrices, each the row concatenation of these tensors (one matmul per input)
+MATRICES = {
+    "wqkv": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+    "wo": ("self_attn.o_proj.weight",),
+    "w_gate_up": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
+    "w_down": ("mlp.down_proj.weight",),
+}
+BIASES = {"bqkv": ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"),
+          "bo": ("self_attn.o_proj.bias",), "b_gate_up": ("mlp.gate_proj.bias", "mlp.up_proj.bias"),
+          "b_down": ("mlp.down_proj.bias",)}
+BIAS_NAMES = {n for members in BIASES.values() for n in members}
 
 
 def layer_prefix(layer: int) -> str:
@@ -32,12 +41,15 @@ def layer_prefix(layer: int) -> str:
 
 @dataclass
 class LayerWeights:
+    """One layer of a weight set; a model served mask-native keeps only the vectors (norms and
+    biases), its matrices None (``build_vectors``)."""
+
     attn_norm: torch.Tensor  # (hidden,)
-    wqkv: torch.Tensor  # ((heads + 2 kv_heads) * head_dim, hidden)
-    wo: torch.Tensor
     mlp_norm: torch.Tensor
-    w_gate_up: torch.Tensor  # (2 * intermediate, hidden)
-    w_down: torch.Tensor
+    wqkv: torch.Tensor | None = None  # ((heads + 2 kv_heads) * head_dim, hidden)
+    wo: torch.Tensor | None = None
+    w_gate_up: torch.Tensor | None = None  # (2 * intermediate, hidden)
+    w_down: torch.Tensor | None = None
     bqkv: torch.Tensor | None = None
     bo: torch.Tensor | None = None
     b_gate_up: torch.Tensor | None = None
@@ -73,9 +85,28 @@ def check_layer_tensors(names: set[str], layer: int) -> set[str]:
     own = {n[len(prefix):] for n in names if n.startswith(prefix)}
     if missing := sorted(set(LAYER_TENSORS) - own):
         raise InvalidInputError(f"decoder layer {layer} lacks tensors {missing}")
-    if unknown := sorted(own - set(LAYER_TENSORS) - set(LAYER_BIASES)):
+    if unknown := sorted(own - set(LAYER_TENSORS) - BIAS_NAMES):
         raise InvalidInputError(f"decoder layer {layer} has tensors the Llama block does not use: {unknown}")
-    return own & set(LAYER_BIASES)
+    return own & BIAS_NAMES
+
+
+def _getter(fetch: Callable[[str], torch.Tensor], weight_dtype: torch.dtype, dtype: torch.dtype):
+    def get(name: str) -> torch.Tensor:
+        t = fetch(name).to(weight_dtype).to(dtype)
+        # norms and biases are 1-D (their store view is one row)
+        return t.reshape(-1) if "layernorm" in name or name == FINAL_NORM or name.endswith(".bias") else t
+    return get
+
+
+def _vectors(get: Callable[[str], torch.Tensor], layer: int, biases: set[str]) -> dict[str, torch.Tensor | None]:
+    """A layer's norms and (fused) biases."""
+    p = layer_prefix(layer)
+    if 0 < sum(n in biases for n in BIASES["bqkv"]) < 3:
+        raise InvalidInputError(f"decoder layer {layer}: q/k/v biases must be all present or all absent")
+    out = {field: torch.cat([get(p + n) for n in members]) if all(n in biases for n in members) else None
+           for field, members in BIASES.items()}
+    return {"attn_norm": get(p + "input_layernorm.weight"), "mlp_norm": get(p + "post_attention_layernorm.weight"),
+            **out}
 
 
 def build_dense(fetch: Callable[[str], torch.Tensor], layers: range, biases: dict[int, set[str]], *,
@@ -84,35 +115,26 @@ def build_dense(fetch: Callable[[str], torch.Tensor], layers: range, biases: dic
     1-D for norms). Each is rounded to ``weight_dtype`` (the checkpoints' dtype: what an export
     writes) and held in ``dtype`` (what the stage computes in), so the served values are the
     exported ones even when the stage computes in float32."""
-
-    def get(name: str) -> torch.Tensor:
-        t = fetch(name).to(weight_dtype).to(dtype)
-        return t.reshape(-1) if "layernorm" in name or name == FINAL_NORM else t
-
-    def cat(names: list[str]) -> torch.Tensor:
-        return torch.cat([get(n) for n in names])
-
+    get = _getter(fetch, weight_dtype, dtype)
     out = DenseWeights({})
     for layer in layers:
-        p, b = layer_prefix(layer), biases[layer]
-        bias = lambda *ns: cat([p + n for n in ns]) if all(n in b for n in ns) else None  # noqa: E731
-        if any(n in b for n in ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias")) \
-                and bias("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias") is None:
-            raise InvalidInputError(f"decoder layer {layer}: q/k/v biases must be all present or all absent")
-        out.layers[layer] = LayerWeights(
-            attn_norm=get(p + "input_layernorm.weight"),
-            wqkv=cat([p + f"self_attn.{x}_proj.weight" for x in "qkv"]),
-            wo=get(p + "self_attn.o_proj.weight"),
-            mlp_norm=get(p + "post_attention_layernorm.weight"),
-            w_gate_up=cat([p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"]),
-            w_down=get(p + "mlp.down_proj.weight"),
-            bqkv=bias("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"),
-            bo=bias("self_attn.o_proj.bias"),
-            b_gate_up=bias("mlp.gate_proj.bias", "mlp.up_proj.bias"),
-            b_down=bias("mlp.down_proj.bias"))
+        p = layer_prefix(layer)
+        matrices = {field: torch.cat([get(p + n) for n in members]) for field, members in MATRICES.items()}
+        out.layers[layer] = LayerWeights(**_vectors(get, layer, biases[layer]), **matrices)
     if embed:
         out.embed = get(EMBED)
     if head:
         out.final_norm = get(FINAL_NORM)
         out.head = (out.embed if out.embed is not None else get(EMBED)) if tied else get(HEAD)
+    return out
+
+
+def build_vectors(fetch: Callable[[str], torch.Tensor], layers: range, biases: dict[int, set[str]], *,
+                  head: bool, weight_dtype: torch.dtype, dtype: torch.dtype) -> DenseWeights:
+    """Only the vectors of a weight set (norms, biases, the final norm): what the mask-native path
+    takes dense; a few thousand parameters per layer, so every model's are kept."""
+    get = _getter(fetch, weight_dtype, dtype)
+    out = DenseWeights({layer: LayerWeights(**_vectors(get, layer, biases[layer])) for layer in layers})
+    if head:
+        out.final_norm = get(FINAL_NORM)
     return out

@@ -6,9 +6,10 @@ stopped. The engine knows nothing of HTTP or tokenizers (prompts arrive as ``Pro
 where stages live: a ``Pipeline`` is in-process stages (``LocalPipeline``) or Ray actors (the
 serving layer), the engine cannot tell.
 
-Weight sets beyond a stage's slot budget are not refused: a step whose requests need more
-theta_hat_i than fit is split into sub-steps that each fit (requests needing resident sets first),
-so each sub-step rebuilds at most what it must.
+Every running request runs in every step, whatever models they ask for: a stage serves a model
+without a dense slot through the mask-native path, so a step never splits or waits for a build.
+Which waiting requests are admitted, and when, is the ``Scheduler``'s (fair across models, with a
+waiting-time bound).
 
 A pipeline that loses a stage (``StageLostError``: its process died, with every request's KV
 caches) ends the step's requests with finish reason ``unavailable`` and sets ``lost``: the engine
@@ -20,9 +21,10 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections import OrderedDict
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
 import torch
@@ -31,9 +33,9 @@ from mmer_dist.errors import InvalidInputError, MmerError
 from mmer_dist.model.batch import RequestSlice, StepBatch, run_lengths
 from mmer_dist.model.prompt import Prompt
 from mmer_dist.model.sampling import Sample, Sampler, SamplingParams
+from mmer_dist.model.scheduler import Candidate, EngineLimits, Scheduler
 from mmer_dist.model.stage import DecoderStage
 from mmer_dist.store.weights import VersionWeights, VocabularyLayout
-from mmer_dist.store.weightsets import WeightSet
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +112,15 @@ class GenerationRequest:
     request_id: str
     prompt: Prompt
     sampling: SamplingParams = SamplingParams()
+    model: str | None = None  # the model id the client named, for fairness and the counters (default: see label)
+
+    @property
+    def label(self) -> str:
+        """The model this request counts for: ``model``, else its text weights' model, else merged."""
+        if self.model is not None:
+            return self.model
+        text = self.prompt.text
+        return text.models[0] if text.kind == "hat" else "merged"
 
 
 @dataclass(frozen=True)
@@ -131,26 +142,32 @@ class TokenEvent:
 class _Running:
     request: GenerationRequest
     sampler: Sampler
+    arrived: float = 0.0  # engine clock at ``add``
     past: int = 0  # tokens in the KV caches
     next_id: int | None = None  # global id of the last sampled token, fed at the next step
     generated: int = 0
     started: bool = False
 
     @property
-    def weight_sets(self) -> frozenset[WeightSet]:
-        return frozenset(self.request.prompt.weight_sets if not self.started else {self.request.prompt.text})
+    def candidate(self) -> Candidate:
+        return Candidate(self.request.label, len(self.request.prompt), self.arrived)
 
 
 @dataclass
-class EngineLimits:
-    max_running: int = 64  # requests decoding at once
-    max_step_tokens: int = 8192  # prompt tokens admitted per step (a longer prompt runs alone)
+class ModelCounters:
+    """Per model (``GenerationRequest.label``): requests admitted and finished, tokens in and out."""
+
+    requests: int = 0
+    finished: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
 
 
 @dataclass
 class Engine:
     pipeline: Pipeline
     limits: EngineLimits = field(default_factory=EngineLimits)
+    clock: Callable[[], float] = time.monotonic
 
     def __post_init__(self) -> None:
         self.vocabulary = self.pipeline.vocabulary
@@ -158,6 +175,8 @@ class Engine:
         self.running: OrderedDict[str, _Running] = OrderedDict()
         self.steps = 0
         self.lost: StageLostError | None = None  # set once a stage is gone: no more steps
+        self.scheduler = Scheduler(self.limits)
+        self.counters: dict[str, ModelCounters] = {}
 
     # -- requests --------------------------------------------------------------------------------
 
@@ -185,7 +204,7 @@ class Engine:
         the caller's thread, so the loop does not check it twice)."""
         if request.request_id in self.waiting or request.request_id in self.running:
             raise InvalidInputError(f"request id {request.request_id!r} is already in use")
-        self.waiting[request.request_id] = _Running(request, Sampler(request.sampling))
+        self.waiting[request.request_id] = _Running(request, Sampler(request.sampling), self.clock())
 
     def abort(self, request_id: str) -> TokenEvent | None:
         entry = self.waiting.pop(request_id, None)
@@ -215,49 +234,52 @@ class Engine:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def stats(self) -> dict:
+        """Plain data for metrics: requests waiting and running, steps, per model (the request's
+        label) requests, finished requests, prompt and completion tokens, and each stage's stats
+        (memory by part, slot residency and builds, tokens per path, per model)."""
+        # copied first (each list() is one step under the GIL): the step loop may change them meanwhile
+        waiting = Counter(e.request.label for e in list(self.waiting.values()))
+        running = Counter(e.request.label for e in list(self.running.values()))
+        models = {m: {**asdict(c), "waiting": waiting[m], "running": running[m]}
+                  for m, c in list(self.counters.items())}
+        for m in (waiting | running).keys() - models.keys():
+            models[m] = {**asdict(ModelCounters()), "waiting": waiting[m], "running": running[m]}
+        return {"running": len(self.running), "waiting": len(self.waiting), "steps": self.steps, "models": models,
+                "stages": self.pipeline.stats()}
+
     # -- one step ------------------------------------------------------------------------------
 
     def _admit(self) -> list[_Running]:
-        budget = self.limits.max_step_tokens
-        admitted = []
-        while self.waiting and len(self.running) + len(admitted) < self.limits.max_running:
-            entry = next(iter(self.waiting.values()))
-            n = len(entry.request.prompt)
-            if admitted and n > budget:
-                break
-            budget -= n
-            admitted.append(self.waiting.popitem(last=False)[1])
-        return admitted
+        if not self.waiting or len(self.running) >= self.limits.max_running:
+            return []
+        ids = self.scheduler.admit({rid: e.candidate for rid, e in self.waiting.items()}, len(self.running),
+                                   self.clock())
+        return [self.waiting.pop(rid) for rid in ids]
 
     def step(self) -> list[TokenEvent]:
         """Admit what fits, run one forward over every active request, sample; returns events."""
+        served: Counter[str] = Counter()
         for entry in self._admit():
             self.running[entry.request.request_id] = entry
+            counters = self.counters.setdefault(entry.request.label, ModelCounters())
+            counters.requests += 1
+            counters.prompt_tokens += len(entry.request.prompt)
+            served[entry.request.label] += len(entry.request.prompt)
         if not self.running:
             return []
         self.steps += 1
-        events: list[TokenEvent] = []
-        for group in self._split(list(self.running.values())):
-            events += self._run(group)
+        labels = {rid: e.request.label for rid, e in self.running.items()}
+        events = self._run(list(self.running.values()))
+        for event in events:
+            label = labels.get(event.request_id)
+            if label is not None and event.token is not None:
+                served[label] += 1
+                self.counters[label].completion_tokens += 1
+            if label is not None and event.finish_reason is not None:
+                self.counters[label].finished += 1
+        self.scheduler.record(served)
         return events
-
-    def _split(self, entries: list[_Running]) -> list[list[_Running]]:
-        """Sub-steps whose weight sets (besides the pinned theta_bar) fit the slot budget."""
-        capacity = max(1, self.pipeline.slot_capacity())
-        pinned = {WeightSet.bar()}
-        need = {id(e): e.weight_sets - pinned for e in entries}
-        if len(set().union(*need.values())) <= capacity:
-            return [entries]
-        groups: list[tuple[set[WeightSet], list[_Running]]] = []
-        for e in sorted(entries, key=lambda e: sorted(map(str, need[id(e)]))):
-            for keys, members in groups:
-                if len(keys | need[id(e)]) <= capacity:
-                    keys |= need[id(e)]
-                    members.append(e)
-                    break
-            else:
-                groups.append((set(need[id(e)]), [e]))
-        return [members for _, members in groups]
 
     def _slice(self, entry: _Running) -> tuple[RequestSlice, list[int], tuple, torch.Tensor | None]:
         prompt, rid = entry.request.prompt, entry.request.request_id

@@ -16,22 +16,33 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from mmer_dist.model import native
 from mmer_dist.model.batch import RoutingPlan
 from mmer_dist.model.kv_cache import RequestCache
 
 
-def grouped_linear(x: torch.Tensor, plan: RoutingPlan, weights: Sequence[torch.Tensor],
-                   biases: Sequence[torch.Tensor | None]) -> torch.Tensor:
-    """``x`` (T, in) sorted by group; group g's rows through ``weights[g]`` (out, in)."""
-    if len(weights) == 1:
-        return F.linear(x, weights[0], biases[0])
-    out = x.new_empty((x.shape[0], weights[0].shape[0]))
+def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear``, except for bf16 / fp16 weights on the CPU: there the compiled kernel
+    (``native.dense``, float32 accumulation as torch's, 2-4x faster at decode on CPUs without bf16
+    instructions, measured: torch converts and packs the whole matrix on every call)."""
+    if x.device.type == "cpu" and w.dtype in (torch.bfloat16, torch.float16) and (lib := native.load()) is not None:
+        out = lib.dense(x.float().contiguous(), w.contiguous())
+        if bias is not None:
+            out += bias
+        return out.to(x.dtype)
+    return F.linear(x, w, bias)
+
+
+def grouped_linear(x: torch.Tensor, plan: RoutingPlan, weights: Sequence[torch.Tensor | None],
+                   biases: Sequence[torch.Tensor | None], out_features: int) -> torch.Tensor:
+    """``x`` (T, in) sorted by group; group g's rows through ``weights[g]`` (out, in). A group whose
+    weight is None is left unwritten (the mask-native path fills it)."""
+    if len(weights) == 1 and weights[0] is not None:
+        return linear(x, weights[0], biases[0])
+    out = x.new_empty((x.shape[0], out_features))
     for (a, b), w, bias in zip(plan.segments, weights, biases):
-        if b > a:
-            if bias is None:
-                torch.mm(x[a:b], w.t(), out=out[a:b])
-            else:
-                torch.addmm(bias, x[a:b], w.t(), out=out[a:b])
+        if b > a and w is not None:
+            out[a:b] = linear(x[a:b], w, bias)
     return out
 
 
