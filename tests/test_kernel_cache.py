@@ -56,6 +56,37 @@ def test_aot_kernels_equal_eager(cache_dir):
     assert_bit_identical(ts_a, m_a, reference_merge(base, models, SETTINGS, IDS))
 
 
+def test_the_packages_serve_any_number_of_models(cache_dir, capfd):
+    """Built for three models, the same packages merge 1, 2, 32 and 64 (no compile), and a derived
+    merge's final pass (its sign tally and zero-sum map) runs through them too: every result is
+    the oracle's, bit for bit. 2**-8-step deltas make exact zero sign sums and threshold ties."""
+    if not list(cache_dir.glob("*.pt2")):
+        test_aot_kernels_equal_eager(cache_dir)
+    capfd.readouterr()
+    before = {p.name: p.stat().st_mtime_ns for p in cache_dir.glob("*.pt2")}
+    g = torch.Generator().manual_seed(7)
+    shapes = {"a.weight": (4, 16), "b.weight": (3, 24)}
+    base = {k: torch.randn(s, generator=g).mul(64).round().div(64) for k, s in shapes.items()}
+    for n in (1, 2, 32, 64):
+        ids = [f"m{i}" for i in range(n)]
+        models = [{k: b + torch.randint(-3, 4, b.shape, generator=g) / 256 for k, b in base.items()} for _ in ids]
+        settings = MergeSettings(topk=0.7, lams=tuple(0.5 + (i % 4) / 2 for i in range(n)))
+        ts, ms, drv, _ = streaming_merge(base, models, settings, ids, rows_per_chunk=2, fuse=aot_fuser(str(cache_dir)))
+        ref = reference_merge(base, models, settings, ids)
+        assert_bit_identical(ts, ms, ref)
+        assert drv.majority == ref.majority
+        # the same merge derived with the other majority assumed: the fused final pass counts
+        flipped = {**drv.decided_state(), "majority": {gr: -v for gr, v in drv.majority.items()}}
+        ts, ms, drv, stats = streaming_merge(base, models, settings, ids, rows_per_chunk=2,
+                                             fuse=aot_fuser(str(cache_dir)), assumed=flipped)
+        assert_bit_identical(ts, ms, ref)
+        assert drv.passes_run == (["FinalPass", "ZeroSumPass"] if stats.decided.per_group()["*"] else ["FinalPass"])
+        if n == 32:
+            assert drv.passes_run == ["FinalPass", "ZeroSumPass"]
+    assert {p.name: p.stat().st_mtime_ns for p in cache_dir.glob("*.pt2")} == before  # nothing built
+    assert "compiling" not in capfd.readouterr().err
+
+
 CHILD = """
 import json, sys, torch
 sys.path.insert(0, {tests!r})
