@@ -18,7 +18,7 @@ import torch
 
 from mmer_dist.method import streaming
 from mmer_dist.method.elect import SignCounts
-from mmer_dist.method.kernels import ChunkKernels
+from mmer_dist.method.kernels import EAGER_BLOCK_ENTRIES, ChunkKernels
 from mmer_dist.method.masks import pack_bits, set_packed_bits, unpack_bits
 from mmer_dist.method.settings import MergeSettings
 from mmer_dist.merge.plan import ShardSpec
@@ -51,11 +51,13 @@ class StoreChunkReader:
     stores, decompression) overlaps compute. At most two chunks are held at a time.
     """
 
-    # Buffers cycled through: the chunk being computed on, the one being read ahead, and one
-    # spare for a caller still holding the previous chunk. Reusing them (instead of a fresh
-    # allocation per chunk, which the kernel has to fault in page by page) saves sys time. Each
-    # has a mapped twin: chunks whose files can be mapped side by side are not copied at all.
-    RING = 3
+    # Buffers cycled through: the chunk being computed on and the one being read ahead (a chunk
+    # is valid until the next ``read``: every pass is done with it by then). Reusing them (instead
+    # of a fresh allocation per chunk, which the kernel has to fault in page by page) saves sys
+    # time. Each has a mapped twin: chunks whose files can be mapped side by side are not copied
+    # at all. These two stacked chunks, (N + 1) x chunk entries each, are the only memory of a
+    # merge that grows with N (``worker_memory_bytes``); mapped, they are the page cache's pages.
+    RING = 2
 
     def __init__(self, store: Store, model_ids: tuple[str, ...], prefetch: Sequence[streaming.ChunkSpec] = (),
                  verified: set | None = None):
@@ -239,12 +241,16 @@ def final_stats_from_record(record: dict) -> streaming.FinalStats:
 
 
 def worker_memory_bytes(job: MergeJob, shard: ShardSpec) -> int:
-    """What one shard worker needs: its largest chunk for N models plus float32 temporaries
-    (the working set is bounded by a chunk, not by the shard), and the interpreter and torch."""
+    """What one shard worker needs: the reader's stacked chunks for N models (float32 at worst:
+    fine-tunes in other dtypes than the base are read upcast), the fused kernels' per-chunk
+    outputs and sums (the packed masks are N / 8 bytes per entry), eager blocks (bounded by
+    ``EAGER_BLOCK_ENTRIES`` across models), and the interpreter and torch. The working set is
+    bounded by a chunk, not by the shard."""
     largest = max((c.numel for c in shard.chunks), default=0)
-    # the reader's ring of buffers (fine-tunes in other dtypes than the base are read as float32)
-    per_entry = (len(job.model_ids) + 1) * (StoreChunkReader.RING * 4 + 4 * 4) + 4 * 3
-    return int(largest * per_entry + (1 << 30))
+    n = len(job.model_ids)
+    stacked = StoreChunkReader.RING * (n + 1) * 4
+    kernels = 4 * 7 + n / 8  # tau*, the signed sums and counts, the zero-sum map; packed masks
+    return int(largest * (stacked + kernels) + EAGER_BLOCK_ENTRIES * 4 * 6 + (1 << 30))
 
 
 def run_shard_pass(job: MergeJob, shard: ShardSpec, request: streaming.PassRequest,

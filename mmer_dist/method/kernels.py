@@ -78,18 +78,39 @@ def sign_tally(sums: SignedSums | None, like: torch.Tensor) -> tuple[torch.Tenso
     return torch.stack([(sums.total > 0).sum(), (sums.total < 0).sum(), decided.sum()]), decided
 
 
-def final_chunk(models, base, thresholds, majority, lams, flat_offset, *, settings, model_keys, tensor_key, ndim=2):
-    """tau* (rows, cols) float32, packed masks (N, rows, ceil(cols/8)) uint8, set bits per model
-    (N,), tau*'s nonzero and non-finite entry counts (0-d), the ``sign_tally`` (3,) and the map of
-    the entries the majority decided, packed like a mask (rows, ceil(cols/8)): the statistics come
-    out of the same fused loop instead of more passes over the chunk."""
+def merged_chunk(models, base, thresholds, majority, flat_offset, *, settings, model_keys, tensor_key, ndim=2):
+    """tau* (rows, cols) float32, its nonzero and non-finite entry counts (0-d), the
+    ``sign_tally`` (3,) and the map of the entries the majority decided, packed like a mask (rows,
+    ceil(cols/8)): one sweep over the models, the statistics out of the same fused loop."""
     tau = prepared_task_vectors(models, base, settings, model_keys, tensor_key, flat_offset)
+    return _merged(tau, base, thresholds, majority, settings, ndim)
+
+
+def mask_chunk(models, base, tau_star, lams, flat_offset, *, settings, model_keys, tensor_key):
+    """Packed masks (N, rows, ceil(cols/8)) uint8 of the models against tau*, and their set bits
+    per model (N,). Per model, so a merge of many models takes them a group at a time."""
+    tau = prepared_task_vectors(models, base, settings, model_keys, tensor_key, flat_offset)
+    return _masks(tau, tau_star, lams, settings)
+
+
+def final_chunk(models, base, thresholds, majority, lams, flat_offset, *, settings, model_keys, tensor_key, ndim=2):
+    """``merged_chunk`` and ``mask_chunk`` in one: tau*, packed masks, set bits per model, tau*'s
+    nonzero and non-finite counts, the sign tally and the zero-sum map."""
+    tau = prepared_task_vectors(models, base, settings, model_keys, tensor_key, flat_offset)
+    tau_star, nonzero, nonfinite, tally, decided = _merged(tau, base, thresholds, majority, settings, ndim)
+    packed, counts = _masks(tau, tau_star, lams, settings)
+    return tau_star, packed, counts, nonzero, nonfinite, tally, decided
+
+
+def _merged(tau, base, thresholds, majority, settings, ndim):
     tau_star, sums = merge_step(settings, tau, thresholds, majority, base, ndim)
-    masks = compute_masks(settings.mask_rule, tau, tau_star, lams)
-    counts = masks.reshape(masks.shape[0], -1).sum(-1)
     tally, decided = sign_tally(sums, tau_star)
-    return (tau_star, pack_bits(masks), counts, (tau_star != 0).sum(), (~torch.isfinite(tau_star)).sum(), tally,
-            pack_bits(decided))
+    return tau_star, (tau_star != 0).sum(), (~torch.isfinite(tau_star)).sum(), tally, pack_bits(decided)
+
+
+def _masks(tau, tau_star, lams, settings):
+    masks = compute_masks(settings.mask_rule, tau, tau_star, lams)
+    return pack_bits(masks), masks.reshape(masks.shape[0], -1).sum(-1)
 
 
 def majority_alternative(models, base, thresholds, majority, lams, entries, *, settings, ndim=2):
@@ -139,12 +160,17 @@ def sign_count_chunk(models, base, lower, upper, flat_offset, *, settings, model
 # number of models is one of them: a kernel serves every N.
 _CHUNK_DIMS = ({0: "models", 1: "rows", 2: "cols"}, {0: "rows", 1: "cols"})
 _PER_MODEL = {0: "models"}
-FINAL_DIMS = _CHUNK_DIMS + (_PER_MODEL, {}, _PER_MODEL, {})  # thresholds, majority (), lams, offset ()
+MERGED_DIMS = _CHUNK_DIMS + (_PER_MODEL, {}, {})  # thresholds, majority (), offset ()
+MASK_DIMS = _CHUNK_DIMS + ({0: "rows", 1: "cols"}, _PER_MODEL, {})  # tau* (rows, cols), lams, offset ()
 SIGN_DIMS = _CHUNK_DIMS + (_PER_MODEL, _PER_MODEL, {})  # lower, upper, offset ()
 TASK_DIMS = _CHUNK_DIMS + ({},)  # offset ()
 # Entries (over all models) of the row blocks eager kernels run on: their temporaries are
 # N x block, so blocks shrink as N grows and memory stays the same.
 EAGER_BLOCK_ENTRIES = 1 << 23
+# Entries (over the models of one call) the fused mask kernel takes at once: it writes each
+# model's mask out as bytes before packing them (packing fused into the mask loop ran 3x slower),
+# so a chunk's masks are made a group of models at a time and that buffer stays 32 MB at any N.
+MASK_GROUP_ENTRIES = 1 << 25
 
 
 def _task_vectors_only(models, base, flat_offset, *, settings, model_keys, tensor_key):
@@ -184,7 +210,8 @@ class ChunkKernels:
             consts = dict(settings=settings.with_lams(()), model_keys=(), tensor_key=0)
             tag = f"{settings.method}|{settings.mask_rule}"
             if settings.method != "neuro":
-                self._fused["final"] = fuse("final", final_chunk, {**consts, "ndim": 2}, tag, FINAL_DIMS)
+                self._fused["merged"] = fuse("merged", merged_chunk, {**consts, "ndim": 2}, tag, MERGED_DIMS)
+                self._fused["masks"] = fuse("masks", mask_chunk, consts, tag, MASK_DIMS)
             self._fused["signs"] = fuse("signs", sign_count_chunk, consts, tag, SIGN_DIMS)
             self._fused["tau"] = fuse("tau", _task_vectors_only, consts, tag, TASK_DIMS)
             self._fused["high"] = fuse("high", _high_keys_only, consts, tag, TASK_DIMS)
@@ -213,7 +240,7 @@ class ChunkKernels:
         copy (a third of a second per 100M parameters), and a 4M-entry block runs within ~6% of
         a 1M one. Eager kernels make N x block temporaries: ``default``-sized blocks, smaller
         where N x block would pass ``EAGER_BLOCK_ENTRIES``."""
-        if "final" in self._fused and self._fusable(cols):
+        if "merged" in self._fused and self._fusable(cols):
             return 1 << 62
         return min(default, max(1, EAGER_BLOCK_ENTRIES // len(self.model_ids)))
 
@@ -257,11 +284,17 @@ class ChunkKernels:
         if self.settings.method == "neuro":
             check_neuron_rank(info.tensor, info.ndim)
         dev = models.device
-        if (fused := self._fused_for("final", models)) is not None:
-            return fused(models, base, thresholds.to(dev), torch.tensor(majority, dtype=torch.float32, device=dev),
-                         lams.to(dev), self._offset(info, dev))
-        return self._final(models, base, thresholds.to(dev), torch.tensor(majority, dtype=torch.float32, device=dev),
-                           lams.to(dev), self._offset(info, dev), settings=self.settings,
+        thresholds, lams = thresholds.to(dev), lams.to(dev)
+        majority, offset = torch.tensor(majority, dtype=torch.float32, device=dev), self._offset(info, dev)
+        if (merged := self._fused_for("merged", models)) is not None:
+            tau_star, nonzero, nonfinite, tally, decided = merged(models, base, thresholds, majority, offset)
+            group = max(1, MASK_GROUP_ENTRIES // max(1, tau_star.numel()))
+            parts = [self._fused["masks"](models[a:a + group], base, tau_star, lams[a:a + group], offset)
+                     for a in range(0, models.shape[0], group)]
+            packed = torch.cat([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
+            counts = torch.cat([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
+            return tau_star, packed, counts, nonzero, nonfinite, tally, decided
+        return self._final(models, base, thresholds, majority, lams, offset, settings=self.settings,
                            model_keys=self.model_keys, tensor_key=baselines.stable_key(info.tensor), ndim=info.ndim)
 
     def majority_alternative(self, models, base, info: ChunkInfo, thresholds, majority, lams, decided_map):
