@@ -132,7 +132,8 @@ def run_case(template: Path, cs, n: int, case: str, args, new_index: int | None 
         version_bytes = du(store / "versions" / f"{version['version']:06d}")
         masks = store / "versions" / f"{version['version']:06d}" / "masks"
         tau_star = store / "versions" / f"{version['version']:06d}" / "tau_star"
-        return {"case": case, "n": n, "new": new, "wall_s": sum(r.wall_s for r in runs),
+        codecs = tau_star_codecs(store, version["version"]) if case == "add" and new_index == n else None
+        return {"case": case, "n": n, "new": new, "wall_s": sum(r.wall_s for r in runs), "tau_star_codecs": codecs,
                 "read_bytes": sum(r.tree_read_bytes for r in runs), "store_growth": du(store) - before,
                 "model_bytes": model_bytes, "version_bytes": version_bytes,
                 "mask_bytes": du(masks) if masks.exists() else 0, "tau_star_bytes": du(tau_star) if tau_star.exists() else 0,
@@ -144,6 +145,38 @@ def run_case(template: Path, cs, n: int, case: str, args, new_index: int | None 
                 "rewritten": details.get("majority_rewritten", 0)}
     finally:
         shutil.rmtree(store, ignore_errors=True)
+
+
+def tau_star_codecs(store: Path, version: int) -> dict:
+    """tau*'s bytes as stored (float32, uncompressed) against what two lossless codecs would make of
+    them, with their decode speed (a server reads tau* once per version it loads)."""
+    from numcodecs import Blosc, Zstd
+
+    from mmer_dist.store import layout
+    from mmer_dist.store.store import Store
+
+    st = Store.open(str(store))
+    raw = b"".join(st.read_rows(f"{layout.version_tau_star(version)}/{t.name}", 0, t.rows).numpy().tobytes()
+                   for t in st.catalog().tensors)
+    out = {"raw": len(raw)}
+    for name, codec in (("zstd-1", Zstd(level=1)), ("zstd-3", Zstd(level=3)),
+                        ("shuffle+zstd-1", Blosc(cname="zstd", clevel=1, shuffle=Blosc.SHUFFLE, typesize=4)),
+                        ("bitshuffle+zstd-1", Blosc(cname="zstd", clevel=1, shuffle=Blosc.BITSHUFFLE, typesize=4))):
+        t0 = time.perf_counter()
+        encoded = codec.encode(raw)
+        t1 = time.perf_counter()
+        codec.decode(encoded)
+        t2 = time.perf_counter()
+        out[name] = {"bytes": len(encoded), "encode_s": t1 - t0, "decode_s": t2 - t1}
+    return out
+
+
+def print_codecs(codecs: dict, params: int) -> None:
+    raw = codecs["raw"]
+    parts = [f"{name} {c['bytes'] / raw:.0%} ({8 * c['bytes'] / params:.1f} bits/param, decode "
+             f"{raw / c['decode_s'] / 1e6:.0f} MB/s)" for name, c in codecs.items() if name != "raw"]
+    print(f"tau* stored as float32: {fmt_bytes(raw)} ({8 * raw / params:.0f} bits/param, 2x a bf16 checkpoint); "
+          f"compressed: {'; '.join(parts)}")
 
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -216,6 +249,9 @@ def main(argv=None) -> int:
         shutil.rmtree(cache, ignore_errors=True)
     summary = summarize(rows)
     print_table(summary, args, cs.params)
+    codecs = next((r["tau_star_codecs"] for r in rows if r.get("tau_star_codecs")), None)
+    if codecs:
+        print_codecs(codecs, cs.params)
     write_json(args.out, {"benchmark": "add_bench", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                           "argv": sys.argv[1:], "environment": environment(), "params": cs.params,
                           "settings": {k: v for k, v in vars(args).items() if k != "out"}, "summary": summary,

@@ -95,6 +95,9 @@ def test_32_models_with_one_damaged_checkpoint(many, tmp_path):
     ref = reference_merge(base, [models[m] for m in models], settings, list(models))
     assert_version_is_the_reference(store, 1, ref)
     assert version["details"]["majority"] == ref.majority
+    # the status table: one line of mask densities for the version, not one per model
+    table = run_cli("status", "--store", store).out
+    assert f"{N_MANY} models:" in table and "median" in table and "(lambda" not in table
 
 
 def flipping_checkpoints(root: Path, base_dir: Path, exact_ties: bool):

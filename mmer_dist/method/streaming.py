@@ -390,9 +390,9 @@ def run_pass(request: PassRequest, chunks: Sequence[ChunkSpec], reader: ChunkRea
              progress: Callable[[int], None] | None = None, block_elems: int = DEFAULT_BLOCK_ELEMS) -> PassResult:
     """Do one pass over ``chunks``, returning this split's partial result."""
     settings = kernels.settings
-    # float64 so that 0.5 * lam_i is rounded to float32 once, as on the reference path
-    if isinstance(request, ZeroSumPass):
+    if isinstance(request, ZeroSumPass):  # reads no model: it rewrites what the final pass wrote
         return request.rewrite(chunks, writer, settings.scope, progress)
+    # float64 so that 0.5 * lam_i is rounded to float32 once, as on the reference path
     lams = torch.tensor(settings.lams, dtype=torch.float64)
     partial = request.start(len(kernels.model_keys))
     for chunk in chunks:
