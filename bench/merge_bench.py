@@ -309,7 +309,7 @@ def print_scale_table(rows: list[dict], args) -> None:
     t = Table(title="mmer merge of many models (TIES/MMER, K=0.8, global; local, 1 worker, compiled kernels from one "
                     f"cache; median of {args.repeats} warm runs)")
     for c in ("params", "N", "runs", "compiled", "wall s", "merge() s", "passes s", "s/model (wall)",
-              "s/model (passes)", "RSS tree", "RSS anon", "stacked chunks"):
+              "s/model (passes)", "CPU s/model", "RSS tree", "RSS anon", "stacked chunks"):
         t.add_column(c, justify="right", no_wrap=True)
     keys = sorted({(r["params"], r["n"]) for r in rows if "error" not in r})
     for params, n in keys:
@@ -321,14 +321,15 @@ def print_scale_table(rows: list[dict], args) -> None:
         stacked = StoreChunkReader.RING * (n + 1) * warm[0]["chunk_elems"] * 2  # bf16
         t.add_row(f"{params / 1e6:.0f}M", str(n), str(len(warm)), "no" if not any(r["compiled"] for r in warm) else "yes",
                   f"{med('wall_s'):.2f}", f"{med('merge_s'):.2f}", f"{med('passes_s'):.2f}", f"{med('wall_s') / n:.3f}",
-                  f"{med('passes_s') / n:.3f}", fmt_bytes(max(x["tree_peak_rss"] for x in warm)),
+                  f"{med('passes_s') / n:.3f}", f"{med('tree_cpu_s') / n:.3f}", fmt_bytes(max(x["tree_peak_rss"] for x in warm)),
                   fmt_bytes(max(x["tree_peak_anon"] for x in warm)), fmt_bytes(stacked))
         for r in first:
             t.add_row(f"{params / 1e6:.0f}M", str(n), "first", "yes" if r["compiled"] else "no", f"{r['wall_s']:.2f}",
-                      f"{r['merge_s']:.2f}", f"{r['passes_s']:.2f}", "", "", fmt_bytes(r["tree_peak_rss"]),
+                      f"{r['merge_s']:.2f}", f"{r['passes_s']:.2f}", "", "", "", fmt_bytes(r["tree_peak_rss"]),
                       fmt_bytes(r["tree_peak_anon"]), "")
     Console(width=200).print(t)
-    print("RSS tree: peak of the process tree's summed RSS; RSS anon: its anonymous part (file-backed pages, the "
+    print("CPU s/model: the process tree's CPU seconds per model (on a shared machine less noisy than wall time). "
+          "RSS tree: peak of the process tree's summed RSS; RSS anon: its anonymous part (file-backed pages, the "
           "chunk files the reader maps, are page cache). stacked chunks: the reader's bound, "
           f"{StoreChunkReader.RING} x (N + 1) x the largest chunk x 2 bytes (bf16), mapped from the page cache; the "
           "only memory that grows with N. first: the merge that filled the empty kernel cache (every later N loads it).")

@@ -124,3 +124,21 @@ def test_partials_computed_under_either_sign_add_up():
     assert_bit_identical(ts, ms, ref)
     assert resumed.rewritten_entries == early.decided.per_group()["*"]
     assert resumed.stats.mask_counts.tolist() == [sum(int(m[k].sum()) for k in m) for m in ref.masks]
+
+
+def test_the_counts_survive_a_shard_record():
+    """What a resumed merge reads back for its finished shards (JSON beside the staged version)."""
+    import json
+
+    from mmer_dist.merge.passes import final_stats_from_record, final_stats_record
+    from mmer_dist.method.elect import SignCounts
+    from mmer_dist.method.streaming import FinalStats, MajorityDecided
+
+    stats = FinalStats(torch.tensor([3, 4]), 9, 12, SignCounts({"*": torch.tensor([5, 2, 0])}),
+                       MajorityDecided({("*", 1.0): 4, ("*", -1.0): 1}, {("*", 1.0): torch.tensor([1, -2])}))
+    back = final_stats_from_record(json.loads(json.dumps(final_stats_record(stats, 0.5))))
+    assert (back.mask_counts.tolist(), back.nonzero, back.entries) == ([3, 4], 9, 12)
+    assert back.signs.groups["*"].tolist() == [5, 2, 0]
+    assert back.decided.entries == stats.decided.entries
+    assert {k: v.tolist() for k, v in back.decided.changes.items()} == {("*", 1.0): [1, -2]}
+    assert back.decided.stale_groups({"*": -1.0}) == ["*"] and back.decided.mask_change({"*": -1.0}, 2).tolist() == [1, -2]
