@@ -243,10 +243,14 @@ def ensure_store(cs: CheckpointSet, n_models: int, *, out_dir: Path = STORE_DIR,
         shutil.rmtree(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    run_mmer("ingest", "--store", str(path), "--base", str(cs.base), "--quiet")
-    for i in range(n_models):
-        run_mmer("ingest", "--store", str(path), "--model", model_id(i), "--path", str(cs.model(i)),
-                 "--modality", "text", "--format", "llama", "--quiet")
+    # one process for the base and every model (`mmer ingest --manifest`): 64 models are minutes of
+    # interpreter start-ups as one command each
+    manifest = {"base": str(cs.base), "models": [{"id": model_id(i), "path": str(cs.model(i)), "modality": "text",
+                                                  "format": "llama"} for i in range(n_models)]}
+    manifest_path = out_dir / f"{path.name}.manifest.json"
+    manifest_path.write_text(json.dumps(manifest))
+    run_mmer("ingest", "--store", str(path), "--manifest", str(manifest_path), "--quiet")
+    manifest_path.unlink()
     marker.write_text(STORE_FORMAT)
     log(f"built store {path} (base + {n_models} models) in {time.perf_counter() - t0:.1f}s")
     return path

@@ -4,6 +4,7 @@ and warm, and NeuroMerging vs TIES.
     python bench/merge_bench.py                       # N = 2, 4, 8 of ~100M params; local, ray x1, ray x2
     python bench/merge_bench.py --quick               # ~20M params, N = 2, one warm run
     python bench/merge_bench.py --models 8 --configs ray:2 --repeats 3 --no-neuro
+    python bench/merge_bench.py --scale               # many models: N = 8, 16, 32, 64 at ~25M, 16 at ~100M
 
 Inputs: synthetic Llama-shaped bf16 HF checkpoints (``bench/checkpoints.py``), ingested once into a
 store holding the base and max(N) models; every merge runs on a fresh clone of that store (chunk
@@ -28,7 +29,15 @@ process tree (driver, Ray's raylet / GCS / workers, compile workers: an upper bo
 largest single process; CPU seconds of the tree. Ray start-up alone (``ray.init`` +
 ``ray.shutdown`` in a fresh process) is measured separately.
 
-Results go to ``bench/out/merge_bench.json``.
+With ``--scale`` it measures how a merge grows with N instead: ``mmer merge --compile`` (local, one
+worker) at N = 8, 16, 32, 64 of ~25M-parameter models and N = 16 of ~100M, each on a store holding
+the largest N, all with one kernel cache (compiled by the first merge only: the kernels take N as a
+run-time size, and a merge that compiled says so). Reported per N: seconds (process, merge(),
+passes), seconds per model, peak RSS of the tree and its anonymous part (RSS less file-backed
+pages: the chunk files a merge maps are page cache), and the bound on the reader's stacked chunks
+(two stacked chunks of N + 1 arrays: the only memory that grows with N).
+
+Results go to ``bench/out/merge_bench.json`` (``merge_scale.json`` with ``--scale``).
 """
 
 from __future__ import annotations
@@ -71,11 +80,19 @@ def parse_args(argv=None):
     p.add_argument("--peer", action=argparse.BooleanOptionalAction, default=None,
                    help="end with mergekit_peer.py's comparison for the same N (default: if its venv exists)")
     p.add_argument("--quick", action="store_true", help="smoke run: ~20M params, N=2, 1 warm merge")
+    p.add_argument("--scale", action="store_true", help="merges of many models: seconds, seconds per model and "
+                   "peak RSS at N = 8, 16, 32, 64 of ~25M params and N = 16 of ~100M (local, one kernel cache)")
+    p.add_argument("--scale-sets", default="25e6:8,16,32,64;100e6:16",
+                   help="with --scale: PARAMS:N,N,...;PARAMS:N,... (one store per model size)")
     p.add_argument("--timeout", type=float, default=900, help="seconds allowed per merge")
     p.add_argument("--out", type=Path, default=OUT_DIR / "merge_bench.json")
     args = p.parse_args(argv)
     if args.quick:
         args.params, args.models, args.repeats = 20e6, "2", 1
+    if args.out == OUT_DIR / "merge_bench.json" and args.scale:
+        args.out = OUT_DIR / "merge_scale.json"
+    args.scale_list = [(float(size), [int(n) for n in counts.split(",")])
+                       for size, counts in (part.split(":") for part in args.scale_sets.split(";"))]
     args.model_counts = sorted({int(x) for x in args.models.split(",") if x.strip()})
     args.config_list = []
     for c in args.configs.split(","):
@@ -116,6 +133,7 @@ def one_merge(src: Path, n: int, backend: str, workers: int, cache_dir: Path, ar
     return {"wall_s": m.wall_s, "merge_s": v["seconds"], "pass_seconds": passes, "passes_s": pass_s,
             "setup_s": v["seconds"] - pass_s, "outside_s": m.wall_s - v["seconds"], "shard_seconds": d.get("shard_seconds"),
             "passes": v["passes"], "tree_peak_rss": m.tree_peak_rss, "tree_peak_single": m.tree_peak_single,
+            "tree_peak_anon": m.tree_peak_anon, "compiled": "mmer: compiling" in m.stderr,
             "maxrss": m.maxrss, "tree_cpu_s": m.tree_cpu_s, "processes": m.tree_processes,
             "mask_density": v["mask_density"], "tau_star_density": v["tau_star_density"], "params_field": params}
 
@@ -247,11 +265,88 @@ def print_tables(summary: list[dict], ray: dict, args, params: int, neuro_params
         console.print(t)
 
 
+def largest_chunk_elems(store: Path) -> int:
+    """The most entries of one chunk of any tensor of the store (what one stacked read holds per array)."""
+    from mmer_dist.store.store import Store
+
+    return max(t.rows_per_chunk * t.cols if t.rows > t.rows_per_chunk else t.rows * t.cols
+               for t in Store.open(str(store)).catalog().tensors)
+
+
+def run_scale(args, log) -> list[dict]:
+    """Warm merges at each N of each model size, one kernel cache for all (the first merge fills it)."""
+    rows = []
+    cache = Path(tempfile.mkdtemp(prefix="kernel-cache-", dir=OUT_DIR))
+    try:
+        for size, counts in args.scale_list:
+            nmax = max(counts)
+            cs = ensure_checkpoints(size, nmax, log=log)
+            src = ensure_store(cs, nmax, log=log)
+            chunk = largest_chunk_elems(src)
+            for n in counts:
+                kinds = (["first"] if not rows else []) + ["warm"] * args.repeats
+                for kind in kinds:
+                    r = one_merge(src, n, "local", 1, cache, args)
+                    r.update(n=n, params=cs.params, cache=kind, chunk_elems=chunk)
+                    if "error" in r:
+                        log(f"  {cs.params / 1e6:.0f}M N={n} {kind}: [red]{r['error']}[/red]")
+                    else:
+                        log(f"  {cs.params / 1e6:.0f}M N={n} {kind}: wall {r['wall_s']:.1f}s, merge() {r['merge_s']:.1f}s, "
+                            f"passes {json.dumps(r['pass_seconds'])}, RSS {fmt_bytes(r['tree_peak_rss'])} "
+                            f"(anon {fmt_bytes(r['tree_peak_anon'])}){', compiled' if r['compiled'] else ''}")
+                    rows.append(r)
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+    return rows
+
+
+def print_scale_table(rows: list[dict], args) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from mmer_dist.merge.passes import StoreChunkReader
+
+    t = Table(title="mmer merge of many models (TIES/MMER, K=0.8, global; local, 1 worker, compiled kernels from one "
+                    f"cache; median of {args.repeats} warm runs)")
+    for c in ("params", "N", "runs", "compiled", "wall s", "merge() s", "passes s", "s/model (wall)",
+              "s/model (passes)", "CPU s/model", "RSS tree", "RSS anon", "stacked chunks"):
+        t.add_column(c, justify="right", no_wrap=True)
+    keys = sorted({(r["params"], r["n"]) for r in rows if "error" not in r})
+    for params, n in keys:
+        warm = [r for r in rows if (r["params"], r["n"]) == (params, n) and "error" not in r and r["cache"] == "warm"]
+        first = [r for r in rows if (r["params"], r["n"]) == (params, n) and "error" not in r and r["cache"] == "first"]
+        if not warm:
+            continue
+        med = lambda k: statistics.median(x[k] for x in warm)  # noqa: E731
+        stacked = StoreChunkReader.RING * (n + 1) * warm[0]["chunk_elems"] * 2  # bf16
+        t.add_row(f"{params / 1e6:.0f}M", str(n), str(len(warm)), "no" if not any(r["compiled"] for r in warm) else "yes",
+                  f"{med('wall_s'):.2f}", f"{med('merge_s'):.2f}", f"{med('passes_s'):.2f}", f"{med('wall_s') / n:.3f}",
+                  f"{med('passes_s') / n:.3f}", f"{med('tree_cpu_s') / n:.3f}", fmt_bytes(max(x["tree_peak_rss"] for x in warm)),
+                  fmt_bytes(max(x["tree_peak_anon"] for x in warm)), fmt_bytes(stacked))
+        for r in first:
+            t.add_row(f"{params / 1e6:.0f}M", str(n), "first", "yes" if r["compiled"] else "no", f"{r['wall_s']:.2f}",
+                      f"{r['merge_s']:.2f}", f"{r['passes_s']:.2f}", "", "", "", fmt_bytes(r["tree_peak_rss"]),
+                      fmt_bytes(r["tree_peak_anon"]), "")
+    Console(width=200).print(t)
+    print("CPU s/model: the process tree's CPU seconds per model (on a shared machine less noisy than wall time). "
+          "RSS tree: peak of the process tree's summed RSS; RSS anon: its anonymous part (file-backed pages, the "
+          "chunk files the reader maps, are page cache). stacked chunks: the reader's bound, "
+          f"{StoreChunkReader.RING} x (N + 1) x the largest chunk x 2 bytes (bf16), mapped from the page cache; the "
+          "only memory that grows with N. first: the merge that filled the empty kernel cache (every later N loads it).")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from rich.console import Console
 
     log = Console(stderr=True).print
+    if args.scale:
+        rows = run_scale(args, log)
+        print_scale_table(rows, args)
+        write_json(args.out, {"benchmark": "merge_scale", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                              "argv": sys.argv[1:], "environment": environment(), "runs": rows})
+        log(f"wrote {args.out}")
+        return 0 if all("error" not in r for r in rows) else 1
     nmax = max(args.model_counts)
     cs = ensure_checkpoints(args.params, nmax, log=log)
     src = ensure_store(cs, nmax, log=log)

@@ -4,7 +4,8 @@ tree (Ray starts its own processes, inductor its compile workers), sampled with 
 ``run_timed(cmd)`` returns wall seconds, the exit code, the kernel's max RSS of the command and
 its waited-for descendants (``wait4`` ru_maxrss: what ``/usr/bin/time -v`` prints as maximum
 resident set size), and from 0.1 s samples of the whole tree: the peak of the summed RSS (an upper
-bound: shared library pages count once per process), the largest single process RSS, and the CPU
+bound: shared library pages count once per process) and of its anonymous part (RSS less file-backed
+pages: mapped chunk files are page cache), the largest single process RSS, and the CPU
 seconds of every process seen (the last sample of each, so a process living less than one period
 is missed).
 """
@@ -29,6 +30,7 @@ class Measured:
     rusage_cpu_s: float  # user + sys of the command and its waited descendants
     tree_peak_rss: int = 0  # peak of the summed RSS over the process tree
     tree_peak_single: int = 0  # largest RSS of one process of the tree
+    tree_peak_anon: int = 0  # peak of the summed anonymous RSS (RSS less file-backed and shared pages)
     tree_cpu_s: float = 0.0  # CPU seconds of every process seen in the tree
     tree_processes: int = 0
     tree_read_bytes: int = 0  # bytes the tree's processes read through system calls (rchar: page cache hits too)
@@ -41,7 +43,7 @@ class TreeSampler(threading.Thread):
     def __init__(self, pid: int, period: float = 0.1):
         super().__init__(daemon=True)
         self.pid, self.period = pid, period
-        self.peak_sum = self.peak_single = 0
+        self.peak_sum = self.peak_single = self.peak_anon = 0
         self.cpu: dict[int, float] = {}
         self.read: dict[int, int] = {}
         self.done = threading.Event()
@@ -52,11 +54,13 @@ class TreeSampler(threading.Thread):
             procs = [root, *root.children(recursive=True)]
         except psutil.Error:
             return
-        total = 0
+        total = anon = 0
         for p in procs:
             try:
                 with p.oneshot():
-                    rss = p.memory_info().rss
+                    mem = p.memory_info()
+                    rss = mem.rss
+                    anon += rss - getattr(mem, "shared", 0)  # mapped chunk files are page cache, not the merge's
                     t = p.cpu_times()
                     io = p.io_counters() if hasattr(p, "io_counters") else None
                 total += rss
@@ -67,6 +71,7 @@ class TreeSampler(threading.Thread):
             except psutil.Error:
                 continue
         self.peak_sum = max(self.peak_sum, total)
+        self.peak_anon = max(self.peak_anon, anon)
 
     def run(self) -> None:
         while not self.done.is_set():
@@ -112,7 +117,7 @@ def run_timed(cmd: list[str], env: dict | None = None, sample: bool = True, time
     m = Measured(cmd, proc.returncode, wall, ru.ru_maxrss * 1024, ru.ru_utime + ru.ru_stime,
                  stdout="".join(stdout_chunks), stderr="".join(stderr_chunks))
     if sampler:
-        m.tree_peak_rss, m.tree_peak_single = sampler.peak_sum, sampler.peak_single
+        m.tree_peak_rss, m.tree_peak_single, m.tree_peak_anon = sampler.peak_sum, sampler.peak_single, sampler.peak_anon
         m.tree_cpu_s, m.tree_processes = sum(sampler.cpu.values()), len(sampler.cpu)
         m.tree_read_bytes = sum(sampler.read.values())
     return m

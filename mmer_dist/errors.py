@@ -17,5 +17,11 @@ class FormatError(InvalidInputError):
     """A checkpoint that is not in the format it claims, is corrupt, or has unexpected keys."""
 
 
+class CorruptCheckpointError(FormatError):
+    """A checkpoint file that is damaged (truncated, a header that does not parse or does not fit
+    the file): the checkpoint's own problem, which a many-model ingest reports without giving up
+    the other models."""
+
+
 class StoreError(MmerError):
     """A store that is missing, not a store, or in a state the operation cannot work from."""

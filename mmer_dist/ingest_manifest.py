@@ -20,6 +20,9 @@ every model is checked before the first one is written. The manifest is YAML (JS
 Each model is committed on its own, in order, as `mmer ingest --model` would. A model id already
 in the store *from the same path* is skipped, so re-running a manifest after an interruption
 continues where it stopped; the same id from another path is refused before anything is written.
+A damaged checkpoint (truncated, a header that does not parse, non-finite weights) is refused
+with its reason, naming it, and the other models are ingested all the same: the command then
+exits with an error listing the refused ones, and a re-run after replacing them ingests just those.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from pathlib import Path
 import yaml
 
 from mmer_dist import ingest
-from mmer_dist.errors import InvalidInputError, MmerError, StoreError
+from mmer_dist.errors import CorruptCheckpointError, InvalidInputError, MmerError, StoreError
 from mmer_dist.formats.mapping import FORMAT_NAMES
 from mmer_dist.store import layout
 from mmer_dist.store.store import Store
@@ -138,11 +141,13 @@ def ingest_manifest(url: str, manifest: Manifest, *, progress: bool = True, log=
     skipped. Every model is opened and checked (format, files, then architecture against the
     base) before the first model is written."""
     started = time.perf_counter()
-    sources = []
+    sources, refused = [], {}
     for m in manifest.models:
         try:
             sources.append(ingest.open_model(m.id, m.path, m.modality, fmt=m.format, mapping_file=m.mapping,
                                              lam=m.lam, task=m.task))
+        except CorruptCheckpointError as e:  # the checkpoint's own damage: the other models go on
+            refused[m.id] = str(e)
         except MmerError as e:
             raise type(e)(f"manifest {manifest.source}, model {m.id!r}: {e}") from None
     base_ingested = _ingest_base(url, manifest, progress)
@@ -163,12 +168,28 @@ def ingest_manifest(url: str, manifest: Manifest, *, progress: bool = True, log=
         todo.append(source)
     if skipped and progress:
         log(f"already in the store from the same path, skipped: {', '.join(skipped)}")
+    ingested = []
     for source in todo:
-        ingest.ingest_source(url, source, progress=progress)
+        try:
+            ingest.ingest_source(url, source, progress=progress)
+        except InvalidInputError as e:  # its weights (non-finite, cut short): nothing of it was committed
+            refused[source.model_id] = str(e)
+        else:
+            ingested.append(source.model_id)
     if progress:
-        what = (["the base"] if base_ingested else []) + ([f"{len(todo)} models"] if todo else [])
+        what = (["the base"] if base_ingested else []) + ([f"{len(ingested)} models"] if ingested else [])
         log(f"ingested {' and '.join(what) or 'nothing new'} in {time.perf_counter() - started:.1f}s")
-    return {"ingested": [s.model_id for s in todo], "skipped": skipped}
+    if refused:
+        raise CorruptCheckpointError(_refusal(manifest, refused, len(ingested)))
+    return {"ingested": ingested, "skipped": skipped}
+
+
+def _refusal(manifest: Manifest, refused: dict[str, str], ingested: int) -> str:
+    """One line: which models were refused and why, and what became of the others."""
+    what = "; ".join(f"{model_id!r}: {reason}" for model_id, reason in refused.items())
+    return (f"manifest {manifest.source}: refused {len(refused)} damaged checkpoint(s), {what}; the other "
+            f"{ingested} new model(s) were ingested. Replace the damaged checkpoint(s) (or drop them from the "
+            "manifest) and run it again: models already in the store are skipped")
 
 
 def _ingest_base(url: str, manifest: Manifest, progress: bool) -> bool:

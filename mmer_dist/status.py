@@ -53,7 +53,7 @@ def print_status(url: str, as_json: bool = False) -> None:
         # short fields never wrap (a narrow terminal squeezes the per-model column instead)
         versions.add_column(col, no_wrap=col not in ("created", "mask density per model"))
     for v in status["versions"]:
-        density = "\n".join(f"{m} {d:.3f} (lambda {lam:g})" for m, d, lam in zip(v["models"], v["mask_density"], v["lams"]))
+        density = _densities(v["models"], v["mask_density"], v["lams"])
         dare = f"+dare {v['dare_rate']:g}" if v["dare_rate"] else ""
         served = "serving" if status["serving"] and status["serving"]["version"] == v["version"] else ""
         versions.add_row(str(v["version"]), served, v["created_at"].replace("T", " ")[:19], v["method"] + dare, v["mask_rule"],
@@ -65,3 +65,18 @@ def print_status(url: str, as_json: bool = False) -> None:
         console.print(f"serving version {status['serving']['version']}"
                       + (f" (promoted: {' -> '.join(map(str, stack))}; `mmer rollback` goes back one)" if stack
                          else " (the latest; none promoted yet)"))
+
+
+# A version of more models than this gets one summary line in the table instead of one per model
+# (`--json` lists every model): a store of 64 models and 64 versions would print 4096 lines.
+DENSITY_LINES = 8
+
+
+def _densities(models: list[str], densities: list[float], lams: list[float]) -> str:
+    if len(models) <= DENSITY_LINES:
+        return "\n".join(f"{m} {d:.3f} (lambda {lam:g})" for m, d, lam in zip(models, densities, lams))
+    order = sorted(range(len(models)), key=densities.__getitem__)
+    lo, mid, hi = order[0], order[len(order) // 2], order[-1]
+    lam_range = f"{min(lams):g}" if min(lams) == max(lams) else f"{min(lams):g}-{max(lams):g}"
+    return (f"{len(models)} models: min {densities[lo]:.3f} ({models[lo]}), median {densities[mid]:.3f}, "
+            f"max {densities[hi]:.3f} ({models[hi]}); lambda {lam_range}")

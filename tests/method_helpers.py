@@ -57,12 +57,26 @@ class MemoryWriter:
         self.tau_star = {k: torch.full(as_2d(v).shape, float("nan")) for k, v in base.items()}
         self.masks = [{k: torch.zeros(as_2d(v).shape, dtype=torch.bool) for k, v in base.items()} for _ in range(n_models)]
         self.shapes = {k: v.shape for k, v in base.items()}
+        self.kept = {}  # (tensor, chunk index) -> MajorityAlternative
 
     def write(self, chunk: ChunkSpec, tau_star, packed):
         sl = slice(chunk.row_start, chunk.row_stop)
         self.tau_star[chunk.tensor][sl] = tau_star
         for i, p in enumerate(packed):
             self.masks[i][chunk.tensor][sl] = unpack_bits(p, chunk.cols)
+
+    def keep_alternative(self, chunk: ChunkSpec, alternative):
+        self.kept[(chunk.tensor, chunk.index)] = alternative
+
+    def apply_alternative(self, chunk: ChunkSpec, sign: float) -> int:
+        kept = self.kept.get((chunk.tensor, chunk.index))
+        if kept is None or kept.sign != sign:
+            return 0
+        flat = chunk.row_start * chunk.cols + kept.entries
+        self.tau_star[chunk.tensor].view(-1)[flat] = kept.tau_star
+        for i, m in enumerate(kept.masks):
+            self.masks[i][chunk.tensor].view(-1)[flat] = m
+        return int(flat.numel())
 
     def result(self):
         ts = {k: v.reshape(self.shapes[k]) for k, v in self.tau_star.items()}
@@ -71,11 +85,17 @@ class MemoryWriter:
 
 
 def streaming_merge(base, models, settings: MergeSettings, model_ids, rows_per_chunk=3, compile=False,
-                    cached_high=None, block_elems=1 << 20, fuse=None):
+                    cached_high=None, block_elems=1 << 20, fuse=None, assumed=None):
+    """The streaming merge in memory; ``assumed``: a decided state (thresholds and majority signs,
+    ``MergeDriver.decided_state``'s form) to start from, its majority checked in the final pass,
+    as a version derived from another does."""
     chunks = chunk_specs(base, rows_per_chunk)
     sizes = {k: v.numel() for k, v in base.items()}
     kernels = ChunkKernels(settings, list(model_ids), compile=compile, fuse=fuse)  # validates, naming model ids
     driver = MergeDriver(settings, sizes, len(models), cached_high=cached_high)
+    if assumed is not None:
+        driver.restore(assumed)
+        driver.check_majority = True
     writer = MemoryWriter(base, len(models))
     stats = run_local(driver, chunks, MemoryReader(base, models), kernels, writer, block_elems=block_elems,
                       device=TEST_DEVICE)

@@ -1,7 +1,7 @@
 """Chunk kernels compiled ahead of time and cached on disk (``mmer_dist.merge.kernel_cache``).
 
 Against eager kernels: tau*, masks, thresholds, majority and the pass sequence bit-identical
-(every pass: TIES with float32 noise deltas runs HighPass, LowPass and FinalPass, so all four
+(every pass: TIES with float32 noise deltas runs HighPass, LowPass and FinalPass, so all five
 kernels are built), with one tensor narrow enough to take the eager path beside fused ones. Then a
 new process loads the packages: no compile, no dynamo import, same results.
 """
@@ -18,6 +18,7 @@ from method_helpers import assert_bit_identical, bits, streaming_merge
 
 from mmer_dist.merge.kernel_cache import aot_fuser
 from mmer_dist.method import MergeSettings
+from mmer_dist.method import kernels as kernels_module
 from mmer_dist.method.reference import reference_merge
 
 pytestmark = pytest.mark.slow
@@ -45,7 +46,7 @@ def test_aot_kernels_equal_eager(cache_dir):
     ts_e, m_e, drv_e, st_e = streaming_merge(base, models, SETTINGS, IDS, rows_per_chunk=4)
     ts_a, m_a, drv_a, st_a = streaming_merge(base, models, SETTINGS, IDS, rows_per_chunk=4, fuse=aot_fuser(str(cache_dir)))
     assert drv_a.passes_run == drv_e.passes_run == ["HighPass", "LowPass", "FinalPass"]
-    assert sorted(p.name.split("-")[0] for p in cache_dir.glob("*.pt2")) == ["final", "high", "signs", "tau"]
+    assert sorted(p.name.split("-")[0] for p in cache_dir.glob("*.pt2")) == ["high", "masks", "merged", "signs", "tau"]
     for k in base:
         assert torch.equal(bits(ts_a[k]), bits(ts_e[k])), k
         for i in range(len(IDS)):
@@ -54,6 +55,39 @@ def test_aot_kernels_equal_eager(cache_dir):
     assert drv_a.majority == drv_e.majority
     assert {g: t.tolist() for g, t in drv_a.thresholds().items()} == {g: t.tolist() for g, t in drv_e.thresholds().items()}
     assert_bit_identical(ts_a, m_a, reference_merge(base, models, SETTINGS, IDS))
+
+
+def test_the_packages_serve_any_number_of_models(cache_dir, capfd, monkeypatch):
+    """Built for three models, the same packages merge 1, 2, 32 and 64 (no compile), and a derived
+    merge's final pass (its sign tally and zero-sum map) runs through them too: every result is
+    the oracle's, bit for bit. 2**-8-step deltas make exact zero sign sums and threshold ties.
+    Masks are made a few models at a time here (as a big chunk's are at any N)."""
+    if not list(cache_dir.glob("*.pt2")):
+        test_aot_kernels_equal_eager(cache_dir)
+    capfd.readouterr()
+    monkeypatch.setattr(kernels_module, "MASK_GROUP_ENTRIES", 200)  # 2 to 3 models per call on these chunks
+    before = {p.name: p.stat().st_mtime_ns for p in cache_dir.glob("*.pt2")}
+    g = torch.Generator().manual_seed(7)
+    shapes = {"a.weight": (4, 16), "b.weight": (3, 24)}
+    base = {k: torch.randn(s, generator=g).mul(64).round().div(64) for k, s in shapes.items()}
+    for n in (1, 2, 32, 64):
+        ids = [f"m{i}" for i in range(n)]
+        models = [{k: b + torch.randint(-3, 4, b.shape, generator=g) / 256 for k, b in base.items()} for _ in ids]
+        settings = MergeSettings(topk=0.7, lams=tuple(0.5 + (i % 4) / 2 for i in range(n)))
+        ts, ms, drv, _ = streaming_merge(base, models, settings, ids, rows_per_chunk=2, fuse=aot_fuser(str(cache_dir)))
+        ref = reference_merge(base, models, settings, ids)
+        assert_bit_identical(ts, ms, ref)
+        assert drv.majority == ref.majority
+        # the same merge derived with the other majority assumed: the fused final pass counts
+        flipped = {**drv.decided_state(), "majority": {gr: -v for gr, v in drv.majority.items()}}
+        ts, ms, drv, stats = streaming_merge(base, models, settings, ids, rows_per_chunk=2,
+                                             fuse=aot_fuser(str(cache_dir)), assumed=flipped)
+        assert_bit_identical(ts, ms, ref)
+        assert drv.passes_run == (["FinalPass", "ZeroSumPass"] if stats.decided.per_group()["*"] else ["FinalPass"])
+        if n == 32:
+            assert drv.passes_run == ["FinalPass", "ZeroSumPass"]
+    assert {p.name: p.stat().st_mtime_ns for p in cache_dir.glob("*.pt2")} == before  # nothing built
+    assert "compiling" not in capfd.readouterr().err
 
 
 CHILD = """
@@ -105,11 +139,10 @@ def test_kernels_run_without_holding_the_gil(cache_dir):
     g = torch.Generator().manual_seed(0)
     base = torch.randn(4096, 4096, generator=g)
     models = base + torch.randn(3, 4096, 4096, generator=g) * 0.01
-    args = [models, base, torch.full((3,), 1e-3), torch.tensor(1.0), torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64),
-            torch.tensor(0)]
-    final = kernels._fused["final"]
-    final(*args)  # load (or build) the package
-    (runner,) = final._runners.values()
+    args = [models, base, torch.full((3,), 1e-3), torch.tensor(1.0), torch.tensor(0)]
+    merged = kernels._fused["merged"]
+    merged(*args)  # load (or build) the package
+    (runner,) = merged._runners.values()
     assert isinstance(runner, GilFreeRunner)
     stamps, stop = [], threading.Event()
 

@@ -86,6 +86,19 @@ def test_pack_unpack_round_trip(cols, rows):
     assert dens.tolist() == [int(m[i].sum()) / (rows * cols) for i in range(2)]
 
 
+def test_set_packed_bits_changes_only_the_entries_given():
+    g = torch.Generator().manual_seed(3)
+    rows, cols = 5, 21
+    m = torch.rand(3, rows, cols, generator=g) < 0.5
+    packed = mk.pack_bits(m)
+    entries = torch.tensor([0, 1, 7, 8, 20, 22, 23, 104])  # several share a byte; 104 is the last entry
+    values = torch.rand(3, entries.numel(), generator=g) < 0.5
+    mk.set_packed_bits(packed, cols, entries, values)
+    want = m.reshape(3, -1).clone()
+    want[:, entries] = values
+    assert torch.equal(mk.unpack_bits(packed, cols), want.reshape(3, rows, cols))
+
+
 def test_pack_all_ones_and_known_bytes():
     ones = torch.ones(1, 11, dtype=torch.bool)
     assert mk.pack_bits(ones).tolist() == [[255, 7]]  # 8 set, then 3 set and 5 padding zeros

@@ -98,17 +98,23 @@ def test_hand_example_every_step():
 
 def test_hand_example_trim_and_sign_intermediates():
     """The trimmed vectors and elected signs, through the step functions (not only the oracle)."""
-    from mmer_dist.method.elect import disjoint_mean, elect_sign
+    from mmer_dist.method.elect import decided_by_majority, disjoint_mean, elect_sign, signed_sums
     from mmer_dist.method.trim import trim
 
     tau = torch.tensor(TAU)
     trimmed = trim(tau, torch.tensor(THRESHOLDS))
     assert trimmed.tolist() == TRIMMED
-    sign = elect_sign(trimmed, MAJORITY)
+    sums = signed_sums(trimmed)
+    assert sums.total.tolist() == [0.0, -3.0, -1.5, 2.0, -3.0, 0.0]
+    assert (sums.positive.tolist(), sums.n_positive.tolist()) == ([2.0, 1.0, 0.5, 2.0, 0.0, 0.0], [1, 1, 1, 2, 0, 0])
+    assert (sums.negative.tolist(), sums.n_negative.tolist()) == ([-2.0, -4.0, -2.0, 0.0, -3.0, 0.0], [2, 2, 1, 0, 3, 0])
+    sign = elect_sign(sums, MAJORITY)
     assert sign.tolist() == SIGN
-    assert disjoint_mean(trimmed, sign).tolist() == TAU_STAR
+    assert disjoint_mean(sums, sign).tolist() == TAU_STAR
+    # p0's zero sum is the majority's choice; p5's (every trimmed entry 0) is no one's
+    assert decided_by_majority(sums).tolist() == [True, False, False, False, False, False]
     # with a + majority the zero-sum p0 would elect + and take model 0's 2.0 alone
-    assert disjoint_mean(trimmed, elect_sign(trimmed, 1.0)).tolist()[0] == 2.0
+    assert disjoint_mean(sums, elect_sign(sums, 1.0)).tolist()[0] == 2.0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from mmer_dist.errors import FormatError
+from mmer_dist.errors import CorruptCheckpointError, FormatError
 
 INDEX_NAME = "model.safetensors.index.json"
 # Weight files in any format; everything else in the directory is an auxiliary file (config,
@@ -59,17 +59,17 @@ def read_header(path: Path) -> dict[str, Any]:
     with open(path, "rb") as f:
         prefix = f.read(8)
         if len(prefix) < 8:
-            raise FormatError(f"{path}: not a safetensors file ({size} bytes, no header length)")
+            raise CorruptCheckpointError(f"{path}: not a safetensors file ({size} bytes, no header length)")
         (header_len,) = struct.unpack("<Q", prefix)
         if header_len > _MAX_HEADER_BYTES or 8 + header_len > size:
-            raise FormatError(f"{path}: header length {header_len} does not fit a {size}-byte file (corrupt or truncated)")
+            raise CorruptCheckpointError(f"{path}: header length {header_len} does not fit a {size}-byte file (corrupt or truncated)")
         raw = f.read(header_len)
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{path}: safetensors header does not parse ({e})") from e
+        raise CorruptCheckpointError(f"{path}: safetensors header does not parse ({e})") from e
     if not isinstance(header, dict):
-        raise FormatError(f"{path}: safetensors header is not a JSON object")
+        raise CorruptCheckpointError(f"{path}: safetensors header is not a JSON object")
     header.pop("__metadata__", None)
     data_size = size - 8 - header_len
     spans = sorted(_check_entry(path, key, entry, data_size) for key, entry in header.items())
@@ -77,10 +77,10 @@ def read_header(path: Path) -> dict[str, Any]:
     position = 0
     for begin, end, key in spans:
         if begin != position:
-            raise FormatError(f"{path}: tensor {key!r} starts at data byte {begin}, expected {position} (overlap or gap)")
+            raise CorruptCheckpointError(f"{path}: tensor {key!r} starts at data byte {begin}, expected {position} (overlap or gap)")
         position = end
     if position != data_size:
-        raise FormatError(f"{path}: tensors cover {position} data bytes but the file holds {data_size}")
+        raise CorruptCheckpointError(f"{path}: tensors cover {position} data bytes but the file holds {data_size}")
     return header
 
 
@@ -90,14 +90,14 @@ def _check_entry(path: Path, key: str, entry: Any, data_size: int) -> tuple[int,
         shape = [int(d) for d in entry["shape"]]
         begin, end = (int(o) for o in entry["data_offsets"])
     except (KeyError, TypeError, ValueError) as e:
-        raise FormatError(f"{path}: header entry for {key!r} is malformed or has an unsupported dtype ({entry!r})") from e
+        raise CorruptCheckpointError(f"{path}: header entry for {key!r} is malformed or has an unsupported dtype ({entry!r})") from e
     numel = 1
     for d in shape:
         numel *= d
     if end - begin != numel * dtype.itemsize or begin < 0:
-        raise FormatError(f"{path}: tensor {key!r} data_offsets {[begin, end]} do not match shape {shape} {entry['dtype']}")
+        raise CorruptCheckpointError(f"{path}: tensor {key!r} data_offsets {[begin, end]} do not match shape {shape} {entry['dtype']}")
     if end > data_size:
-        raise FormatError(f"{path}: tensor {key!r} ends at byte {end} but the file holds {data_size} data bytes (truncated)")
+        raise CorruptCheckpointError(f"{path}: tensor {key!r} ends at byte {end} but the file holds {data_size} data bytes (truncated)")
     return begin, end, key
 
 
@@ -215,7 +215,7 @@ class CheckpointReader:
         while done < nbytes:
             got = os.preadv(fd, [view[done:]], offset + done)
             if got == 0:
-                raise FormatError(f"{info.file}: ends early (truncated while being read?)")
+                raise CorruptCheckpointError(f"{info.file}: ends early (truncated while being read?)")
             done += got
         return buf.view(info.dtype)
 

@@ -139,14 +139,9 @@ def drive_passes(driver: streaming.MergeDriver, backend: Backend, plan: MergePla
         pass_seconds[name] = round(time.perf_counter() - t0, 3)
         shard_seconds[name] = {s.index: round(sec, 3) for s, (_, sec) in zip(todo, results)}
         partials = [r for r, _ in results] + [final_stats_from_record(d) for d in done.values()]
-        reruns = driver.majority_reruns
         driver.accept(streaming.merge_results(partials))
         decided = driver.decided_state()
-        if driver.majority_reruns != reruns:  # an assumed majority sign was wrong: redo the final pass
-            staging.forget_done_shards()
-            staging.save_state(decided)
-            state = decided
-        elif decided is not None and state is None:  # a resumed run can skip to the final pass
+        if decided is not None and state is None:  # a resumed run can skip to the final pass
             staging.save_state(decided)
             state = decided
     return {"pass_seconds": pass_seconds, "shard_seconds": shard_seconds}
@@ -163,9 +158,10 @@ def merge(url: str, request: MergeRequest | Callable[[Catalog], MergeRequest], b
     the version served then, never from one read before). ``known(catalog, plan)`` may give
     a decided state (threshold bits and majority signs, ``MergeDriver.decided_state``'s form) to
     start from: the thresholds must be exact, the majority signs are checked during the final
-    pass (and the pass redone if they were wrong), so the result is the same as counting them.
-    ``amend(catalog)`` changes the catalog in the version's own commit (``mmer remove`` marks its
-    model removed there: one commit, so a kill leaves both undone or both done)."""
+    pass (and the entries they decided rewritten if they were wrong, ``streaming.ZeroSumPass``),
+    so the result is the same as counting them. ``amend(catalog)`` changes the catalog in the
+    version's own commit (``mmer remove`` marks its model removed there: one commit, so a kill
+    leaves both undone or both done)."""
     started = time.time()
     store = Store.open(url)
     # The catalog is read under the writer lock: read before it, a version published meanwhile
@@ -219,8 +215,9 @@ def version_record(catalog: Catalog, plan: MergePlan, driver: streaming.MergeDri
     details = dict(
         thresholds={g: v.tolist() for g, v in driver.thresholds().items()} if global_scope else "per-tensor",
         majority=driver.majority if global_scope else _majority_summary(driver.majority),
-        resumed=resumed, shards=[s.describe() for s in plan.shards], majority_reruns=driver.majority_reruns,
-        **timings)
+        resumed=resumed, shards=[s.describe() for s in plan.shards],
+        decided_by_majority=stats.decided.per_group() if global_scope else sum(stats.decided.per_group().values()),
+        majority_rewritten=driver.rewritten_entries, **timings)
     return VersionRecord(
         version=plan.version, created_at=utc_now(), **settings.record(), models=list(plan.model_ids),
         mask_density=[int(c) / params for c in stats.mask_counts],

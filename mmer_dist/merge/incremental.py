@@ -8,17 +8,20 @@ knows most of the first:
 - each model's trim threshold depends on that model alone (and K, scope): the served version's
   details record them, so only an added model's threshold is found, by a pass over that model
   and the base (``model_thresholds``) — 2 arrays read instead of N + 2;
-- the majority sign (used only where the elected sign sum is exactly 0) depends on every model,
-  but adding or removing one rarely flips it: the served version's is assumed, and the final
-  pass counts the elected signs as it goes; if the count disagrees, the final pass is redone
-  with the counted sign (``MergeDriver.check_majority``).
+- the majority sign depends on every model, but it only decides the entries whose trimmed sign
+  sum is exactly 0 (with some entry nonzero): the served version's is assumed, and the final pass
+  counts the elected signs as it goes, counts those entries, and keeps their values under the
+  other sign beside the version. If the counted majority differs and such entries exist, a
+  ``ZeroSumPass`` rewrites just them from what was kept, reading no model; if none exists, a
+  wrong guess changed nothing (``streaming.FinalPass``, ``MergeDriver.finish``).
 
-So a derived version costs about one pass where a re-merge costs two, and equals a from-scratch
-merge of the same models in the same order bit for bit (tests hold it to that). Per-entry sums
-and sign counts of the task vectors (which would make tau* an update by the new model alone)
-are deliberately not kept: the masks compare every model's tau_i with the new tau*, so the final
-pass reads every model anyway, and those statistics (~14 bytes per parameter, 7 bf16 models'
-worth) would save no read (bench/add_bench.py measures both paths).
+So a derived version reads each stored model once (one final pass, whatever the new model does
+to the majority) where a re-merge reads it twice, and equals a from-scratch merge of the same
+models in the same order bit for bit (tests hold it to that). Per-entry sums and sign counts of
+the task vectors (which would make tau* an update by the new model alone) are deliberately not
+kept: the masks compare every model's tau_i with the new tau*, so the final pass reads every
+model anyway, and those statistics (~14 bytes per parameter, 7 bf16 models' worth) would save no
+read (bench/add_bench.py measures both paths).
 
 When nothing is reusable (per-tensor scope, whose thresholds are not recorded; DARE, whose
 dropped task vectors change with the model set), it is an ordinary merge of the same models.

@@ -16,9 +16,10 @@ so one package serves a 2-CPU process and a 16-CPU Ray actor alike.
 Packages live in one directory per user (``MMER_KERNEL_CACHE``, else
 ``$XDG_CACHE_HOME/mmer/kernels`` or ``~/.cache/mmer/kernels``), independent of any store. The
 driver resolves it and sends it to Ray actors in the job, so every process on a node shares the
-same packages; a node without them builds them once. A package's key names everything baked into
-it: the kernel, the constants bound into it (merge method, mask rule, number of models), the
-input dtypes, ranks and device, the example sizes, the torch version and a digest of
+same packages; a node without them builds them once. The number of models, like the chunk's rows
+and columns, is a run-time size: a merge or add of any N loads the same packages. A package's key
+names everything baked into it: the kernel, the constants bound into it (merge method, mask rule),
+the input dtypes, ranks and device, the example sizes, the torch version and a digest of
 ``mmer_dist/method``'s source (a code change invalidates old packages). Builders take a file lock
 and publish by rename, so concurrent processes never load a half-written package; the library
 extracted from a package (``<package>.so`` beside it) is published the same way.
@@ -38,6 +39,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from mmer_dist.method.kernels import FUSED_MAX_MODELS
 
 ENV_VAR = "MMER_KERNEL_CACHE"
 
@@ -75,7 +78,9 @@ class _Bound(torch.nn.Module):
 # kernel fused: 2.5x faster than a general width); chunks of other widths run eagerly. They are
 # also inductor's size hints: it splits a loop across threads only where the hint promises enough
 # work, so they are a real chunk's size (a 13 x 24 example compiled every loop single-threaded).
-_EXAMPLE = {"rows": 256, "cols": 4096}
+# The number of models is a dynamic axis too (kernels sum over it in a reduction, see
+# ``task_vectors.model_sum``): one package serves every N up to ``FUSED_MAX_MODELS``.
+_EXAMPLE = {"models": 8, "rows": 256, "cols": 4096}
 COLS_MULTIPLE = 8
 
 
@@ -130,7 +135,8 @@ class AotKernel:
                 return
             print(f"mmer: compiling the {self.name} kernel into {path.parent} (once; later processes load it)",
                   file=sys.stderr, flush=True)
-            axes = {"rows": Dim("rows", min=1), "cols": COLS_MULTIPLE * Dim("col_bytes", min=2)}
+            axes = {"models": Dim("models", min=1, max=FUSED_MAX_MODELS), "rows": Dim("rows", min=1),
+                    "cols": COLS_MULTIPLE * Dim("col_bytes", min=2)}
             examples = tuple(torch.ones([_EXAMPLE.get(n, n) if isinstance(n, str) else n for n in shape],
                                         dtype=dtype, device=device) for dtype, device, shape in sig)
             dynamic = tuple({d: axes[n] for d, n in spec.items()} or None for spec in self.dims)

@@ -7,16 +7,19 @@ streaming ``run_pass`` and, after a final pass, marks the shard complete in the 
 
 from __future__ import annotations
 
+import io
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from mmer_dist.method import streaming
 from mmer_dist.method.elect import SignCounts
-from mmer_dist.method.kernels import ChunkKernels
+from mmer_dist.method.kernels import EAGER_BLOCK_ENTRIES, ChunkKernels
+from mmer_dist.method.masks import pack_bits, set_packed_bits, unpack_bits
 from mmer_dist.method.settings import MergeSettings
 from mmer_dist.merge.plan import ShardSpec
 from mmer_dist.store import layout, mapped
@@ -48,11 +51,13 @@ class StoreChunkReader:
     stores, decompression) overlaps compute. At most two chunks are held at a time.
     """
 
-    # Buffers cycled through: the chunk being computed on, the one being read ahead, and one
-    # spare for a caller still holding the previous chunk. Reusing them (instead of a fresh
-    # allocation per chunk, which the kernel has to fault in page by page) saves sys time. Each
-    # has a mapped twin: chunks whose files can be mapped side by side are not copied at all.
-    RING = 3
+    # Buffers cycled through: the chunk being computed on and the one being read ahead (a chunk
+    # is valid until the next ``read``: every pass is done with it by then). Reusing them (instead
+    # of a fresh allocation per chunk, which the kernel has to fault in page by page) saves sys
+    # time. Each has a mapped twin: chunks whose files can be mapped side by side are not copied
+    # at all. These two stacked chunks, (N + 1) x chunk entries each, are the only memory of a
+    # merge that grows with N (``worker_memory_bytes``); mapped, they are the page cache's pages.
+    RING = 2
 
     def __init__(self, store: Store, model_ids: tuple[str, ...], prefetch: Sequence[streaming.ChunkSpec] = (),
                  verified: set | None = None):
@@ -131,6 +136,37 @@ class VersionWriter:
         self._pending.append((self._pool.submit(self._write_now, layout.version_tau_star(self.version), chunk, tau_star),
                               self._pool.submit(self._write_now, layout.version_masks(self.version), chunk, packed)))
 
+    def _alternative_path(self, chunk: streaming.ChunkSpec) -> str:
+        # in the version's staging: removed with it when the version is published or abandoned
+        return f"{layout.version_staging(self.version)}/majority/{chunk.tensor}/{chunk.index:06d}.npz"
+
+    def keep_alternative(self, chunk: streaming.ChunkSpec, alternative: streaming.MajorityAlternative) -> None:
+        out = io.BytesIO()
+        np.savez(out, sign=np.float32(alternative.sign), entries=alternative.entries.to(torch.int64).numpy(),
+                 tau_star=alternative.tau_star.numpy(), masks=pack_bits(alternative.masks).numpy(),
+                 count=np.int64(alternative.entries.numel()))
+        self.store.put_bytes(self._alternative_path(chunk), out.getvalue())
+
+    def apply_alternative(self, chunk: streaming.ChunkSpec, sign: float) -> int:
+        """Rewrites the chunk's tau* and masks where the kept alternative says (read back from the
+        version, not from the models)."""
+        path = self._alternative_path(chunk)
+        if not self.store.exists_path(path):
+            return 0
+        with np.load(io.BytesIO(self.store.get_bytes(path)), allow_pickle=False) as kept:
+            if float(kept["sign"]) != sign:
+                return 0
+            entries, tau_alt = torch.from_numpy(kept["entries"]), torch.from_numpy(kept["tau_star"])
+            masks_alt = unpack_bits(torch.from_numpy(kept["masks"]), int(kept["count"]))
+        tau_path = f"{layout.version_tau_star(self.version)}/{chunk.tensor}"
+        mask_path = f"{layout.version_masks(self.version)}/{chunk.tensor}"
+        tau_star = self.store.read(tau_path, slice(chunk.row_start, chunk.row_stop)).contiguous()
+        masks = self.store.read(mask_path, slice(None), slice(chunk.row_start, chunk.row_stop)).contiguous()
+        tau_star.view(-1)[entries] = tau_alt
+        set_packed_bits(masks, chunk.cols, entries, masks_alt)
+        self.write(chunk, tau_star, masks)
+        return int(entries.numel())
+
     def close(self) -> None:
         try:
             for pair in self._pending:
@@ -156,7 +192,7 @@ class ShardWorker:
     def run(self, request: streaming.PassRequest, progress: Callable[[int], None] | None = None):
         """Returns (partial result, seconds). A final pass marks the shard done when finished."""
         started = time.perf_counter()
-        writer = VersionWriter(self.store, self.job.version) if request.writes else None
+        writer = VersionWriter(self.store, self.job.version) if request.writes or request.rewrites else None
         reader = StoreChunkReader(self.store, self.job.model_ids, prefetch=self.shard.chunks, verified=self.verified)
         try:
             result = streaming.run_pass(request, self.shard.chunks, reader, self.kernels, writer=writer,
@@ -185,7 +221,9 @@ def make_kernels(job: MergeJob) -> ChunkKernels:
 
 def final_stats_record(stats: streaming.FinalStats, seconds: float) -> dict:
     record = {"mask_counts": stats.mask_counts.tolist(), "nonzero": stats.nonzero, "entries": stats.entries,
-              "seconds": seconds}
+              "seconds": seconds,
+              "decided": [[g, sign, n, stats.decided.changes[(g, sign)].tolist() if (g, sign) in stats.decided.changes
+                           else None] for (g, sign), n in stats.decided.entries.items()]}
     if stats.signs is not None:
         record["signs"] = {g: c.tolist() for g, c in stats.signs.groups.items()}
     return record
@@ -195,17 +233,24 @@ def final_stats_from_record(record: dict) -> streaming.FinalStats:
     signs = None
     if "signs" in record:
         signs = SignCounts({g: torch.tensor(c, dtype=torch.int64) for g, c in record["signs"].items()})
+    decided = streaming.MajorityDecided(
+        {(g, float(sign)): n for g, sign, n, _ in record["decided"]},
+        {(g, float(sign)): torch.tensor(c, dtype=torch.int64) for g, sign, _, c in record["decided"] if c is not None})
     return streaming.FinalStats(torch.tensor(record["mask_counts"], dtype=torch.int64), record["nonzero"],
-                                record["entries"], signs)
+                                record["entries"], signs, decided)
 
 
 def worker_memory_bytes(job: MergeJob, shard: ShardSpec) -> int:
-    """What one shard worker needs: its largest chunk for N models plus float32 temporaries
-    (the working set is bounded by a chunk, not by the shard), and the interpreter and torch."""
+    """What one shard worker needs: the reader's stacked chunks for N models (float32 at worst:
+    fine-tunes in other dtypes than the base are read upcast), the fused kernels' per-chunk
+    outputs and sums (the packed masks are N / 8 bytes per entry), eager blocks (bounded by
+    ``EAGER_BLOCK_ENTRIES`` across models), and the interpreter and torch. The working set is
+    bounded by a chunk, not by the shard."""
     largest = max((c.numel for c in shard.chunks), default=0)
-    # the reader's ring of buffers (fine-tunes in other dtypes than the base are read as float32)
-    per_entry = (len(job.model_ids) + 1) * (StoreChunkReader.RING * 4 + 4 * 4) + 4 * 3
-    return int(largest * per_entry + (1 << 30))
+    n = len(job.model_ids)
+    stacked = StoreChunkReader.RING * (n + 1) * 4
+    kernels = 4 * 7 + n / 8  # tau*, the signed sums and counts, the zero-sum map; packed masks
+    return int(largest * (stacked + kernels) + EAGER_BLOCK_ENTRIES * 4 * 6 + (1 << 30))
 
 
 def run_shard_pass(job: MergeJob, shard: ShardSpec, request: streaming.PassRequest,

@@ -26,7 +26,8 @@ def task_arithmetic_sum(tau: torch.Tensor) -> torch.Tensor:
 
 
 def naive_mean(tau: torch.Tensor) -> torch.Tensor:
-    return exact_div(model_sum(tau), float(tau.shape[0]))
+    # N as a tensor: a kernel compiled for any N must not bake it in as a constant
+    return exact_div(model_sum(tau), torch.full((), tau.shape[0], dtype=tau.dtype, device=tau.device))
 
 
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:

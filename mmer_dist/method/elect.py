@@ -6,12 +6,20 @@
 - disjoint mean: tau* = sum_i (trimmed tau_i where sign(trimmed tau_i) == s)
   / max(1, number of those entries). Zeros never agree with s (s is +-1).
 Sums over models run in model order (``task_vectors.model_sum``).
+
+Both steps read one set of sums (``signed_sums``): the whole sum, and the sums and counts of the
+positive and of the negative entries. The entries that agree with s are exactly the positive ones
+(s = +1) or the negative ones (s = -1), and adding a zero leaves a sum as it is, so the disjoint
+sum is the positive (or negative) sum, the same additions in the same order. One sweep over the
+models then serves both steps (an (N, ...) "agree" tensor, once materialised, made the fused
+kernel ~20x slower), and where the majority decided, the other majority's tau* is at hand.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -23,26 +31,44 @@ def majority_sign(positive: int, negative: int) -> float:
     return 1.0 if positive >= negative else -1.0
 
 
-def elect_sign(trimmed: torch.Tensor, majority: float | torch.Tensor) -> torch.Tensor:
-    """Elected sign per parameter, +1 or -1 (float32), from the (N, ...) trimmed task vectors."""
-    s = torch.sign(model_sum(trimmed))
+class SignedSums(NamedTuple):
+    """Per parameter, over the models (in model order): the sum of the trimmed tau_i, the sums of
+    its positive and of its negative entries, and their counts (float32: exact below 2**24)."""
+
+    total: torch.Tensor
+    positive: torch.Tensor
+    negative: torch.Tensor
+    n_positive: torch.Tensor
+    n_negative: torch.Tensor
+
+
+def signed_sums(trimmed: torch.Tensor) -> SignedSums:
+    """``SignedSums`` of the (N, ...) trimmed task vectors."""
+    zero = torch.zeros((), dtype=trimmed.dtype, device=trimmed.device)
+    above, below = trimmed > 0, trimmed < 0
+    return SignedSums(model_sum(trimmed), model_sum(torch.where(above, trimmed, zero)),
+                      model_sum(torch.where(below, trimmed, zero)),
+                      above.to(trimmed.dtype).sum(0), below.to(trimmed.dtype).sum(0))
+
+
+def elect_sign(sums: SignedSums, majority: float | torch.Tensor) -> torch.Tensor:
+    """Elected sign per parameter, +1 or -1 (float32)."""
+    s = torch.sign(sums.total)
     return torch.where(s == 0, torch.as_tensor(majority, dtype=s.dtype, device=s.device), s)
 
 
-def disjoint_mean(trimmed: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
-    """Mean over models of the trimmed entries whose sign agrees with the elected one.
+def disjoint_mean(sums: SignedSums, sign: torch.Tensor) -> torch.Tensor:
+    """Mean over models of the trimmed entries whose sign agrees with the elected one."""
+    up = sign > 0
+    return exact_div(torch.where(up, sums.positive, sums.negative),
+                     torch.clamp(torch.where(up, sums.n_positive, sums.n_negative), min=1.0))
 
-    Accumulated model by model in model order (the same additions as ``model_sum``): an
-    (N, ...) bool "agree" tensor, once materialised, made the fused kernel ~20x slower.
-    """
-    zero = torch.zeros((), dtype=trimmed.dtype, device=trimmed.device)
-    total = count = None
-    for i in range(trimmed.shape[0]):
-        agree = torch.sign(trimmed[i]) == sign
-        value, hit = torch.where(agree, trimmed[i], zero), agree.to(trimmed.dtype)
-        total = value if total is None else total + value
-        count = hit if count is None else count + hit
-    return exact_div(total, torch.clamp(count, min=1.0))
+
+def decided_by_majority(sums: SignedSums) -> torch.Tensor:
+    """Bool per parameter: its sum is exactly 0 while some trimmed entry is not, so the majority
+    sign chose its tau* (and so its masks). Where every trimmed entry is 0, tau* is 0 under either
+    majority and the masks are 0 too: the majority decides nothing there."""
+    return (sums.total == 0) & (sums.n_positive + sums.n_negative > 0)
 
 
 @dataclass(frozen=True)

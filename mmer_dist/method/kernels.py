@@ -2,12 +2,14 @@
 
 A chunk is a row block of one tensor, read for all N models at once: ``models`` (N, rows, cols)
 in the checkpoint dtype and ``base`` (rows, cols). Every function here is elementwise across the
-parameter axes (the only reductions are integer counts), so results do not depend on how a
-tensor is cut into chunks.
+parameter axes (the only reductions are integer counts and the sums over models, in model order),
+so results do not depend on how a tensor is cut into chunks.
 
 ``ChunkKernels`` optionally wraps the hot functions in ``torch.compile``: on CPU the eager form
 makes one N x chunk temporary per op, the fused form streams once. Compiled and eager results
-are identical (tests check it); compilation costs seconds once per process and shape family.
+are identical (tests check it). Nothing here loops over the models in Python while traced for a
+CPU kernel (``task_vectors.model_sum`` is then one reduction), so a kernel compiled ahead of time
+takes the number of models as a run-time size: one compile serves every N.
 """
 
 from __future__ import annotations
@@ -19,12 +21,16 @@ from dataclasses import dataclass
 import torch
 
 from mmer_dist.method import baselines, neuro, select
-from mmer_dist.method.elect import disjoint_mean, elect_sign
-from mmer_dist.method.masks import compute_masks, pack_bits
+from mmer_dist.method.elect import SignedSums, decided_by_majority, disjoint_mean, elect_sign, signed_sums
+from mmer_dist.method.masks import compute_masks, pack_bits, unpack_bits
 from mmer_dist.method.neuro import check_neuron_rank
 from mmer_dist.method.settings import MergeSettings
-from mmer_dist.method.task_vectors import task_vectors
+from mmer_dist.method.task_vectors import model_sum, task_vectors
 from mmer_dist.method.trim import trim
+
+# The most models a fused kernel takes; more run eagerly. Up to here inductor sums over the models
+# one by one (past 4096 terms it would sum in a cascade, another order than model_sum's).
+FUSED_MAX_MODELS = 4096
 
 
 @dataclass(frozen=True)
@@ -47,30 +53,87 @@ def prepared_task_vectors(models: torch.Tensor, base: torch.Tensor, settings: Me
 
 
 def merge_step(settings: MergeSettings, tau: torch.Tensor, thresholds: torch.Tensor, majority: torch.Tensor,
-               base: torch.Tensor, ndim: int = 2) -> torch.Tensor:
-    """tau* of one chunk for the settings' merge method (``base`` rows: NeuroMerging's w)."""
+               base: torch.Tensor, ndim: int = 2) -> tuple[torch.Tensor, SignedSums | None]:
+    """tau* of one chunk for the settings' merge method (``base`` rows: NeuroMerging's w), and the
+    sums its per-parameter sign election read (None for a step that elects none)."""
     if settings.method == "ties" or (settings.method == "neuro" and ndim <= 1):
-        trimmed = trim(tau, thresholds)
-        return disjoint_mean(trimmed, elect_sign(trimmed, majority))
+        sums = signed_sums(trim(tau, thresholds))
+        return disjoint_mean(sums, elect_sign(sums, majority)), sums
     if settings.method == "neuro":
         return neuro.neuro_merge_rows(trim(tau, thresholds), base, energy=settings.neuro_energy,
-                                      keep_parallel=settings.neuro_keep_parallel)
+                                      keep_parallel=settings.neuro_keep_parallel), None
     if settings.method == "ta":
-        return baselines.task_arithmetic_sum(tau)
+        return baselines.task_arithmetic_sum(tau), None
     if settings.method == "naive":
-        return baselines.naive_mean(tau)
+        return baselines.naive_mean(tau), None
     raise ValueError(f"no chunk kernel for merge method {settings.method!r}")
 
 
-def final_chunk(models, base, thresholds, majority, lams, flat_offset, *, settings, model_keys, tensor_key, ndim=2):
-    """tau* (rows, cols) float32, packed masks (N, rows, ceil(cols/8)) uint8, set bits per model
-    (N,), and tau*'s nonzero and non-finite entry counts (0-d): the statistics come out of the
-    same fused loop instead of two more passes over tau*."""
+def sign_tally(sums: SignedSums | None, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positive sums, negative sums, sums of exactly 0 that the majority decided) int64 (3,), and
+    the map of the last, bool like ``like``; zeros for a step that elects no sign."""
+    if sums is None:
+        return torch.zeros(3, dtype=torch.int64, device=like.device), torch.zeros_like(like, dtype=torch.bool)
+    decided = decided_by_majority(sums)
+    return torch.stack([(sums.total > 0).sum(), (sums.total < 0).sum(), decided.sum()]), decided
+
+
+def merged_chunk(models, base, thresholds, majority, flat_offset, *, settings, model_keys, tensor_key, ndim=2):
+    """tau* (rows, cols) float32, its nonzero and non-finite entry counts (0-d), the
+    ``sign_tally`` (3,) and the map of the entries the majority decided, packed like a mask (rows,
+    ceil(cols/8)): one sweep over the models, the statistics out of the same fused loop."""
     tau = prepared_task_vectors(models, base, settings, model_keys, tensor_key, flat_offset)
-    tau_star = merge_step(settings, tau, thresholds, majority, base, ndim)
+    return _merged(tau, base, thresholds, majority, settings, ndim)
+
+
+def mask_chunk(models, base, tau_star, lams, flat_offset, *, settings, model_keys, tensor_key):
+    """Packed masks (N, rows, ceil(cols/8)) uint8 of the models against tau*, and their set bits
+    per model (N,). Per model, so a merge of many models takes them a group at a time."""
+    tau = prepared_task_vectors(models, base, settings, model_keys, tensor_key, flat_offset)
+    return _masks(tau, tau_star, lams, settings)
+
+
+def final_chunk(models, base, thresholds, majority, lams, flat_offset, *, settings, model_keys, tensor_key, ndim=2):
+    """``merged_chunk`` and ``mask_chunk`` in one: tau*, packed masks, set bits per model, tau*'s
+    nonzero and non-finite counts, the sign tally and the zero-sum map."""
+    tau = prepared_task_vectors(models, base, settings, model_keys, tensor_key, flat_offset)
+    tau_star, nonzero, nonfinite, tally, decided = _merged(tau, base, thresholds, majority, settings, ndim)
+    packed, counts = _masks(tau, tau_star, lams, settings)
+    return tau_star, packed, counts, nonzero, nonfinite, tally, decided
+
+
+def _merged(tau, base, thresholds, majority, settings, ndim):
+    tau_star, sums = merge_step(settings, tau, thresholds, majority, base, ndim)
+    tally, decided = sign_tally(sums, tau_star)
+    return tau_star, (tau_star != 0).sum(), (~torch.isfinite(tau_star)).sum(), tally, pack_bits(decided)
+
+
+def _masks(tau, tau_star, lams, settings):
     masks = compute_masks(settings.mask_rule, tau, tau_star, lams)
-    counts = masks.reshape(masks.shape[0], -1).sum(-1)
-    return tau_star, pack_bits(masks), counts, (tau_star != 0).sum(), (~torch.isfinite(tau_star)).sum()
+    return pack_bits(masks), masks.reshape(masks.shape[0], -1).sum(-1)
+
+
+def majority_alternative(models, base, thresholds, majority, lams, entries, *, settings, ndim=2):
+    """At ``entries`` (flat indices into the chunk, where the majority decided): tau* (k,) and the
+    masks (N, k) under the other majority sign, and the change of each model's set mask bits
+    (N,) int64 from this majority's to the other's.
+
+    Eager on those entries only: every step is elementwise in the parameters, so the values are
+    what the whole chunk's kernel gives there. (No DARE: its drops are keyed by position, and a
+    version whose majority is assumed is never a DARE merge.)"""
+    if settings.dare_rate > 0.0:
+        raise ValueError("an assumed majority sign is never checked under DARE")
+    n = models.shape[0]
+    sub_base = base.reshape(1, -1)[:, entries]
+    tau = task_vectors(models.reshape(n, 1, -1)[:, :, entries], sub_base)
+    counted = []
+    for sign in (majority, -majority):
+        tau_star, _ = merge_step(settings, tau, thresholds, sign, sub_base, ndim)
+        masks = compute_masks(settings.mask_rule, tau, tau_star, lams)
+        counted.append((tau_star, masks))
+    (_, old), (tau_star, masks) = counted
+    change = masks.reshape(n, -1).sum(-1) - old.reshape(n, -1).sum(-1)
+    return tau_star.reshape(-1), masks.reshape(n, -1), change
 
 
 def high_key_chunk(models, base, flat_offset, *, settings, model_keys, tensor_key):
@@ -82,28 +145,32 @@ def sign_count_chunk(models, base, lower, upper, flat_offset, *, settings, model
     """(positive, negative, undecided) elected-sign counts of one chunk, int64 (3,).
 
     Trim status is read from bit bounds: kept if bits >= upper, undecided in [lower, upper).
-    A parameter with any undecided model is counted as undecided. Model by model, in model
-    order, so the sums are ``model_sum``'s and nothing N x chunk is materialised.
+    A parameter with any undecided model is counted as undecided. The sums are ``model_sum``'s.
     """
     tau = prepared_task_vectors(models, base, settings, model_keys, tensor_key, flat_offset)
-    zero = torch.zeros((), dtype=tau.dtype, device=tau.device)
-    total = undecided = None
-    for i in range(tau.shape[0]):
-        bits = tau[i].abs().view(torch.int32)
-        kept = torch.where(bits >= upper[i], tau[i], zero)
-        open_ = (bits >= lower[i]) & (bits < upper[i])
-        total = kept if total is None else total + kept
-        undecided = open_ if undecided is None else undecided | open_
-    decided = ~undecided
-    return torch.stack([((total > 0) & decided).sum(), ((total < 0) & decided).sum(), undecided.sum()])
+    bits = tau.abs().view(torch.int32)
+    lower, upper = (b.reshape((-1,) + (1,) * (tau.dim() - 1)) for b in (lower, upper))
+    total = model_sum(torch.where(bits >= upper, tau, torch.zeros((), dtype=tau.dtype, device=tau.device)))
+    decided = ~((bits >= lower) & (bits < upper)).any(0)
+    return torch.stack([((total > 0) & decided).sum(), ((total < 0) & decided).sum(), (~decided).sum()])
 
 
 # Dynamic axes of each kernel's tensor arguments, for a ``fuse`` strategy that compiles ahead of
-# time: (N, rows, cols) models, (rows, cols) base, then per-model vectors and scalars (static).
-_CHUNK_DIMS = ({1: "rows", 2: "cols"}, {0: "rows", 1: "cols"})
-FINAL_DIMS = _CHUNK_DIMS + ({}, {}, {}, {})  # thresholds (N,), majority (), lams (N,), offset ()
-SIGN_DIMS = _CHUNK_DIMS + ({}, {}, {})  # lower (N,), upper (N,), offset ()
+# time: (N, rows, cols) models, (rows, cols) base, then per-model vectors (N,) and scalars. The
+# number of models is one of them: a kernel serves every N.
+_CHUNK_DIMS = ({0: "models", 1: "rows", 2: "cols"}, {0: "rows", 1: "cols"})
+_PER_MODEL = {0: "models"}
+MERGED_DIMS = _CHUNK_DIMS + (_PER_MODEL, {}, {})  # thresholds, majority (), offset ()
+MASK_DIMS = _CHUNK_DIMS + ({0: "rows", 1: "cols"}, _PER_MODEL, {})  # tau* (rows, cols), lams, offset ()
+SIGN_DIMS = _CHUNK_DIMS + (_PER_MODEL, _PER_MODEL, {})  # lower, upper, offset ()
 TASK_DIMS = _CHUNK_DIMS + ({},)  # offset ()
+# Entries (over all models) of the row blocks eager kernels run on: their temporaries are
+# N x block, so blocks shrink as N grows and memory stays the same.
+EAGER_BLOCK_ENTRIES = 1 << 23
+# Entries (over the models of one call) the fused mask kernel takes at once: it writes each
+# model's mask out as bytes before packing them (packing fused into the mask loop ran 3x slower),
+# so a chunk's masks are made a group of models at a time and that buffer stays 32 MB at any N.
+MASK_GROUP_ENTRIES = 1 << 25
 
 
 def _task_vectors_only(models, base, flat_offset, *, settings, model_keys, tensor_key):
@@ -120,11 +187,11 @@ class ChunkKernels:
     (``compile=True``), or built by a ``fuse`` strategy.
 
     ``fuse(name, fn, consts, tag, dims)`` returns a callable taking only the tensors (``consts``
-    are bound; ``tag`` names them; ``dims`` the dynamic axes), e.g. kernels compiled ahead of time
-    and cached on disk (``mmer_dist.merge.kernel_cache``). It serves kernels whose constants are
-    the same for every chunk: not DARE (its seed depends on the tensor) nor NeuroMerging's final
-    step (per-row eigendecompositions); chunks whose width is no multiple of ``fuse_cols_multiple``
-    run eagerly.
+    are bound; ``tag`` names them; ``dims`` the dynamic axes, the number of models among them), e.g.
+    kernels compiled ahead of time and cached on disk (``mmer_dist.merge.kernel_cache``). It serves
+    kernels whose constants are the same for every chunk and every model: not DARE (its seed
+    depends on the tensor and the model) nor NeuroMerging's final step (per-row
+    eigendecompositions); chunks whose width is no multiple of ``fuse_cols_multiple`` run eagerly.
     """
 
     def __init__(self, settings: MergeSettings, model_ids: list[str], compile: bool = False,
@@ -138,11 +205,13 @@ class ChunkKernels:
         self._high_keys = high_key_chunk
         self._fused: dict[str, Callable] = {}
         self._fuse_cols_multiple = fuse_cols_multiple
-        if fuse is not None and settings.dare_rate == 0.0:
-            consts = dict(settings=settings, model_keys=self.model_keys, tensor_key=0)
+        if fuse is not None and settings.dare_rate == 0.0 and len(model_ids) <= FUSED_MAX_MODELS:
+            # nothing model-specific is bound: one kernel serves every model set and every N
+            consts = dict(settings=settings.with_lams(()), model_keys=(), tensor_key=0)
             tag = f"{settings.method}|{settings.mask_rule}"
             if settings.method != "neuro":
-                self._fused["final"] = fuse("final", final_chunk, {**consts, "ndim": 2}, tag, FINAL_DIMS)
+                self._fused["merged"] = fuse("merged", merged_chunk, {**consts, "ndim": 2}, tag, MERGED_DIMS)
+                self._fused["masks"] = fuse("masks", mask_chunk, consts, tag, MASK_DIMS)
             self._fused["signs"] = fuse("signs", sign_count_chunk, consts, tag, SIGN_DIMS)
             self._fused["tau"] = fuse("tau", _task_vectors_only, consts, tag, TASK_DIMS)
             self._fused["high"] = fuse("high", _high_keys_only, consts, tag, TASK_DIMS)
@@ -169,8 +238,11 @@ class ChunkKernels:
         compiled ahead of time stream (no N x block temporaries) and take contiguous inputs, so
         they get whole chunks: a row block of a stacked chunk is a strided view they would first
         copy (a third of a second per 100M parameters), and a 4M-entry block runs within ~6% of
-        a 1M one. Eager kernels make N x block temporaries and keep ``default``-sized blocks."""
-        return 1 << 62 if "final" in self._fused and self._fusable(cols) else default
+        a 1M one. Eager kernels make N x block temporaries: ``default``-sized blocks, smaller
+        where N x block would pass ``EAGER_BLOCK_ENTRIES``."""
+        if "merged" in self._fused and self._fusable(cols):
+            return 1 << 62
+        return min(default, max(1, EAGER_BLOCK_ENTRIES // len(self.model_ids)))
 
     def _offset(self, info: ChunkInfo, device) -> torch.Tensor:
         return torch.tensor(info.flat_offset, dtype=torch.int64, device=device)
@@ -208,12 +280,28 @@ class ChunkKernels:
                            tensor_key=baselines.stable_key(info.tensor)).cpu()
 
     def final(self, models, base, info: ChunkInfo, thresholds, majority, lams):
+        """``final_chunk``'s seven results for one block."""
         if self.settings.method == "neuro":
             check_neuron_rank(info.tensor, info.ndim)
         dev = models.device
-        if (fused := self._fused_for("final", models)) is not None:
-            return fused(models, base, thresholds.to(dev), torch.tensor(majority, dtype=torch.float32, device=dev),
-                         lams.to(dev), self._offset(info, dev))
-        return self._final(models, base, thresholds.to(dev), torch.tensor(majority, dtype=torch.float32, device=dev),
-                           lams.to(dev), self._offset(info, dev), settings=self.settings,
+        thresholds, lams = thresholds.to(dev), lams.to(dev)
+        majority, offset = torch.tensor(majority, dtype=torch.float32, device=dev), self._offset(info, dev)
+        if (merged := self._fused_for("merged", models)) is not None:
+            tau_star, nonzero, nonfinite, tally, decided = merged(models, base, thresholds, majority, offset)
+            group = max(1, MASK_GROUP_ENTRIES // max(1, tau_star.numel()))
+            parts = [self._fused["masks"](models[a:a + group], base, tau_star, lams[a:a + group], offset)
+                     for a in range(0, models.shape[0], group)]
+            packed = torch.cat([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
+            counts = torch.cat([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
+            return tau_star, packed, counts, nonzero, nonfinite, tally, decided
+        return self._final(models, base, thresholds, majority, lams, offset, settings=self.settings,
                            model_keys=self.model_keys, tensor_key=baselines.stable_key(info.tensor), ndim=info.ndim)
+
+    def majority_alternative(self, models, base, info: ChunkInfo, thresholds, majority, lams, decided_map):
+        """Where ``final``'s packed map says the majority decided: (flat entries of the block,
+        int64 (k,); tau* (k,), masks (N, k) and set-bit changes (N,) under the other majority)."""
+        entries = unpack_bits(decided_map, models.shape[-1]).reshape(-1).nonzero().squeeze(1)
+        dev = models.device
+        alternative = majority_alternative(models, base, thresholds.to(dev), majority, lams.to(dev), entries.to(dev),
+                                           settings=self.settings, ndim=info.ndim)
+        return (entries.cpu(), *(t.cpu() for t in alternative))

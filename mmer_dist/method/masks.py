@@ -107,3 +107,16 @@ def popcount(packed: torch.Tensor) -> torch.Tensor:
 def density(packed: torch.Tensor, n_entries: int) -> torch.Tensor:
     """Fraction of set entries per model, float64 (N,)."""
     return popcount(packed).double() / max(1, n_entries)
+
+
+def set_packed_bits(packed: torch.Tensor, cols: int, entries: torch.Tensor, values: torch.Tensor) -> None:
+    """Set, in place, entries of packed (N, rows, ceil(cols/8)) masks (contiguous): ``entries``
+    are flat indices into (rows, cols), ``values`` (N, k) bool their new bits. Only the bytes
+    holding those entries are unpacked (several entries may share one)."""
+    n = packed.shape[0]
+    flat = packed.view(n, -1)
+    byte = (entries // cols) * packed_width(cols) + (entries % cols) // 8
+    touched, which = torch.unique(byte, return_inverse=True)
+    bits = unpack_bits(flat[:, touched].unsqueeze(-1), 8)
+    bits[:, which, entries % cols % 8] = values
+    flat[:, touched] = pack_bits(bits).squeeze(-1)

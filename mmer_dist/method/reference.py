@@ -99,8 +99,8 @@ def reference_merge(base: Mapping[str, torch.Tensor], models: Sequence[Mapping[s
                         merged[offset:offset + numel] = reference_neuro_rows(rows, base[m], settings).reshape(-1)
                     offset += numel
         else:
-            total = M[0].clone()
-            for i in range(1, n):
+            total = torch.zeros(d)
+            for i in range(n):
                 total += M[i]
             merged = total if settings.method == "ta" else total / float(n)
         offset = 0

@@ -11,6 +11,9 @@ over any split of the chunks (one process, or one Ray actor per shard) and combi
 3. ``SignPass``  elected-sign counts with exact thresholds, only when (2) left a majority sign
    undecided.
 4. ``FinalPass`` tau*, masks (bit-packed) and mask counts, written through a ``ChunkWriter``.
+5. ``ZeroSumPass`` only after a final pass that assumed a majority sign (a version derived from
+   another) and counted a different one: it rewrites the entries the majority decided (trimmed
+   sum exactly 0) with the values the final pass kept for the other sign. It reads no model.
 
 ``MergeDriver`` decides which pass comes next from the combined partials; it never touches
 data. ``run_pass`` does one pass over a list of chunks; local and Ray backends both call it.
@@ -19,6 +22,7 @@ Oracle for the whole: ``reference.reference_merge``.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -62,29 +66,100 @@ class ChunkReader(Protocol):
         """(models (N, rows, cols), base (rows, cols)), any floating dtypes."""
 
 
+@dataclass(frozen=True)
+class MajorityAlternative:
+    """The entries of one chunk that the majority sign decided (flat indices into (rows, cols)),
+    with tau* (k,) float32 and the masks (N, k) bool they take under majority sign ``sign``."""
+
+    sign: float
+    entries: torch.Tensor
+    tau_star: torch.Tensor
+    masks: torch.Tensor
+
+
 class ChunkWriter(Protocol):
     def write(self, chunk: ChunkSpec, tau_star: torch.Tensor, packed_masks: torch.Tensor) -> None:
         """tau_star (rows, cols) float32, packed_masks (N, rows, ceil(cols/8)) uint8."""
+
+    def keep_alternative(self, chunk: ChunkSpec, alternative: MajorityAlternative) -> None:
+        """Keep (beside the written chunk, until the merge ends) its values under the other majority."""
+
+    def apply_alternative(self, chunk: ChunkSpec, sign: float) -> int:
+        """Rewrite the chunk's entries with the kept alternative if it is for majority ``sign``;
+        returns the entries rewritten (0 if none is kept, or it is for the other sign)."""
 
 
 # -- partial results (merge associatively across any split of the chunks) -----------------------
 
 
 @dataclass(frozen=True)
+class MajorityDecided:
+    """The entries whose trimmed sum is exactly 0, so that the majority sign chose their tau* and
+    masks (``elect.decided_by_majority``), per (selection group, majority sign the pass used): how
+    many, and, where the pass also computed the other sign's values, how each model's count of set
+    mask bits changes under that sign. Keyed by the sign used, so that partials of one merge
+    computed under different signs (a resumed merge) still add up."""
+
+    entries: Mapping[tuple[str, float], int] = field(default_factory=dict)
+    changes: Mapping[tuple[str, float], torch.Tensor] = field(default_factory=dict)
+
+    def merge(self, other: MajorityDecided) -> MajorityDecided:
+        entries, changes = dict(self.entries), dict(self.changes)
+        for k, v in other.entries.items():
+            entries[k] = entries.get(k, 0) + v
+        for k, v in other.changes.items():
+            changes[k] = changes[k] + v if k in changes else v
+        return MajorityDecided(entries, changes)
+
+    def stale_groups(self, majority: Mapping[str, float]) -> list[str]:
+        """Groups with entries written under another sign than ``majority``'s."""
+        return sorted({g for (g, sign), n in self.entries.items() if n and sign != majority[g]})
+
+    def mask_change(self, majority: Mapping[str, float], n_models: int) -> torch.Tensor:
+        """How the set mask bits per model change once the stale entries take ``majority``."""
+        total = torch.zeros(n_models, dtype=torch.int64)
+        for g in self.stale_groups(majority):
+            key = (g, -majority[g])
+            if key not in self.changes:
+                raise RuntimeError(f"group {g!r} was written under majority sign {-majority[g]:+g} and its "
+                                   "values under the other sign were not kept")
+            total += self.changes[key]
+        return total
+
+    def per_group(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for (g, _), n in self.entries.items():
+            out[g] = out.get(g, 0) + n
+        return out
+
+
+@dataclass(frozen=True)
 class FinalStats:
-    """Totals of the final pass: set mask bits per model, nonzero tau* entries, entries, and
-    (when it checks a majority sign it was given) the elected-sign counts."""
+    """Totals of the final pass: set mask bits per model, nonzero tau* entries, entries, the
+    entries the majority sign decided, and (when it checks a majority sign it was given) the
+    elected-sign counts."""
 
     mask_counts: torch.Tensor
     nonzero: int = 0
     entries: int = 0
     signs: SignCounts | None = None
+    decided: MajorityDecided = field(default_factory=MajorityDecided)
 
     def merge(self, other: FinalStats) -> FinalStats:
         signs = self.signs.merge(other.signs) if self.signs is not None and other.signs is not None else \
             (self.signs or other.signs)
         return FinalStats(self.mask_counts + other.mask_counts, self.nonzero + other.nonzero,
-                          self.entries + other.entries, signs)
+                          self.entries + other.entries, signs, self.decided.merge(other.decided))
+
+
+@dataclass(frozen=True)
+class Rewritten:
+    """What a ``ZeroSumPass`` did: entries rewritten."""
+
+    entries: int = 0
+
+    def merge(self, other: Rewritten) -> Rewritten:
+        return Rewritten(self.entries + other.entries)
 
 
 @dataclass(frozen=True)
@@ -96,7 +171,7 @@ class LowPassResult:
         return LowPassResult(self.histogram.merge(other.histogram), self.signs.merge(other.signs))
 
 
-PassResult = select.GroupHistogram | LowPassResult | SignCounts | FinalStats
+PassResult = select.GroupHistogram | LowPassResult | SignCounts | FinalStats | Rewritten
 
 
 def merge_results(results: Iterable[PassResult]) -> PassResult:
@@ -138,7 +213,8 @@ class ChunkWork:
 class HighPass:
     """High-digit |tau| histograms (only when the store has none cached, or with DARE)."""
 
-    writes = False
+    writes = False  # a final pass: writes the version, marks shards done
+    rewrites = False  # rewrites what a final pass wrote
 
     def start(self, n_models: int) -> select.GroupHistogram:
         return select.GroupHistogram()
@@ -162,6 +238,7 @@ class LowPass:
 
     bounds: select.TrimBounds
     writes = False
+    rewrites = False
 
     def start(self, n_models: int) -> LowPassResult:
         return LowPassResult(select.GroupHistogram(), SignCounts())
@@ -187,6 +264,7 @@ class SignPass:
 
     bounds: select.TrimBounds
     writes = False
+    rewrites = False
 
     def start(self, n_models: int) -> SignCounts:
         return SignCounts()
@@ -204,21 +282,24 @@ class SignPass:
 
 @dataclass(frozen=True)
 class FinalPass:
-    """tau*, the bit-packed masks (through the writer) and their counts. With ``check`` (the exact
-    bounds), it also counts elected signs, to check a majority sign that was assumed rather than
-    counted (an incremental merge starts from the previous version's)."""
+    """tau*, the bit-packed masks (through the writer) and their counts. With ``check`` (the
+    majority was assumed, not counted: a version derived from another), it also counts elected
+    signs, and keeps, for the entries the majority decided, their values under the other sign
+    (``ChunkWriter.keep_alternative``): if the count disagrees, a ``ZeroSumPass`` puts those in
+    place instead of a second final pass."""
 
     thresholds: Mapping[str, torch.Tensor]
     majority: Mapping[str, float]
-    check: select.TrimBounds | None = None
+    check: bool = False
     writes = True
+    rewrites = False
 
     def start(self, n_models: int) -> FinalStats:
         return FinalStats(torch.zeros(n_models, dtype=torch.int64), signs=SignCounts() if self.check else None)
 
     def step(self, partial: FinalStats, kernels: ChunkKernels, work: ChunkWork) -> FinalStats:
-        g = work.group
-        outs = [kernels.final(blk.models, blk.base, blk.info, self.thresholds[g], self.majority[g], work.lams)
+        g, majority = work.group, self.majority[work.group]
+        outs = [kernels.final(blk.models, blk.base, blk.info, self.thresholds[g], majority, work.lams)
                 for blk in work.blocks]
         tau_star = torch.cat([o[0] for o in outs]) if len(outs) > 1 else outs[0][0]
         packed = torch.cat([o[1] for o in outs], dim=1) if len(outs) > 1 else outs[0][1]
@@ -227,18 +308,65 @@ class FinalPass:
         if work.writer is not None:
             work.writer.write(work.chunk, tau_star.cpu(), packed.cpu())
         counts = sum(o[2].cpu().to(torch.int64) for o in outs)
+        tally = sum(o[5].cpu() for o in outs)
+        decided = MajorityDecided({(g, majority): int(tally[2])})
         signs = None
-        if self.check is not None:
-            bits = self.check.upper[g]
-            signs = SignCounts({g: sum(kernels.sign_counts(blk.models, blk.base, blk.info, bits, bits)
-                                       for blk in work.blocks)})
-        return partial.merge(FinalStats(counts, sum(int(o[3]) for o in outs), work.chunk.numel, signs))
+        if self.check:
+            signs = SignCounts({g: torch.stack([tally[0], tally[1], torch.zeros_like(tally[2])])})
+            if int(tally[2]):
+                decided = MajorityDecided(decided.entries, {(g, majority): self._keep_alternative(kernels, work, outs)})
+        return partial.merge(FinalStats(counts, sum(int(o[3]) for o in outs), work.chunk.numel, signs, decided))
+
+    def _keep_alternative(self, kernels: ChunkKernels, work: ChunkWork, outs) -> torch.Tensor:
+        """Hands the chunk's values under the other majority sign to the writer; returns how each
+        model's set mask bits change under it."""
+        g = work.group
+        parts = [(blk, kernels.majority_alternative(blk.models, blk.base, blk.info, self.thresholds[g],
+                                                    self.majority[g], work.lams, o[6]))
+                 for blk, o in zip(work.blocks, outs) if int(o[5][2])]
+        chunk_start = work.chunk.row_start * work.chunk.cols
+        alternative = MajorityAlternative(
+            -self.majority[g], torch.cat([e + (blk.info.flat_offset - chunk_start) for blk, (e, *_) in parts]),
+            torch.cat([p[1] for _, p in parts]), torch.cat([p[2] for _, p in parts], dim=1))
+        if work.writer is None:
+            raise RuntimeError("a final pass that checks its majority sign needs a writer to keep the alternative")
+        work.writer.keep_alternative(work.chunk, alternative)
+        return sum(p[3] for _, p in parts)
 
     def advance(self, driver: MergeDriver, result: FinalStats) -> None:
         driver.finish(result)
 
 
-PassRequest = HighPass | LowPass | SignPass | FinalPass
+@dataclass(frozen=True)
+class ZeroSumPass:
+    """After a checked final pass whose majority sign was wrong for ``groups``: the entries of
+    those groups that the majority decided take the values kept for the counted sign. Reads no
+    model; idempotent (the kept values are absolute), so a resumed merge may run it again."""
+
+    groups: tuple[str, ...]
+    majority: Mapping[str, float]
+    writes = False
+    rewrites = True
+
+    def start(self, n_models: int) -> Rewritten:
+        return Rewritten()
+
+    def rewrite(self, chunks: Sequence[ChunkSpec], writer: ChunkWriter, scope: str,
+                progress: Callable[[int], None] | None = None) -> Rewritten:
+        done = 0
+        for chunk in chunks:
+            g = chunk.info(scope).group
+            if g in self.groups:
+                done += writer.apply_alternative(chunk, self.majority[g])
+            if progress is not None:
+                progress(chunk.numel)
+        return Rewritten(done)
+
+    def advance(self, driver: MergeDriver, result: Rewritten) -> None:
+        driver.rewritten(result)
+
+
+PassRequest = HighPass | LowPass | SignPass | FinalPass | ZeroSumPass
 
 
 # -- one pass over a list of chunks ------------------------------------------------------------
@@ -262,6 +390,8 @@ def run_pass(request: PassRequest, chunks: Sequence[ChunkSpec], reader: ChunkRea
              progress: Callable[[int], None] | None = None, block_elems: int = DEFAULT_BLOCK_ELEMS) -> PassResult:
     """Do one pass over ``chunks``, returning this split's partial result."""
     settings = kernels.settings
+    if isinstance(request, ZeroSumPass):  # reads no model: it rewrites what the final pass wrote
+        return request.rewrite(chunks, writer, settings.scope, progress)
     # float64 so that 0.5 * lam_i is rounded to float32 once, as on the reference path
     lams = torch.tensor(settings.lams, dtype=torch.float64)
     partial = request.start(len(kernels.model_keys))
@@ -321,7 +451,7 @@ class MergeDriver:
     stats: FinalStats | None = None
     passes_run: list[str] = field(default_factory=list)
     check_majority: bool = False  # the majority was assumed (restored): count signs to check it
-    majority_reruns: int = 0
+    rewritten_entries: int = 0  # entries a ZeroSumPass rewrote for the counted majority sign
 
     def __post_init__(self):
         # the driver has no model ids; callers with ids validate first and get their names in messages
@@ -335,6 +465,7 @@ class MergeDriver:
         if not self.settings.elects:
             self.majority = {g: 1.0 for g in self.sizes}
         self._pending_signs: SignCounts | None = None
+        self._stale: FinalStats | None = None  # a final pass's totals, awaiting its ZeroSumPass
 
     def next_pass(self) -> PassRequest | None:
         if self.bounds is None:
@@ -344,23 +475,30 @@ class MergeDriver:
                 return LowPass(self.bounds)
             return SignPass(self.bounds)
         if self.stats is None:
+            if self._stale is not None:
+                return ZeroSumPass(tuple(self._stale.decided.stale_groups(self.majority)), dict(self.majority))
             thresholds = {g: self.bounds.thresholds(g) for g in self.sizes}
-            check = self.bounds if self.check_majority and self.settings.elects else None
-            return FinalPass(thresholds, dict(self.majority), check)
+            return FinalPass(thresholds, dict(self.majority), self.check_majority and self.settings.elects)
         return None
 
     def finish(self, stats: FinalStats) -> None:
-        """The final pass's totals; when it checked an assumed majority sign that turns out wrong,
-        the driver takes the counted one and asks for the final pass again (only then is the
-        result the same as counting first)."""
+        """The final pass's totals. When it checked an assumed majority sign, the counted one is the
+        majority from now on; where entries that the majority decided were written under another
+        sign (a wrong guess, or part of a resumed merge), a ``ZeroSumPass`` comes next. A wrong
+        guess with no such entry changed nothing that was written."""
         if stats.signs is not None:
-            counted = stats.signs.majority()
+            self.majority = stats.signs.majority()
             self.check_majority = False
-            if counted != self.majority:
-                self.majority = counted
-                self.majority_reruns += 1
-                return
-        self.stats = stats
+        if stats.decided.stale_groups(self.majority):
+            self._stale = stats
+        else:
+            self.stats = stats
+
+    def rewritten(self, result: Rewritten) -> None:
+        stats, self._stale = self._stale, None
+        self.rewritten_entries += result.entries
+        change = stats.decided.mask_change(self.majority, self.n_models)
+        self.stats = dataclasses.replace(stats, mask_counts=stats.mask_counts + change)
 
     def accept(self, result: PassResult) -> None:
         request = self.next_pass()

@@ -20,13 +20,23 @@ def task_vectors(models: torch.Tensor | Sequence[torch.Tensor], base: torch.Tens
 
 
 def model_sum(x: torch.Tensor) -> torch.Tensor:
-    """Sum over the model axis (dim 0) in model order, one addition at a time.
+    """Sum over the model axis (dim 0) in model order, one addition at a time, from +0.
 
     The order is part of the contract: every path (reference, streaming, compiled, Ray) adds
     models left to right, so tau* is bit-identical across them and masks, which compare against
-    tau*, agree bit for bit even at exact ties.
+    tau*, agree bit for bit even at exact ties. Starting from +0 only matters where every term is
+    -0 (the sum is then +0).
+
+    Traced for a CPU kernel (``torch.export`` for the ahead-of-time kernels, or ``torch.compile``),
+    it is one reduction over dim 0 instead of a loop: inductor's C++ backend accumulates a
+    reduction over the outer axis index by index from 0 (the same additions; a cascade of partial
+    sums only past 4096 terms, more models than a kernel takes), and the kernel then serves any
+    number of models without a new compile. Triton's reductions are trees, so on GPUs the loop
+    stays. Tests hold the compiled kernels bit-identical to this loop up to N = 64.
     """
-    acc = x[0]
+    if x.device.type == "cpu" and torch.compiler.is_compiling():
+        return x.sum(0)
+    acc = x[0] + 0.0
     for i in range(1, x.shape[0]):
         acc = acc + x[i]
     return acc

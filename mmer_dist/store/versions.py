@@ -71,10 +71,6 @@ class Staging:
                 out[int(name.split(".")[0])] = record
         return out
 
-    def forget_done_shards(self) -> None:
-        """The final pass must be redone (its assumed majority sign was wrong): no shard is done."""
-        self.store.remove(f"{self._dir}/shards")
-
     def discard(self) -> None:
         self.store.remove(self._dir)
 
