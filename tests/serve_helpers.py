@@ -136,11 +136,26 @@ class ReplicaLogs:
 
 
 def replica_process(app: str, deployment: str):
-    """The psutil process of the one live replica of ``deployment`` (Ray titles it ``ray::ServeReplica:app:name``)."""
+    """The psutil process of the one live replica of ``deployment`` (Ray titles it
+    ``ray::ServeReplica:app:name``) in this test's Ray cluster: its raylets' descendants only (other
+    Ray clusters on the machine may run an app of the same name)."""
     import psutil
+    import ray
 
+    node = ray._private.worker.global_worker.node
+    raylets = {p.process.pid for p in node.all_processes.get("raylet", [])}
     title = f"ServeReplica:{app}:{deployment}"
-    found = [p for p in psutil.process_iter(["cmdline"]) if any(title in part for part in p.info["cmdline"] or [])]
+
+    def ours(p) -> bool:
+        if not raylets:  # a cluster this process did not start: no way to tell, take every match
+            return True
+        try:
+            return any(parent.pid in raylets for parent in p.parents())
+        except psutil.Error:
+            return False
+
+    found = [p for p in psutil.process_iter(["cmdline"])
+             if any(title in part for part in p.info["cmdline"] or []) and ours(p)]
     assert len(found) == 1, f"{len(found)} processes titled {title}"
     return found[0]
 

@@ -21,8 +21,9 @@ def resolve_compile(flag: bool | None, catalog: Catalog) -> bool:
 def resolve_device(name: str) -> str:
     from mmer_dist.devices import resolve_device as resolve
 
-    resolve(name, what="--device")  # refuses what this process cannot use
-    return name
+    # auto -> cuda or cpu here, in the driver (as before the one resolver); refuses what this
+    # process cannot use
+    return str(resolve(name, what="--device"))
 
 
 def choose_backend(name: str, address: str | None, workers: int | None,
