@@ -2,7 +2,8 @@
 No torch here.
 
     POST /v1/chat/completions    chat (``stream`` for server-sent events, ``data: [DONE]`` last)
-    GET  /v1/models              ``merged`` (expansion) and each model of the served version
+    GET  /v1/models              ``merged`` (expansion) and each model of the served version, with its
+                                 residency (slot / mask-native) on the LLM replica that answered
     GET  /healthz                the ingress is up
     GET  /readyz                 ``loading``, ``serving vN`` or ``degraded: why`` (200 while a version answers)
 

@@ -20,7 +20,15 @@ import openai
 import pytest
 import torch
 from ray_helpers import free_port
-from serve_helpers import TOKEN, app_args, build_store, chat_events, in_process_server, serve_app, wait_for
+from serve_helpers import (
+    TOKEN,
+    app_args,
+    build_store,
+    chat_events,
+    in_process_server,
+    serve_app,
+    wait_for,
+)
 
 from mmer_dist.demo import tiny_models
 from mmer_dist.merge.incremental import add_model
