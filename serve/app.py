@@ -32,7 +32,7 @@ def build(args: dict):
     bundles = [{"CPU": REPLICA_CPUS}] + [stage_bundle(options) for _ in range(options.stages)]
     # "LLMEngine": the name operators' configs use (serve/config.yaml, k8s/rayservice.yaml)
     llm = serve.deployment(
-        LLMDeployment, name="LLMEngine", ray_actor_options={"num_cpus": REPLICA_CPUS},
+        LLMDeployment, name="LLMEngine", num_replicas=options.replicas, ray_actor_options={"num_cpus": REPLICA_CPUS},
         placement_group_bundles=bundles, placement_group_strategy="PACK",
         max_ongoing_requests=options.max_running * VERSIONS_AT_ONCE + queued,
         health_check_period_s=HEALTH_CHECK_PERIOD_S, graceful_shutdown_timeout_s=30,

@@ -64,6 +64,9 @@ class ServeOptions(BaseModel):
     text_policy: str = Field(DEFAULT_TEXT_POLICY, description=f"default text policy of 'merged': {', '.join(TEXT_POLICIES)}")
     default_part_models: dict[str, str] = Field(default_factory=dict, description="part type -> model id for "
                                                 "expansion requests where several models take the part type")
+    replicas: int = Field(1, ge=1, description="LLM engine replicas, each a whole pipeline with its own slots; a "
+                          "model's requests go to a replica that serves it (Serve's model multiplexing). A "
+                          "config's LLMEngine num_replicas or autoscaling_config overrides it")
     max_running: int = Field(64, ge=1, description="requests decoding together in one replica")
     max_step_tokens: int = Field(8192, ge=1, description="prompt tokens admitted per engine step")
     limits: Limits = Field(default_factory=Limits)
@@ -74,6 +77,8 @@ class ServeOptions(BaseModel):
     max_queued_requests: int = Field(128, ge=-1, description="requests queued beyond that before a 429 "
                                      "(-1: no limit)")
     retry_after_s: float = Field(1.0, ge=0, description="Retry-After of a 429")
+    metrics_interval_s: float = Field(2.0, gt=0, description="how often a replica exports its stages' slot "
+                                      "residency and builds as metrics")
     follow_interval_s: float = Field(2.0, gt=0, description="how often the serving pointer is polled")
     request_timeout_s: float = Field(300.0, gt=0, description="longest a request may take, end to end; past it "
                                      "the client gets a 503 (a stream: an error event) and the request is cancelled")

@@ -4,6 +4,14 @@ It wraps ``serve.llm.LLMServer``: the stage actors go into the replica's own pla
 (``app.py`` sizes it: one bundle for the replica, one per stage), media go to the ``MediaEncoders``
 deployment, and ``chat`` streams events to the ingress. A ``Follower`` thread keeps the replica
 on the store's serving pointer (or the version pinned in ``user_config``).
+
+With several replicas, retention requests reach the replica that already serves their model
+(Ray Serve's model multiplexing: the ingress names the model as the request's
+``multiplexed_model_id``, and ``hold`` here tells Serve which models this replica holds). The
+router sends a request to a replica holding its model, else to one holding the fewest, so replicas
+take distinct hot models instead of copies of the same ones. Holding a model is only a routing
+hint: every replica serves every model (a model without a dense slot runs mask-native), and which
+models get slots is the stages' demand-driven choice, which the routing feeds.
 """
 
 from __future__ import annotations
@@ -11,12 +19,14 @@ from __future__ import annotations
 import asyncio
 import os
 
+from ray import serve
 from ray.util import get_current_placement_group
 
 from serve import log
 from serve.config import ServeOptions
 from serve.errors import ApiError
-from serve.protocol import ChatCompletionRequest
+from serve.metrics import ServeMetrics, StatsPoller
+from serve.protocol import MERGED, ChatCompletionRequest
 from serve.stage import StagePool
 
 
@@ -40,6 +50,24 @@ class LLMDeployment:
         self.server = LLMServer(self.options, encode, lambda weights: RayPipeline(weights, self.options, self.stages))
         await asyncio.get_running_loop().run_in_executor(None, self.server.versions.follow, self.options.version)
         self.follower = Follower(self.server.versions, self.options.follow_interval_s, self.options.version)
+        self.replica = serve.get_replica_context().replica_id.unique_id
+        self.metrics = ServeMetrics()
+        self.poller = StatsPoller(self.server.versions, self.metrics, self.options.metrics_interval_s)
+        # Serve keeps at most this many models on the replica (the least recently used is dropped,
+        # and the router then sends that model elsewhere): as many as the replica has dense slots,
+        # so the models routed here are the ones it can serve from slots. At least 1 (Serve's
+        # minimum) when the budget holds none: a model then still stays with one replica, whose
+        # steps read fewer distinct masks.
+        self.models_held = max(1, self.server.versions.current.pipeline.slot_capacity())
+        self.held: dict[str, HeldModel] = {}
+
+        async def hold(model_id: str) -> HeldModel:
+            """Serve's multiplexed "load": nothing to load (the stages hold every model), so it
+            returns at once and a request never waits for it."""
+            self.held[model_id] = HeldModel(model_id, self.held)
+            return self.held[model_id]
+
+        self.hold = serve.multiplexed(max_num_models_per_replica=self.models_held)(hold)
 
     async def reconfigure(self, user_config: dict) -> None:
         """``user_config: {"version": V}`` pins V (a RayService rollout); ``{"version": null}``
@@ -55,8 +83,12 @@ class LLMDeployment:
     async def chat(self, request: ChatCompletionRequest):
         """The server's events; a failure is an ``error`` event (an ApiError), not an exception:
         Serve would log a traceback for each, a client's mistake included."""
+        observed = self.metrics.request(request.model)
         try:
             async for event in self.server.chat(request):
+                observed.observe(event)
+                if event["type"] == "accepted" and request.model != MERGED:
+                    await self.hold(request.model)  # admitted: a model of the served version
                 yield event
         except Exception as e:  # noqa: BLE001 - every failure is the client's answer
             error = ApiError.from_exception(e)
@@ -65,14 +97,20 @@ class LLMDeployment:
             yield {"type": "error", "error": error}
 
     async def models(self) -> list[dict]:
-        return self.server.models_listing()
+        """The listing, with each model's residency on this replica now (polled off the loop)."""
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, self.poller.poll)
+        except Exception as e:  # noqa: BLE001 - a stage being replaced: the last poll's residency
+            log.info("residency not polled (%s); listing the last known", e)
+        return self.server.models_listing(self.metrics.paths, self.replica)
 
     async def ready(self) -> dict:
         """``/readyz``: ``status`` is ``loading``, ``serving vN`` or ``degraded: why``."""
         return {**self.server.versions.status(), "models": self.server.model_ids()}
 
     async def stats(self) -> dict:
-        return {**self.server.stats(), "pid": os.getpid()}
+        return {**self.server.stats(), "pid": os.getpid(), "replica": self.replica,
+                "models_held": sorted(self.held.copy()), "max_models_held": self.models_held}
 
     def check_health(self) -> None:
         """Fails (Serve replaces the replica) when it cannot get well by itself: a lost stage
@@ -82,6 +120,19 @@ class LLMDeployment:
             raise RuntimeError(why)
 
     def __del__(self):
-        for part, stop in (("follower", "stop"), ("server", "shutdown"), ("stages", "shutdown")):
+        for part, stop in (("poller", "stop"), ("follower", "stop"), ("server", "shutdown"), ("stages", "shutdown")):
             if (owner := getattr(self, part, None)) is not None:  # a constructor that failed made fewer
                 getattr(owner, stop)()
+
+
+class HeldModel:
+    """A model Serve routes to this replica. Serve calls ``__del__`` when it drops the model (the
+    least recently used one, past ``max_num_models_per_replica``); garbage collection may call it
+    again later, after the same model was held anew: only its own entry goes."""
+
+    def __init__(self, model_id: str, held: dict):
+        self.model_id, self._held = model_id, held
+
+    def __del__(self):
+        if self._held.get(self.model_id) is self:
+            del self._held[self.model_id]

@@ -2,7 +2,8 @@
 No torch here.
 
     POST /v1/chat/completions    chat (``stream`` for server-sent events, ``data: [DONE]`` last)
-    GET  /v1/models              ``merged`` (expansion) and each model of the served version
+    GET  /v1/models              ``merged`` (expansion) and each model of the served version, with its
+                                 residency (slot / mask-native) on the LLM replica that answered
     GET  /healthz                the ingress is up
     GET  /readyz                 ``loading``, ``serving vN`` or ``degraded: why`` (200 while a version answers)
 
@@ -35,7 +36,7 @@ from starlette.requests import ClientDisconnect
 from serve import log
 from serve.config import ServeOptions
 from serve.errors import ApiError
-from serve.protocol import parse_request
+from serve.protocol import MERGED, parse_request
 
 READY_TIMEOUT_S = 5.0  # /readyz: an LLM replica that does not answer within it is still loading
 
@@ -117,7 +118,9 @@ class OpenAIIngress:
         try:
             async with asyncio.timeout_at(deadline):
                 parsed = parse_request(await self._read_body(request))
-                events = self.llm.options(stream=True).chat.remote(parsed)
+                # a model's requests go to the replica that serves it already (serve.deployment)
+                routing = {} if parsed.model == MERGED else {"multiplexed_model_id": parsed.model}
+                events = self.llm.options(stream=True, **routing).chat.remote(parsed)
                 accepted = _raise_error(await events.__anext__())
             # every chunk names the store version that answered: a request stays on the version it
             # was admitted on, whatever is promoted meanwhile

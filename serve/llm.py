@@ -47,22 +47,31 @@ class LLMServer:
         current = self.versions.current
         return model_ids(current) if current else []
 
-    def models_listing(self) -> list[dict]:
+    def models_listing(self, residency: dict[str, str] | None = None, replica: str | None = None) -> list[dict]:
+        """``/v1/models``: ``merged`` and each model of the current version; with ``residency``
+        (model -> ``slot`` | ``building`` | ``mask-native`` on this server, ``serve.metrics``),
+        each model's entry says how ``replica`` serves it now."""
         v = self.versions.current
         if v is None:
             return []
+
+        def where(m: str) -> dict:
+            return {} if residency is None else {"residency": {"path": residency.get(m, "mask-native"),
+                                                               "replica": replica}}
+
         return [{"id": MERGED, "object": "model", "created": v.created, "owned_by": "mmer",
                  "mmer": {"mode": "expansion", "version": v.version}}] + [
             {"id": m, "object": "model", "created": v.created, "owned_by": "mmer",
              "mmer": {"mode": "retention", "modality": v.modalities[m], "task": v.tasks.get(m), "version": v.version,
                       "part_type": a.media.part_type if a.media else None,
-                      "part_types": list(a.media.prompts) if a.media else []}}
+                      "part_types": list(a.media.prompts) if a.media else [], **where(m)}}
             for m, a in v.models.items()]
 
     def stats(self) -> dict:
         current = self.versions.current
         return {"version": current.version if current else None,
                 "retiring": [v.version for v in self.versions.held() if v is not current],
+                "slot_capacity": current.pipeline.slot_capacity() if current else None,
                 "engine": current.engine.stats() if current else None}
 
     def shutdown(self) -> None:

@@ -23,6 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from mmer_dist.media.parts import MEDIA_PART_TYPES, PART_TYPES
 from serve.errors import ApiError
 
+MERGED = "merged"  # the model id of expansion mode (MMER's routed forward); every other id is a model's
+
 # The wire types are named ``*ContentPart`` / ``Message``; the engine's prompt pieces
 # (``mmer_dist.model.prompt.TextPart`` / ``MediaPart``) are what these become after admission.
 

@@ -26,10 +26,9 @@ from mmer_dist.model.sampling import SamplingParams
 from serve.chat import ChatAssets, expansion_parts, retention_parts
 from serve.config import Limits, ServeOptions
 from serve.errors import ApiError, root_cause
-from serve.protocol import ChatCompletionRequest, MediaContentPart
+from serve.protocol import MERGED, ChatCompletionRequest, MediaContentPart
 from serve.versions import ServedVersion
 
-MERGED = "merged"
 Encode = Callable[[str, str, bytes, MediaLimits], Awaitable[object]]  # (model, part type, payload, limits) -> rows
 
 

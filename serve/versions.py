@@ -106,6 +106,12 @@ class Versions:
             if (shutdown := getattr(pipeline, "shutdown", None)) is not None:
                 shutdown()
             raise
+        if (capacity := pipeline.slot_capacity()) == 0:
+            log.warning("version %d: the slot budget (%d bytes per stage) holds no model's dense weights: every "
+                        "model is served through the mask-native path", weights.version, self.options.slot_budget)
+        else:
+            log.info("version %d: dense slots for %d models per stage, the others served mask-native",
+                     weights.version, capacity)
         return ServedVersion(weights.version, weights, pipeline, engine, base, models, modalities, tasks)
 
     def _chat_assets(self, weights: VersionWeights, model_id: str | None) -> ChatAssets:

@@ -1,5 +1,6 @@
 """``mmer serve`` as a user runs it: a process that prints its URL, answers the openai client, and
-shuts down cleanly on SIGTERM (exit 0, Ray and Serve gone with it)."""
+shuts down cleanly on SIGTERM (exit 0, Ray and Serve gone with it). Its slot budget holds no
+model: it says so at start and still answers (the mask-native path)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ MMER = Path(sys.executable).parent / "mmer"
 def test_mmer_serve_answers_and_stops_on_sigterm(tmp_path):
     store, _ = build_store(tmp_path)
     port = free_port()
-    proc = subprocess.Popen([str(MMER), "serve", "--store", store, "--port", str(port), "--api-token-env", TOKEN_ENV],
+    proc = subprocess.Popen([str(MMER), "serve", "--store", store, "--port", str(port), "--api-token-env", TOKEN_ENV,
+                             "--slot-budget", "1KB"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=subprocess_env(**{TOKEN_ENV: TOKEN}), start_new_session=True)
     lines = []
@@ -38,6 +40,7 @@ def test_mmer_serve_answers_and_stops_on_sigterm(tmp_path):
             if line.startswith("serving "):
                 break
         assert f"http://127.0.0.1:{port}/v1" in lines[-1]
+        assert any("every model is served through the mask-native path" in line for line in lines), lines
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=TOKEN, max_retries=0, timeout=120)
         answer = client.chat.completions.create(model="vision", temperature=0, max_tokens=4, messages=[
             {"role": "user", "content": [media_parts.image_part(image(0)), {"type": "text", "text": "what ?"}]}])
@@ -49,3 +52,15 @@ def test_mmer_serve_answers_and_stops_on_sigterm(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, "".join(lines) + rest
     assert "shutting down" in rest and "Traceback" not in rest
+
+
+def test_replicas_reach_the_app_args():
+    from argparse import ArgumentParser
+
+    from mmer_dist.cli.serve import app_args, register
+
+    parser = ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args(["serve", "--store", "s", "--replicas", "3"])
+    assert app_args(args)["replicas"] == 3
+    assert "--replicas" in parser._subparsers._group_actions[0].choices["serve"].format_help()

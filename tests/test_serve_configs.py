@@ -142,9 +142,13 @@ def test_serve_config_passes_ray_serves_schema(which):
 def test_application_args_are_serve_options(which):
     app = the_app(SERVE_CONFIGS[which]())
     ServeOptions.from_args(app["args"])  # InvalidInputError naming the field otherwise
-    assert deployments(app)["LLMEngine"]["num_replicas"] == 1
-    encoders = deployments(app)["MediaEncoders"]["autoscaling_config"]
-    assert 1 <= encoders["min_replicas"] < encoders["max_replicas"]
+    for name in ("LLMEngine", "MediaEncoders"):
+        scaling = deployments(app)[name]["autoscaling_config"]
+        assert 1 <= scaling["min_replicas"] < scaling["max_replicas"], name
+    # a second engine replica comes before the first one's batch is full, and stays
+    engine = deployments(app)["LLMEngine"]["autoscaling_config"]
+    assert engine["target_ongoing_requests"] < ServeOptions.from_args(app["args"]).max_running
+    assert engine["downscale_delay_s"] >= 300, "a replica stopped loses its slots: scale down late"
 
 
 # -- the application itself: what Serve does with the config at deploy time --------------------------
@@ -459,11 +463,15 @@ def test_rayservice_cluster_holds_the_app_at_its_largest():
     manifest = load_yaml(RAYSERVICE)
     assert any(b.get("GPU") for b in _bundles(the_app(rayservice_serve_config(manifest)))), "no GPU stage"
     assert unplaced(manifest) == []
-    # two stages of one GPU each do not fit one GPU worker
+    # the engine at max_replicas: one GPU worker fewer leaves a replica's stage unplaced
+    fewer = copy.deepcopy(manifest)
+    fewer["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["replicas"] -= 1
+    assert unplaced(fewer) == [{"CPU": 1.0, "GPU": 1.0}]
+    # two stages of one GPU each per replica do not fit one GPU worker per replica
     config = rayservice_serve_config(manifest)
     config["applications"][0]["args"]["stages"] = 2
     manifest["spec"]["serveConfigV2"] = yaml.safe_dump(config)
-    assert unplaced(manifest) == [{"CPU": 1.0, "GPU": 1.0}]
+    assert unplaced(manifest) == [{"CPU": 1.0, "GPU": 1.0}] * 2
 
 
 def test_rayservice_runs_the_rayjobs_image_and_ray_version():

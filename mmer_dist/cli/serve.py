@@ -21,6 +21,9 @@ def register(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--stages", type=int, default=1, help="pipeline stages (Ray actors, one per range of layers)")
+    p.add_argument("--replicas", type=int, default=1, help="LLM engine replicas, each a whole pipeline with its own "
+                   "dense slots; each model's requests go to the replica serving it, so replicas add distinct hot "
+                   "models (default 1)")
     p.add_argument("--text-policy", choices=TEXT_POLICIES, default=DEFAULT_TEXT_POLICY,
                    help=f"default text policy of model 'merged' (default {DEFAULT_TEXT_POLICY})")
     p.add_argument("--device", default="auto", help="device of the stages: auto, cpu, cuda (default auto)")
@@ -33,9 +36,20 @@ def register(sub) -> None:
 
 
 def app_args(args) -> dict:
-    return {"store": args.store, "version": args.version, "stages": args.stages, "text_policy": args.text_policy,
+    return {"store": args.store, "version": args.version, "stages": args.stages, "replicas": args.replicas,
+            "text_policy": args.text_policy,
             "device": args.device, "slot_budget": args.slot_budget, "api_token_env": args.api_token_env,
             "limits": {"max_completion_tokens": args.max_completion_tokens}}
+
+
+def say_slots(stats: dict) -> None:
+    """What the slot budget holds: a budget smaller than one model still serves every model."""
+    if stats["slot_capacity"] == 0:
+        print("the slot budget holds no model's dense weights: every model is served through the mask-native "
+              "path (exact up to rounding, slower); raise --slot-budget for dense slots", flush=True)
+    else:
+        print(f"dense slots for {stats['slot_capacity']} models per stage and replica; the others are served "
+              "through the mask-native path", flush=True)
 
 
 def run(args) -> None:
@@ -53,7 +67,7 @@ def run(args) -> None:
     stop = threading.Event()
     # logical CPUs: the replicas need little, each stage one (torch threads are set per stage)
     # address="local": its own embedded Ray, never a cluster this machine already runs
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, options.stages + 2), include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, options.replicas * options.stages + 2), include_dashboard=False, log_to_driver=False,
              logging_level="ERROR", configure_logging=False)
     try:
         serve.start(http_options={"host": args.host, "port": args.port},
@@ -62,6 +76,7 @@ def run(args) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own
             signal.signal(sig, lambda *_: stop.set())
         url = f"http://{args.host}:{args.port}/v1"
+        say_slots(serve.get_deployment_handle("LLMEngine", app_name="mmer").stats.remote().result(timeout_s=120))
         print(f"serving {options.store} at {url} (models: GET {url}/models); Ctrl-C to stop", flush=True)
         while not stop.wait(0.5):
             pass
