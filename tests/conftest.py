@@ -226,10 +226,12 @@ SHARED_FIXTURE_GROUPS = {"kit_pair": "kit", "kit": "kit"}
 
 
 def pytest_collection_modifyitems(config, items):
+    """xdist groups: the kit's tests on one worker (the session's kit is built once), every other
+    module's tests on one worker each, so a module fixture (a Serve application, compiled kernels,
+    a store) is set up once, not once per worker that happens to draw one of its tests."""
     for item in items:
         groups = {SHARED_FIXTURE_GROUPS[f] for f in getattr(item, "fixturenames", ()) if f in SHARED_FIXTURE_GROUPS}
-        for group in groups:
-            item.add_marker(pytest.mark.xdist_group(group))
+        item.add_marker(pytest.mark.xdist_group(groups.pop() if groups else item.module.__name__))
 
 
 def pytest_xdist_auto_num_workers(config):
