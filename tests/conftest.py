@@ -225,6 +225,7 @@ def kit(kit_pair):
 SHARED_FIXTURE_GROUPS = {"kit_pair": "kit", "kit": "kit"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which turns the marks into node ids
 def pytest_collection_modifyitems(config, items):
     """xdist groups: the kit's tests on one worker (the session's kit is built once), every other
     module's tests on one worker each, so a module fixture (a Serve application, compiled kernels,
